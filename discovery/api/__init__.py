@@ -1,0 +1,9 @@
+"""gRPC adapters: one thin servicer per proto service, converting between protobuf and the
+domain, and one table mapping domain errors to status codes."""
+
+from discovery.api.admin import AdminServicer
+from discovery.api.errors import status_for
+from discovery.api.lookup import LookupServicer
+from discovery.api.registry import RegistryServicer
+
+__all__ = ["AdminServicer", "LookupServicer", "RegistryServicer", "status_for"]

@@ -1,0 +1,44 @@
+"""Admin servicer: Status, from state the server already holds (never waits on etcd)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import grpc.aio
+
+from discovery.store import StoreHealth
+from discovery.view import View
+from discovery_pb.v1 import admin_pb2 as pb
+from discovery_pb.v1.admin_pb2_grpc import AdminServicer as _Base
+
+
+class AdminServicer(_Base):
+    def __init__(
+        self, view: View, region: str, etcd_endpoints: list[str], health: Callable[[], StoreHealth], version: str
+    ) -> None:
+        self._view = view
+        self._region = region
+        self._endpoints = etcd_endpoints
+        self._health = health
+        self._version = version
+        self._started = time.monotonic()
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        view, health = self._view, self._health()
+        contact = time.monotonic() - view.last_contact if view.last_contact else 0.0
+        return pb.StatusResponse(
+            region=self._region,
+            revision=view.revision,
+            instance_count=view.instance_count,
+            service_count=view.service_count,
+            etcd=pb.EtcdStatus(
+                endpoints=self._endpoints,
+                healthy=health.healthy and not view.stale,
+                error=health.error or (view.last_error if view.stale else ""),
+                last_contact_seconds=0.0 if not view.stale else contact,
+            ),
+            stale=view.stale,
+            server_version=self._version,
+            uptime_seconds=time.monotonic() - self._started,
+        )

@@ -1,0 +1,121 @@
+"""Lookup servicer: Resolve and Watch, answered from the view."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import grpc.aio
+
+from discovery.api.errors import abort
+from discovery.errors import DiscoveryError, InvalidArgument
+from discovery.model import validate_service
+from discovery.query import Query, select
+from discovery.telemetry import Instruments
+from discovery.view import View
+from discovery_pb.v1 import lookup_pb2 as pb
+from discovery_pb.v1.lookup_pb2_grpc import LookupServicer as _Base
+from discovery_pb.v1.types_pb2 import Change, Instance, Status
+
+SNAPSHOT_CHUNK = 500
+_DEFAULT_STATUSES = frozenset({Status.SERVING})
+
+
+class LookupServicer(_Base):
+    def __init__(
+        self, view: View, region: str, instruments: Instruments, *, max_wait: float, watch_keepalive: float
+    ) -> None:
+        self._view = view
+        self._region = region
+        self._m = instruments
+        self._max_wait = max_wait
+        self._keepalive = watch_keepalive
+
+    def _wait_budget(self, context: grpc.aio.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return self._max_wait if remaining is None else max(0.0, min(self._max_wait, remaining - 0.05))
+
+    async def Resolve(self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext) -> pb.ResolveResponse:
+        with self._m.timed(self._m.lookups, self._m.resolve_duration) as labels:
+            try:
+                query = _query(request)
+                if request.min_revision:
+                    await self._view.wait_for(request.min_revision, self._wait_budget(context))
+            except DiscoveryError as exc:
+                labels["outcome"] = type(exc).__name__
+                await abort(context, exc)
+            view = self._view
+            stale = view.stale
+            response = pb.ResolveResponse(
+                service=request.service, revision=view.revision, stale=stale, stale_seconds=view.stale_seconds()
+            )
+            for record in select(view.service(request.service), query, self._region):
+                endpoint = response.endpoints.add(mod_revision=record.mod_revision, stale=stale)
+                endpoint.instance.CopyFrom(record.instance)
+            return response
+
+    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> None:
+        view = self._view
+        try:
+            if request.service:
+                validate_service(request.service)
+            if request.since_revision < 0:
+                raise InvalidArgument("since_revision", "must be >= 0")
+            if request.since_revision > view.revision:
+                await view.wait_for(request.since_revision, self._wait_budget(context))
+        except DiscoveryError as exc:
+            await abort(context, exc)
+        # Subscribe and read the history with no await in between: every change is then
+        # either in what we send first or in the subscription, never both, never neither.
+        sub = view.subscribe(request.service)
+        self._m.watch_streams.add(1)
+        try:
+            changes = view.changes_since(request.since_revision, request.service) if request.since_revision else None
+            revision, stale = view.revision, view.stale
+            if changes is None:
+                for message in _snapshot(view.snapshot(request.service), revision, stale):
+                    await context.write(message)
+            else:
+                await context.write(_changes(changes, revision, stale))
+            while not sub.closed:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._keepalive):
+                        await sub.ready.wait()
+                if sub.closed:
+                    break
+                # Taken after the wait: whatever piled up while we were blocked in write()
+                # is coalesced to the latest state per instance.
+                await context.write(_changes(sub.take(), view.revision, view.stale))
+        finally:
+            view.unsubscribe(sub)
+            self._m.watch_streams.add(-1)
+
+
+def _query(request: pb.ResolveRequest) -> Query:
+    validate_service(request.service)
+    if request.scope not in pb.Scope.values():
+        raise InvalidArgument("scope", f"unknown scope {request.scope}; use LOCAL, FAILOVER or ALL")
+    for status in request.statuses:
+        if status not in Status.values() or status == Status.STATUS_UNSPECIFIED:
+            raise InvalidArgument("statuses", f"unknown status {status}")
+    return Query(
+        service=request.service,
+        scope=request.scope or pb.LOCAL,
+        statuses=frozenset(request.statuses) or _DEFAULT_STATUSES,
+        tags=frozenset(request.tags),
+        zone=request.zone,
+    )
+
+
+def _snapshot(instances: list[Instance], revision: int, stale: bool) -> list[pb.WatchResponse]:
+    chunks = [instances[i:i + SNAPSHOT_CHUNK] for i in range(0, len(instances), SNAPSHOT_CHUNK)] or [[]]
+    return [
+        pb.WatchResponse(kind=pb.WatchResponse.SNAPSHOT, revision=revision, instances=chunk, stale=stale,
+                         more=i < len(chunks) - 1)
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def _changes(changes: list[Change], revision: int, stale: bool) -> pb.WatchResponse:
+    kind = pb.WatchResponse.CHANGES if changes else pb.WatchResponse.KEEPALIVE
+    return pb.WatchResponse(kind=kind, revision=revision, changes=changes, stale=stale)

@@ -1,0 +1,43 @@
+"""The etcd key schema (DESIGN §4). Every key the server touches is built and parsed here.
+
+    <prefix>instances/<origin>/<service>/<instance_id>   Instance (protobuf bytes)
+
+The prefix defaults to ``/discovery/v1/``; tests give each case its own prefix so they can
+share one etcd.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "/discovery/v1/"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceKey:
+    region: str
+    service: str
+    instance_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeySchema:
+    prefix: str = DEFAULT_PREFIX
+
+    @property
+    def instances(self) -> bytes:
+        """The range every server's one watch covers."""
+        return f"{self.prefix}instances/".encode()
+
+    def instance(self, region: str, service: str, instance_id: str) -> bytes:
+        return f"{self.prefix}instances/{region}/{service}/{instance_id}".encode()
+
+    def parse_instance(self, key: bytes) -> InstanceKey | None:
+        """Split an instance key; None for a key that is not one (never raises on foreign keys)."""
+        head = self.instances
+        if not key.startswith(head):
+            return None
+        parts = key[len(head):].decode("utf-8", "replace").split("/")
+        if len(parts) != 3 or not all(parts):
+            return None
+        return InstanceKey(parts[0], parts[1], parts[2])

@@ -1,0 +1,48 @@
+"""Which endpoints a Resolve returns: scope across regions, then status, tag and zone filters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from discovery.view import Record
+from discovery_pb.v1.lookup_pb2 import Scope
+from discovery_pb.v1.types_pb2 import Status
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    service: str
+    scope: int = Scope.LOCAL
+    statuses: frozenset[int] = frozenset({Status.SERVING})
+    tags: frozenset[str] = frozenset()
+    zone: str = ""
+    min_healthy: int = 1
+
+    def matches(self, record: Record) -> bool:
+        inst = record.instance
+        return (
+            inst.status in self.statuses
+            and (not self.zone or inst.zone == self.zone)
+            and (not self.tags or self.tags.issubset(inst.tags))
+        )
+
+
+def select(records: Iterable[Record], query: Query, local: str, proximity: Sequence[str] = ()) -> list[Record]:
+    """Local region first. FAILOVER adds other regions, nearest first (``proximity``, then
+    by name), until ``min_healthy`` serving endpoints are found; ALL returns every region."""
+    by_region: dict[str, list[Record]] = {}
+    for record in records:
+        if query.matches(record):
+            by_region.setdefault(record.instance.region, []).append(record)
+    chosen = by_region.pop(local, [])
+    if query.scope == Scope.FAILOVER:
+        order = [r for r in proximity if r in by_region] + sorted(set(by_region) - set(proximity))
+        for region in order:
+            if sum(r.instance.status == Status.SERVING for r in chosen) >= query.min_healthy:
+                break
+            chosen += by_region[region]
+    elif query.scope == Scope.ALL:
+        for region in sorted(by_region):
+            chosen += by_region[region]
+    return chosen

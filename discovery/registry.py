@@ -1,0 +1,61 @@
+"""Writes: register (leased or static), heartbeat, deregister (DESIGN §5).
+
+A registration is acknowledged only once etcd has committed it, and its revision is
+returned so the caller can read its own write back (Resolve ``min_revision``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from discovery.errors import StoreUnavailable
+from discovery.keys import KeySchema
+from discovery.model import normalize_registration, validate_instance_id, validate_service
+from discovery.store import Store
+from discovery_pb.v1.types_pb2 import Instance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    instance: Instance
+    revision: int
+    lease_id: int
+
+
+class Registry:
+    def __init__(self, store: Store, keys: KeySchema, region: str) -> None:
+        self._store = store
+        self._keys = keys
+        self.region = region
+
+    async def register(self, request: Instance) -> Registered:
+        """Validate, then put the record (on a fresh lease when ttl > 0). Idempotent on
+        (service, instance_id): a second registration replaces the first."""
+        record = normalize_registration(request, self.region)
+        key = self._keys.instance(self.region, record.service, record.instance_id)
+        revision, lease_id, previous = await self._store.put(key, record.SerializeToString(), record.ttl_seconds)
+        if previous and previous != lease_id:
+            # The key moved to the new lease; the old one would only linger until its TTL.
+            try:
+                await self._store.revoke(previous)
+            except StoreUnavailable as exc:
+                log.info("registry: could not revoke replaced lease %x: %s", previous, exc)
+        return Registered(record, revision, lease_id)
+
+    async def heartbeat(self, lease_id: int) -> int:
+        """Refresh a registration's lease; returns the seconds it now has left."""
+        return await self._store.keep_alive(lease_id)
+
+    async def deregister(self, service: str, instance_id: str) -> int:
+        validate_service(service)
+        validate_instance_id(instance_id)
+        revision, lease_id = await self._store.delete(self._keys.instance(self.region, service, instance_id))
+        if lease_id:
+            try:
+                await self._store.revoke(lease_id)
+            except StoreUnavailable as exc:
+                log.info("registry: could not revoke lease %x of a deregistered instance: %s", lease_id, exc)
+        return revision

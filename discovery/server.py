@@ -1,0 +1,159 @@
+"""The regional server: the only place the pieces are wired together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from discovery import telemetry
+from discovery.api import AdminServicer, LookupServicer, RegistryServicer
+from discovery.config import ServerConfig
+from discovery.errors import StoreUnavailable
+from discovery.keys import KeySchema
+from discovery.registry import Registry
+from discovery.store import Store, StoreHealth
+from discovery.view import View
+from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, lookup_pb2, lookup_pb2_grpc, registry_pb2, registry_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
+    lookup_pb2.DESCRIPTOR.services_by_name["Lookup"].full_name,
+    admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+HEALTH_PROBE_SECONDS = 2.0
+_MAX_MESSAGE = 1024 * 1024
+
+try:
+    VERSION = version("discovery")
+except PackageNotFoundError:  # running from a source tree
+    VERSION = "0.0.0+source"
+
+
+class Server:
+    """A regional discovery server: Registry, Lookup and Admin over one etcd view.
+
+    ``async with Server(config) as server`` returns once the view is loaded and the port
+    listens (``server.port``). Leaving the block stops it, in this order:
+
+    1. health turns NOT_SERVING, so balancers stop sending new calls;
+    2. the port stops accepting; Watch streams end at once, unary calls get ``grace_seconds``;
+    3. the view's watch and the etcd health probe stop;
+    4. the etcd client closes;
+    5. telemetry is flushed.
+    """
+
+    def __init__(self, config: ServerConfig, *, startup_timeout: float = 30.0, tracing: bool = False) -> None:
+        self.config = config
+        self._startup_timeout = startup_timeout
+        self._tracing = tracing
+        self.store = Store(config.etcd, op_timeout=config.etcd_timeout_seconds, keepalive=config.etcd_keepalive_seconds)
+        self.keys = KeySchema(config.key_prefix)
+        self.view = View(self.store, self.keys, history=config.history)
+        self.registry = Registry(self.store, self.keys, config.region)
+        self.etcd_health = StoreHealth(False, 0, "not probed yet")
+        self._health = health.aio.HealthServicer()
+        self._grpc: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.port = 0
+
+    async def __aenter__(self) -> Server:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        await self.store.__aenter__()
+        self._tasks.append(asyncio.create_task(self.view.run(), name="view"))
+        try:
+            async with asyncio.timeout(self._startup_timeout):
+                await self.view.ready.wait()
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"could not load the view from etcd at {','.join(self.config.etcd)} within "
+                f"{self._startup_timeout:g}s: {self.view.last_error or 'no answer'}"
+            ) from None
+        self._tasks.append(asyncio.create_task(self._probe_etcd(), name="etcd-probe"))
+        self._grpc = self._build_grpc()
+        try:
+            self.port = self._grpc.add_insecure_port(self.config.listen)
+        except RuntimeError as exc:
+            raise StoreUnavailable(f"cannot listen on {self.config.listen}: {exc}") from None
+        await self._grpc.start()
+        for name in ("", *SERVICE_NAMES):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("region %s serving on %s (etcd %s)", self.config.region, self.address, ",".join(self.config.etcd))
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rpartition(":")[0]
+        return f"{host}:{self.port}"
+
+    def _build_grpc(self) -> grpc.aio.Server:
+        interceptors = []
+        if self._tracing:
+            from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+            interceptors.append(aio_server_interceptor())
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", _MAX_MESSAGE),
+                ("grpc.keepalive_time_ms", 10_000),  # a dead Watch client is noticed in ~15 s
+                ("grpc.keepalive_timeout_ms", 5_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 1_000),  # clients may ping every 1 s
+                ("grpc.http2.max_pings_without_data", 0),
+            ],
+        )
+        instruments = telemetry.Instruments()
+        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry, instruments), server)
+        lookup_pb2_grpc.add_LookupServicer_to_server(
+            LookupServicer(self.view, self.config.region, instruments, max_wait=self.config.max_wait_seconds,
+                           watch_keepalive=self.config.watch_keepalive_seconds),
+            server,
+        )
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminServicer(self.view, self.config.region, list(self.config.etcd), lambda: self.etcd_health, VERSION),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        return server
+
+    async def _probe_etcd(self) -> None:
+        while True:
+            self.etcd_health = await self.store.health()
+            await asyncio.sleep(HEALTH_PROBE_SECONDS)
+
+    async def stop(self) -> None:
+        """Shut down in the documented order; safe to call twice."""
+        if self._grpc is not None:
+            await self._health.enter_graceful_shutdown()
+            self.view.end_subscriptions()
+            await self._grpc.stop(self.config.grace_seconds)
+            self._grpc = None
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.store.close()
+        telemetry.shutdown()

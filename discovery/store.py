@@ -1,0 +1,326 @@
+"""The only module that talks to etcd.
+
+Every call has a deadline: a hung etcd (SIGSTOP) accepts TCP and never answers, so only
+deadlines and gRPC keep-alive notice it. Failures surface as ``StoreUnavailable`` with a
+message that names etcd; compaction under a watch surfaces as ``Compacted`` so the view can
+re-list (skipping ahead would lose events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+from etcd3aio import EtcdError
+from etcd3aio._protobuf import (  # the generated etcd API that etcd3aio ships
+    LeaseKeepAliveRequest,
+    LeaseStub,
+    WatchCreateRequest,
+    WatchRequest,
+    WatchStub,
+    rpc_pb2,
+)
+from etcd3aio.connections import ConnectionManager
+from etcd3aio.kv import KVService, prefix_range_end
+from etcd3aio.lease import LeaseService
+
+from discovery.errors import NotFound, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+_PAGE = 1000
+_EVENT_DELETE = 1  # mvccpb.Event.DELETE
+
+
+class Compacted(Exception):
+    """The watch's start revision has been compacted away; re-list and watch again."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"revision compacted (compact revision {compact_revision})")
+        self.compact_revision = compact_revision
+
+
+@dataclass(frozen=True, slots=True)
+class KeyValue:
+    key: bytes
+    value: bytes
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    deleted: bool
+    kv: KeyValue
+
+
+@dataclass(frozen=True, slots=True)
+class WatchBatch:
+    """Events of one watch response, in revision order. ``revision``: everything up to it
+    has been delivered (for a progress notification, ``events`` is empty)."""
+
+    revision: int
+    events: list[Event] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreHealth:
+    healthy: bool
+    revision: int
+    error: str
+
+
+class Store:
+    """An etcd cluster, as the rest of the server needs it.
+
+    Args:
+        endpoints: ``IP:PORT`` (or ``localhost:PORT``) of every member; requests rotate.
+        op_timeout: deadline of one operation, retries included (seconds).
+        keepalive: gRPC keep-alive interval and timeout (seconds); a hung member is noticed
+            in about twice this. etcd must permit it (``--grpc-keepalive-min-time``).
+    """
+
+    def __init__(self, endpoints: Sequence[str], *, op_timeout: float = 3.0, keepalive: float = 1.0) -> None:
+        self.endpoints = list(endpoints)
+        self._op_timeout = op_timeout
+        ms = int(keepalive * 1000)
+        self._manager = ConnectionManager(self.endpoints, keepalive_time_ms=ms, keepalive_timeout_ms=ms)
+        self._channel: grpc.aio.Channel | None = None
+        self._kv: KVService | None = None
+        self._lease: LeaseService | None = None
+        self._keepalive = _LeaseKeepAliveStream(self)
+        self._watch_requests: asyncio.Queue[Any] | None = None  # of the current watch
+
+    async def __aenter__(self) -> Store:
+        self._channel = self._manager.get_channel()
+        self._kv = KVService(self._channel)
+        self._lease = LeaseService(self._channel)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._keepalive.close()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        if self._channel is None:
+            raise StoreUnavailable("etcd client is closed")
+        return self._channel
+
+    @contextlib.asynccontextmanager
+    async def _call(self, what: str) -> AsyncIterator[None]:
+        """Bound an operation by the op timeout and turn every etcd failure into StoreUnavailable."""
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                yield
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"etcd at {','.join(self.endpoints)} did not answer {what} within {self._op_timeout:g}s"
+            ) from None
+        except (EtcdError, grpc.aio.AioRpcError) as exc:
+            raise StoreUnavailable(f"etcd at {','.join(self.endpoints)} failed {what}: {_describe(exc)}") from None
+
+    # --- writes -----------------------------------------------------------------------
+
+    async def put(self, key: bytes, value: bytes, ttl: int = 0) -> tuple[int, int, int]:
+        """Put ``key`` (with a new lease of ``ttl`` seconds when ttl > 0), committed.
+
+        Returns (revision, lease id or 0, lease id the key had before or 0). The previous
+        lease is returned so the caller can revoke it: re-registration moves the key to a
+        fresh lease.
+        """
+        assert self._kv is not None and self._lease is not None
+        async with self._call("a put"):
+            lease_id = 0
+            if ttl > 0:
+                lease_id = (await self._lease.grant(ttl, timeout=self._op_timeout)).ID
+            resp = await self._kv.put(key, value, lease=lease_id, prev_kv=True, timeout=self._op_timeout)
+        previous = resp.prev_kv.lease if resp.HasField("prev_kv") else 0
+        return resp.header.revision, lease_id, previous
+
+    async def delete(self, key: bytes) -> tuple[int, int]:
+        """Delete ``key``; returns (revision, its lease). NotFound when it did not exist."""
+        assert self._kv is not None
+        async with self._call("a delete"):
+            resp = await self._kv.delete(key, prev_kv=True, timeout=self._op_timeout)
+        if resp.deleted == 0:
+            raise NotFound(key.decode(errors="replace"))
+        return resp.header.revision, resp.prev_kvs[0].lease
+
+    async def revoke(self, lease_id: int) -> None:
+        assert self._lease is not None
+        async with self._call("a lease revoke"):
+            with contextlib.suppress(EtcdError, grpc.aio.AioRpcError):  # already gone is fine
+                await self._lease.revoke(lease_id, timeout=self._op_timeout)
+
+    async def keep_alive(self, lease_id: int) -> int:
+        """Refresh a lease once; returns its remaining TTL. NotFound when it has expired."""
+        async with self._call("a lease keep-alive"):
+            ttl = await self._keepalive.refresh(lease_id)
+        if ttl <= 0:
+            raise NotFound(f"lease {lease_id:x} has expired")
+        return ttl
+
+    async def compact(self, revision: int) -> None:
+        assert self._kv is not None
+        async with self._call("a compaction"):
+            await self._kv.compact(revision, physical=True, timeout=self._op_timeout)
+
+    # --- reads ------------------------------------------------------------------------
+
+    async def list_prefix(self, prefix: bytes) -> tuple[int, list[KeyValue]]:
+        """Every key under ``prefix`` at one revision (paged, so any size fits a message)."""
+        assert self._kv is not None
+        end = prefix_range_end(prefix)
+        items: list[KeyValue] = []
+        revision, start = 0, prefix
+        while True:
+            async with self._call("a range read"):
+                resp = await self._kv.get(start, end, revision=revision, limit=_PAGE, timeout=self._op_timeout)
+            revision = revision or resp.header.revision
+            items.extend(KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in resp.kvs)
+            if not resp.more or not resp.kvs:
+                return revision, items
+            start = resp.kvs[-1].key + b"\0"
+
+    async def health(self) -> StoreHealth:
+        """A linearizable read of one key: fails when etcd is down, hung or without quorum."""
+        assert self._kv is not None
+        try:
+            async with self._call("a health read"):
+                resp = await self._kv.get(b"/discovery/health", timeout=self._op_timeout)
+            return StoreHealth(True, resp.header.revision, "")
+        except StoreUnavailable as exc:
+            return StoreHealth(False, 0, str(exc))
+
+    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[WatchBatch]:
+        """Events under ``prefix`` from ``start_revision`` on, never skipping one.
+
+        Raises ``Compacted`` when the start revision is gone and ``StoreUnavailable`` when the
+        stream breaks; the caller re-lists or resumes. Progress notifications (every
+        ``request_progress`` and etcd's own) arrive as batches without events.
+        """
+        requests: asyncio.Queue[Any] = asyncio.Queue()
+        create = WatchCreateRequest(
+            key=prefix, range_end=prefix_range_end(prefix), start_revision=start_revision, progress_notify=True
+        )
+        requests.put_nowait(WatchRequest(create_request=create))
+        self._watch_requests = requests
+
+        async def send() -> AsyncIterator[Any]:
+            while True:
+                yield await requests.get()
+
+        call = WatchStub(self.channel).Watch(send())
+        try:
+            async for resp in call:
+                if resp.compact_revision > 0:
+                    raise Compacted(resp.compact_revision)
+                if resp.canceled:
+                    raise StoreUnavailable(f"etcd at {','.join(self.endpoints)} cancelled the watch: {resp.cancel_reason}")
+                if resp.created and not resp.events:
+                    continue
+                events = [
+                    Event(ev.type == _EVENT_DELETE, KeyValue(ev.kv.key, ev.kv.value, ev.kv.mod_revision, ev.kv.lease))
+                    for ev in resp.events
+                ]
+                # A batch's header may run ahead of its events while etcd catches up an
+                # unsynced watcher, so the position is the last event's revision; only an
+                # empty (progress) response vouches for its header revision.
+                revision = events[-1].kv.mod_revision if events else resp.header.revision
+                yield WatchBatch(revision, events)
+            raise StoreUnavailable(f"etcd at {','.join(self.endpoints)} closed the watch stream")
+        except grpc.aio.AioRpcError as exc:
+            raise StoreUnavailable(f"etcd watch at {','.join(self.endpoints)} broke: {_describe(exc)}") from None
+        finally:
+            call.cancel()
+
+    def request_progress(self) -> None:
+        """Ask the current watch to report the revision it has delivered everything up to."""
+        if self._watch_requests is not None:
+            self._watch_requests.put_nowait(WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
+
+
+class _LeaseKeepAliveStream:
+    """One LeaseKeepAlive stream shared by every heartbeat of this server.
+
+    Responses carry the lease id, so waiters are matched by id. A stream that errors or
+    times out is dropped and the next refresh opens a new one.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._requests: asyncio.Queue[Any] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiters: dict[int, list[asyncio.Future[int]]] = {}
+
+    async def refresh(self, lease_id: int) -> int:
+        if self._reader is None or self._reader.done():
+            self._open()
+        assert self._requests is not None
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(lease_id, []).append(fut)
+        self._requests.put_nowait(LeaseKeepAliveRequest(ID=lease_id))
+        try:
+            return await fut
+        except TimeoutError:
+            await self.close()  # a hung stream would swallow every later refresh
+            raise
+        finally:
+            waiting = self._waiters.get(lease_id)
+            if waiting and fut in waiting:
+                waiting.remove(fut)
+
+    def _open(self) -> None:
+        requests: asyncio.Queue[Any] = asyncio.Queue()
+        self._requests = requests
+
+        async def send() -> AsyncIterator[Any]:
+            while True:
+                yield await requests.get()
+
+        call = LeaseStub(self._store.channel).LeaseKeepAlive(send())
+        self._reader = asyncio.get_running_loop().create_task(self._read(call))
+
+    async def _read(self, call: Any) -> None:
+        try:
+            async for resp in call:
+                for fut in self._waiters.pop(resp.ID, []):
+                    if not fut.done():
+                        fut.set_result(resp.TTL)
+        except grpc.aio.AioRpcError as exc:
+            self._fail(StoreUnavailable(f"etcd lease keep-alive stream broke: {_describe(exc)}"))
+        finally:
+            call.cancel()
+            self._fail(StoreUnavailable("etcd lease keep-alive stream ended"))
+
+    def _fail(self, exc: Exception) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for futs in waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(exc)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name}: {exc.details()}"
+    return str(exc) or type(exc).__name__

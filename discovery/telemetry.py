@@ -1,0 +1,101 @@
+"""OpenTelemetry: the one place tracer and meter providers are set up.
+
+Exporters are off unless the standard variables ask for them:
+``OTEL_TRACES_EXPORTER`` / ``OTEL_METRICS_EXPORTER`` = ``otlp`` | ``console`` | ``none``
+(``otlp`` is also chosen when only ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set). With nothing
+configured the API's no-op providers stay in place, so instruments cost next to nothing on
+the Resolve path.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry import metrics, trace
+
+_SDK_PROVIDERS: list[Any] = []
+
+
+def _exporter(kind: str) -> str:
+    value = os.environ.get(f"OTEL_{kind}_EXPORTER", "").strip().lower()
+    if not value and os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        return "otlp"
+    return value or "none"
+
+
+def setup(service_name: str, region: str) -> bool:
+    """Install SDK providers for the exporters configured; returns whether tracing is on."""
+    from opentelemetry.sdk.resources import Resource
+
+    resource = Resource.create({"service.name": service_name, "cloud.region": region})
+    traces, meters = _exporter("TRACES"), _exporter("METRICS")
+    if traces != "none":
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+        tracer_provider = TracerProvider(resource=resource)
+        if traces == "console":
+            span_exporter: Any = ConsoleSpanExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            span_exporter = OTLPSpanExporter()
+        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        trace.set_tracer_provider(tracer_provider)
+        _SDK_PROVIDERS.append(tracer_provider)
+    if meters != "none":
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+
+        if meters == "console":
+            metric_exporter: Any = ConsoleMetricExporter()
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+            metric_exporter = OTLPMetricExporter()
+        meter_provider = MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)])
+        metrics.set_meter_provider(meter_provider)
+        _SDK_PROVIDERS.append(meter_provider)
+    return traces != "none"
+
+
+def shutdown() -> None:
+    """Flush and stop what ``setup`` installed (last step of the server's shutdown)."""
+    while _SDK_PROVIDERS:
+        _SDK_PROVIDERS.pop().shutdown()
+
+
+@dataclass
+class Instruments:
+    """The server's counters and timers; created after ``setup`` so they bind to its providers."""
+
+    meter: metrics.Meter = field(default_factory=lambda: metrics.get_meter("discovery"))
+
+    def __post_init__(self) -> None:
+        m = self.meter
+        self.registrations = m.create_counter("discovery.registrations", description="Register calls, by outcome")
+        self.deregistrations = m.create_counter("discovery.deregistrations", description="Deregister calls, by outcome")
+        self.lookups = m.create_counter("discovery.lookups", description="Resolve calls, by outcome")
+        self.register_duration = m.create_histogram("discovery.register.duration", unit="s")
+        self.resolve_duration = m.create_histogram("discovery.resolve.duration", unit="s")
+        self.watch_streams = m.create_up_down_counter("discovery.watch.streams", description="open Watch streams")
+
+    @staticmethod
+    @contextmanager
+    def timed(counter: metrics.Counter, histogram: metrics.Histogram, **attrs: str) -> Iterator[dict[str, str]]:
+        """Count and time a call; the body may set ``outcome`` in the yielded attributes."""
+        labels = {"outcome": "ok", **attrs}
+        start = time.perf_counter()
+        try:
+            yield labels
+        except BaseException:
+            labels["outcome"] = "error"
+            raise
+        finally:
+            histogram.record(time.perf_counter() - start, labels)
+            counter.add(1, labels)

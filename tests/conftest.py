@@ -1,0 +1,102 @@
+"""Fixtures: a real etcd (shared, with a key prefix per test; or private, for faults) and
+real servers on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from discovery.config import ServerConfig
+from discovery.etcd_process import EtcdNotFound, EtcdProcess, find_etcd
+from discovery.server import Server
+from discovery_pb.v1 import admin_pb2_grpc, lookup_pb2_grpc, registry_pb2_grpc
+
+_prefixes = itertools.count()
+
+
+def _require_etcd() -> None:
+    try:
+        find_etcd()
+    except EtcdNotFound as exc:
+        pytest.exit(f"these tests need a real etcd: {exc}", returncode=3)
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdProcess]:
+    """One etcd for the session; tests stay apart by key prefix."""
+    _require_etcd()
+    member = EtcdProcess(tmp_path_factory.mktemp("etcd-shared") / "data").start()
+    yield member
+    member.stop()
+
+
+@pytest.fixture
+def private_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
+    """An etcd of this test's own, to stop, hang or compact."""
+    _require_etcd()
+    member = EtcdProcess(tmp_path / "etcd").start()
+    yield member
+    member.stop()
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    return f"/t{next(_prefixes)}-{id(object())}/discovery/v1/"
+
+
+class Servers:
+    """Starts servers for one test and stops them all at teardown."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.running: list[Server] = []
+
+    async def start(self, etcd: EtcdProcess, region: str = "us-east", **overrides: Any) -> Server:
+        config = ServerConfig(
+            region=region, listen="127.0.0.1:0", etcd=(etcd.endpoint,), key_prefix=self.prefix,
+            grace_seconds=1.0, etcd_timeout_seconds=2.0, watch_keepalive_seconds=0.5, **overrides,
+        ).validate()
+        server = Server(config, startup_timeout=10)
+        await server.__aenter__()
+        self.running.append(server)
+        return server
+
+    async def stop(self, server: Server) -> None:
+        await server.stop()
+        self.running.remove(server)
+
+
+@pytest.fixture
+async def servers(key_prefix: str) -> AsyncIterator[Servers]:
+    s = Servers(key_prefix)
+    yield s
+    for server in list(s.running):
+        await server.stop()
+
+
+class Stubs:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.channel = channel
+        self.registry = registry_pb2_grpc.RegistryStub(channel)
+        self.lookup = lookup_pb2_grpc.LookupStub(channel)
+        self.admin = admin_pb2_grpc.AdminStub(channel)
+
+
+@pytest.fixture
+async def connect() -> AsyncIterator[Callable[[Server], Stubs]]:
+    channels: list[grpc.aio.Channel] = []
+
+    def _connect(server: Server) -> Stubs:
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+        channels.append(channel)
+        return Stubs(channel)
+
+    yield _connect
+    for channel in channels:
+        await channel.close()
