@@ -21,12 +21,12 @@ class ServerConfig:
     listen: str = "127.0.0.1:7400"
     etcd: tuple[str, ...] = ("127.0.0.1:2379",)
     key_prefix: str = DEFAULT_PREFIX
-    grace_seconds: float = 5.0            # in-flight calls get this long on SIGTERM
-    etcd_timeout_seconds: float = 3.0     # every etcd operation, retries included
-    etcd_keepalive_seconds: float = 1.0   # gRPC keep-alive towards etcd (hung member detection)
+    grace_seconds: float = 5.0  # in-flight calls get this long on SIGTERM
+    etcd_timeout_seconds: float = 3.0  # every etcd operation, retries included
+    etcd_keepalive_seconds: float = 1.0  # gRPC keep-alive towards etcd (hung member detection)
     watch_keepalive_seconds: float = 5.0  # Watch sends KEEPALIVE after this long idle
-    max_wait_seconds: float = 30.0        # a min_revision wait without a deadline ends here
-    history: int = 10_000                 # changes kept for Watch resume
+    max_wait_seconds: float = 30.0  # a min_revision wait without a deadline ends here
+    history: int = 10_000  # changes kept for Watch resume
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def validate(self) -> ServerConfig:
@@ -40,8 +40,13 @@ class ServerConfig:
             split_address(endpoint, "etcd")
         if not self.key_prefix.startswith("/") or not self.key_prefix.endswith("/"):
             raise InvalidArgument("key_prefix", "must start and end with '/'")
-        for name in ("grace_seconds", "etcd_timeout_seconds", "etcd_keepalive_seconds",
-                     "watch_keepalive_seconds", "max_wait_seconds"):
+        for name in (
+            "grace_seconds",
+            "etcd_timeout_seconds",
+            "etcd_keepalive_seconds",
+            "watch_keepalive_seconds",
+            "max_wait_seconds",
+        ):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be > 0")
         if self.history < 1:

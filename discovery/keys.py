@@ -37,7 +37,7 @@ class KeySchema:
         head = self.instances
         if not key.startswith(head):
             return None
-        parts = key[len(head):].decode("utf-8", "replace").split("/")
+        parts = key[len(head) :].decode("utf-8", "replace").split("/")
         if len(parts) != 3 or not all(parts):
             return None
         return InstanceKey(parts[0], parts[1], parts[2])

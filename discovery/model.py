@@ -121,10 +121,13 @@ def _validate_metadata(metadata: dict[str, str]) -> None:
     for key, value in metadata.items():
         if len(key) > MAX_METADATA_KEY_LEN or not _META_KEY.fullmatch(key):
             raise InvalidArgument(
-                field, f"key {key[:80]!r} must be 1-{MAX_METADATA_KEY_LEN} characters of letters, digits, '.', '_', '/', '-'"
+                field,
+                f"key {key[:80]!r} must be 1-{MAX_METADATA_KEY_LEN} characters of letters, digits, '.', '_', '/', '-'",
             )
         if len(value.encode()) > MAX_METADATA_VALUE_LEN:
-            raise InvalidArgument(f"{field}[{key}]", f"value is {len(value.encode())} bytes; at most {MAX_METADATA_VALUE_LEN}")
+            raise InvalidArgument(
+                f"{field}[{key}]", f"value is {len(value.encode())} bytes; at most {MAX_METADATA_VALUE_LEN}"
+            )
 
 
 def normalize_registration(request: Instance, region: str, now_ms: int | None = None) -> Instance:
@@ -147,7 +150,9 @@ def normalize_registration(request: Instance, region: str, now_ms: int | None = 
         )
     record.region = region
     if record.zone and (len(record.zone) > MAX_ZONE_LEN or not _ZONE.fullmatch(record.zone)):
-        raise InvalidArgument("instance.zone", f"{record.zone[:80]!r} must be at most 64 characters of a-z, 0-9 and '-'")
+        raise InvalidArgument(
+            "instance.zone", f"{record.zone[:80]!r} must be at most 64 characters of a-z, 0-9 and '-'"
+        )
     if len(record.version) > MAX_VERSION_LEN:
         raise InvalidArgument("instance.version", f"at most {MAX_VERSION_LEN} characters")
     _validate_tags(list(record.tags))
@@ -155,7 +160,9 @@ def normalize_registration(request: Instance, region: str, now_ms: int | None = 
     if record.weight == 0:
         record.weight = DEFAULT_WEIGHT
     elif record.weight > MAX_WEIGHT:
-        raise InvalidArgument("instance.weight", f"{record.weight} must be from 1 to {MAX_WEIGHT} (0 means {DEFAULT_WEIGHT})")
+        raise InvalidArgument(
+            "instance.weight", f"{record.weight} must be from 1 to {MAX_WEIGHT} (0 means {DEFAULT_WEIGHT})"
+        )
     if record.ttl_seconds and not MIN_TTL <= record.ttl_seconds <= MAX_TTL:
         raise InvalidArgument(
             "instance.ttl_seconds", f"{record.ttl_seconds} must be 0 (static) or from {MIN_TTL} to {MAX_TTL} seconds"

@@ -105,11 +105,11 @@ class Server:
         return f"{host}:{self.port}"
 
     def _build_grpc(self) -> grpc.aio.Server:
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         if self._tracing:
             from opentelemetry.instrumentation.grpc import aio_server_interceptor
 
-            interceptors.append(aio_server_interceptor())
+            interceptors.append(aio_server_interceptor())  # type: ignore[no-untyped-call]
         server = grpc.aio.server(
             interceptors=interceptors,
             options=[
@@ -125,8 +125,13 @@ class Server:
         instruments = telemetry.Instruments()
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry, instruments), server)
         lookup_pb2_grpc.add_LookupServicer_to_server(
-            LookupServicer(self.view, self.config.region, instruments, max_wait=self.config.max_wait_seconds,
-                           watch_keepalive=self.config.watch_keepalive_seconds),
+            LookupServicer(
+                self.view,
+                self.config.region,
+                instruments,
+                max_wait=self.config.max_wait_seconds,
+                watch_keepalive=self.config.watch_keepalive_seconds,
+            ),
             server,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(

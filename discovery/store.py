@@ -24,8 +24,8 @@ from etcd3aio._protobuf import (  # the generated etcd API that etcd3aio ships
     WatchCreateRequest,
     WatchRequest,
     WatchStub,
-    rpc_pb2,
 )
+from etcd3aio._protobuf import rpc_pb2 as _rpc  # type: ignore[attr-defined]  # not re-exported
 from etcd3aio.connections import ConnectionManager
 from etcd3aio.kv import KVService, prefix_range_end
 from etcd3aio.lease import LeaseService
@@ -228,7 +228,9 @@ class Store:
                 if resp.compact_revision > 0:
                     raise Compacted(resp.compact_revision)
                 if resp.canceled:
-                    raise StoreUnavailable(f"etcd at {','.join(self.endpoints)} cancelled the watch: {resp.cancel_reason}")
+                    raise StoreUnavailable(
+                        f"etcd at {','.join(self.endpoints)} cancelled the watch: {resp.cancel_reason}"
+                    )
                 if resp.created and not resp.events:
                     continue
                 events = [
@@ -249,7 +251,7 @@ class Store:
     def request_progress(self) -> None:
         """Ask the current watch to report the revision it has delivered everything up to."""
         if self._watch_requests is not None:
-            self._watch_requests.put_nowait(WatchRequest(progress_request=rpc_pb2.WatchProgressRequest()))
+            self._watch_requests.put_nowait(WatchRequest(progress_request=_rpc.WatchProgressRequest()))
 
 
 class _LeaseKeepAliveStream:

@@ -58,7 +58,9 @@ def setup(service_name: str, region: str) -> bool:
             from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
             metric_exporter = OTLPMetricExporter()
-        meter_provider = MeterProvider(resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)])
+        meter_provider = MeterProvider(
+            resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)]
+        )
         metrics.set_meter_provider(meter_provider)
         _SDK_PROVIDERS.append(meter_provider)
     return traces != "none"

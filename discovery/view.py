@@ -175,10 +175,16 @@ class View:
             if key is not None:
                 fresh[_tuple(key)] = kv
         first = not self.ready.is_set()
-        events = [Event(False, kv) for key, kv in fresh.items()
-                  if first or key not in self._records or self._records[key].mod_revision != kv.mod_revision]
-        gone = [Event(True, KeyValue(self._keys.instance(*key), b"", revision, 0))
-                for key in self._records if key not in fresh]
+        events = [
+            Event(False, kv)
+            for key, kv in fresh.items()
+            if first or key not in self._records or self._records[key].mod_revision != kv.mod_revision
+        ]
+        gone = [
+            Event(True, KeyValue(self._keys.instance(*key), b"", revision, 0))
+            for key in self._records
+            if key not in fresh
+        ]
         # A re-list turns what changed while we were not watching into changes at `revision`.
         self._apply(events + gone, revision, stamp=revision)
         if first:
@@ -205,8 +211,9 @@ class View:
                     bucket.pop(key, None)
                     if not bucket:
                         del self._by_service[key[1]]
-                change = Change(kind=Change.DELETE, revision=change_revision, region=key[0], service=key[1],
-                                instance_id=key[2])
+                change = Change(
+                    kind=Change.DELETE, revision=change_revision, region=key[0], service=key[1], instance_id=key[2]
+                )
             else:
                 try:
                     instance = Instance.FromString(event.kv.value)
@@ -216,8 +223,14 @@ class View:
                 record = Record(instance, event.kv.mod_revision, event.kv.lease)
                 self._records[key] = record
                 self._by_service.setdefault(key[1], {})[key] = record
-                change = Change(kind=Change.PUT, revision=change_revision, region=key[0], service=key[1],
-                                instance_id=key[2], instance=instance)
+                change = Change(
+                    kind=Change.PUT,
+                    revision=change_revision,
+                    region=key[0],
+                    service=key[1],
+                    instance_id=key[2],
+                    instance=instance,
+                )
             self._publish(key, change)
         if revision > self.revision:
             self.revision = revision

@@ -13,8 +13,8 @@ library can import them without any of the server's dependencies.
 from __future__ import annotations
 
 import argparse
-import os
 import filecmp
+import os
 import re
 import shutil
 import sys
@@ -62,8 +62,13 @@ def check() -> list[str]:
         fresh = Path(tmp) / "v1"
         generate(fresh)
         names = sorted({p.name for p in fresh.iterdir()} | {p.name for p in OUT_DIR.glob("*.py*")})
-        return [n for n in names if not (OUT_DIR / n).exists() or not (fresh / n).exists()
-                or not filecmp.cmp(OUT_DIR / n, fresh / n, shallow=False)]
+        return [
+            n
+            for n in names
+            if not (OUT_DIR / n).exists()
+            or not (fresh / n).exists()
+            or not filecmp.cmp(OUT_DIR / n, fresh / n, shallow=False)
+        ]
 
 
 def main() -> int:

@@ -59,8 +59,14 @@ class Servers:
 
     async def start(self, etcd: EtcdProcess, region: str = "us-east", **overrides: Any) -> Server:
         config = ServerConfig(
-            region=region, listen="127.0.0.1:0", etcd=(etcd.endpoint,), key_prefix=self.prefix,
-            grace_seconds=1.0, etcd_timeout_seconds=2.0, watch_keepalive_seconds=0.5, **overrides,
+            region=region,
+            listen="127.0.0.1:0",
+            etcd=(etcd.endpoint,),
+            key_prefix=self.prefix,
+            grace_seconds=1.0,
+            etcd_timeout_seconds=2.0,
+            watch_keepalive_seconds=0.5,
+            **overrides,
         ).validate()
         server = Server(config, startup_timeout=10)
         await server.__aenter__()

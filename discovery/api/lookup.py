@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 
 import grpc.aio
 
@@ -54,7 +55,9 @@ class LookupServicer(_Base):
                 endpoint.instance.CopyFrom(record.instance)
             return response
 
-    async def Watch(self, request: pb.WatchRequest, context: grpc.aio.ServicerContext) -> None:
+    async def Watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.WatchResponse]:
         view = self._view
         try:
             if request.service:
@@ -74,9 +77,9 @@ class LookupServicer(_Base):
             revision, stale = view.revision, view.stale
             if changes is None:
                 for message in _snapshot(view.snapshot(request.service), revision, stale):
-                    await context.write(message)
+                    yield message
             else:
-                await context.write(_changes(changes, revision, stale))
+                yield _changes(changes, revision, stale)
             while not sub.closed:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._keepalive):
@@ -85,7 +88,7 @@ class LookupServicer(_Base):
                     break
                 # Taken after the wait: whatever piled up while we were blocked in write()
                 # is coalesced to the latest state per instance.
-                await context.write(_changes(sub.take(), view.revision, view.stale))
+                yield _changes(sub.take(), view.revision, view.stale)
         finally:
             view.unsubscribe(sub)
             self._m.watch_streams.add(-1)
@@ -108,10 +111,11 @@ def _query(request: pb.ResolveRequest) -> Query:
 
 
 def _snapshot(instances: list[Instance], revision: int, stale: bool) -> list[pb.WatchResponse]:
-    chunks = [instances[i:i + SNAPSHOT_CHUNK] for i in range(0, len(instances), SNAPSHOT_CHUNK)] or [[]]
+    chunks = [instances[i : i + SNAPSHOT_CHUNK] for i in range(0, len(instances), SNAPSHOT_CHUNK)] or [[]]
     return [
-        pb.WatchResponse(kind=pb.WatchResponse.SNAPSHOT, revision=revision, instances=chunk, stale=stale,
-                         more=i < len(chunks) - 1)
+        pb.WatchResponse(
+            kind=pb.WatchResponse.SNAPSHOT, revision=revision, instances=chunk, stale=stale, more=i < len(chunks) - 1
+        )
         for i, chunk in enumerate(chunks)
     ]
 
