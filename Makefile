@@ -1,0 +1,33 @@
+# Two commands on a fresh clone with only python3:  make dev  (a local cluster)  and  make test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install dev test lint proto bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed
+
+dev: install  ## etcd and a discovery server per region on 127.0.0.1, in the foreground
+	$(BIN)/discovery dev $(ARGS)
+
+lint: install
+	$(BIN)/ruff check discovery tests scripts bench
+	$(BIN)/ruff format --check discovery tests scripts bench
+	$(BIN)/mypy
+
+test: lint  ## lint, types, then the whole suite against real etcd processes
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+proto: install  ## regenerate discovery_pb/ from proto/
+	$(BIN)/python scripts/gen_proto.py
+
+bench: install
+	$(BIN)/python bench/resolve_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,76 @@
+"""Entry point: parse, run the verb, turn failures into one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from discovery.cli import dev, instances, lookup, serve, status
+from discovery.cli._common import EXIT_CODES_HELP, USAGE, CommandError
+from discovery.errors import DiscoveryError, InvalidArgument
+
+DESCRIPTION = """Multi-region service discovery: regional gRPC servers on etcd.
+
+Examples (try them on this machine):
+  discovery dev                          # etcd + a server per region, in the foreground
+  discovery register web 127.0.0.1:8080 --server 127.0.0.1:7400
+  discovery resolve web --server 127.0.0.1:7400
+  discovery status
+
+Client commands take --server HOST:PORT (default $DISCOVERY_SERVER or 127.0.0.1:7400) and --json."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="discovery",
+        description=DESCRIPTION,
+        epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for module in (serve, dev, instances, lookup, status):
+        module.add_parsers(sub)
+    return parser
+
+
+class _BelowWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING
+
+
+def _setup_logging(level: str) -> None:
+    """Information to stdout, warnings and errors to stderr: a clean run has an empty stderr."""
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(_BelowWarning())
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(fmt)
+    logging.basicConfig(level=level.upper(), handlers=[out, err])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    try:
+        code: int = asyncio.run(args.func(args))
+        return code
+    except CommandError as exc:
+        print(f"discovery {args.command}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except InvalidArgument as exc:
+        print(f"discovery {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE
+    except DiscoveryError as exc:
+        print(f"discovery {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run() -> None:
+    sys.exit(main())

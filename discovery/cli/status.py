@@ -1,0 +1,58 @@
+"""``discovery status``."""
+
+from __future__ import annotations
+
+import argparse
+
+import grpc
+import grpc.aio
+
+from discovery.cli._common import OK, add_client_flags, channel, print_json, rpc_error
+from discovery_pb.v1 import admin_pb2 as pb
+from discovery_pb.v1.admin_pb2_grpc import AdminStub
+
+
+def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser(
+        "status",
+        help="the server's region, revision, instance count and etcd health",
+        epilog="examples:\n  discovery status\n  discovery status --server 127.0.0.1:7401 --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_client_flags(s)
+    s.set_defaults(func=status)
+
+
+async def status(args: argparse.Namespace) -> int:
+    async with channel(args) as ch:
+        try:
+            resp = await AdminStub(ch).Status(pb.StatusRequest(), timeout=args.timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(exc, args.server) from None
+    etcd = {
+        "endpoints": list(resp.etcd.endpoints),
+        "healthy": resp.etcd.healthy,
+        "error": resp.etcd.error,
+        "last_contact_seconds": round(resp.etcd.last_contact_seconds, 3),
+    }
+    if args.json:
+        print_json(
+            {
+                "region": resp.region,
+                "revision": resp.revision,
+                "instance_count": resp.instance_count,
+                "service_count": resp.service_count,
+                "stale": resp.stale,
+                "etcd": etcd,
+                "server_version": resp.server_version,
+                "uptime_seconds": round(resp.uptime_seconds, 1),
+            }
+        )
+        return OK
+    print(f"region     {resp.region}")
+    print(f"revision   {resp.revision}{'  (stale)' if resp.stale else ''}")
+    print(f"instances  {resp.instance_count} in {resp.service_count} services")
+    health = "healthy" if resp.etcd.healthy else f"UNHEALTHY: {resp.etcd.error}"
+    print(f"etcd       {','.join(resp.etcd.endpoints)}  {health}")
+    print(f"server     {resp.server_version}, up {resp.uptime_seconds:.0f}s")
+    return OK

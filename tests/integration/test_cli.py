@@ -1,0 +1,263 @@
+"""The `discovery` command end to end: real processes, real server, exit codes, output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from discovery.etcd_process import EtcdProcess, free_port
+from tests.helpers import eventually
+
+CLI = [sys.executable, "-m", "discovery"]
+
+
+async def run(*args: str, timeout: float = 20.0) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def start(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+
+async def read_line(proc: asyncio.subprocess.Process, timeout: float = 20.0) -> str:
+    assert proc.stdout is not None
+    async with asyncio.timeout(timeout):
+        line = await proc.stdout.readline()
+    assert line, "process closed its output"
+    return line.decode()
+
+
+async def wait_line(proc: asyncio.subprocess.Process, text: str, timeout: float = 30.0) -> list[str]:
+    lines: list[str] = []
+    async with asyncio.timeout(timeout):
+        while not lines or text not in lines[-1]:
+            lines.append(await read_line(proc, timeout))
+    return lines
+
+
+@pytest.fixture
+async def server_addr(etcd, servers) -> str:
+    server = await servers.start(etcd)
+    return f"127.0.0.1:{server.port}"
+
+
+async def test_register_resolve_status_deregister(server_addr: str) -> None:
+    s = ("--server", server_addr)
+    code, out, err = await run(
+        "register",
+        "web",
+        "10.0.0.1:8080",
+        "--id",
+        "web-1",
+        "--zone",
+        "z1",
+        "--tag",
+        "canary",
+        "--meta",
+        "version=1.4",
+        "--weight",
+        "50",
+        "--json",
+        *s,
+    )
+    assert (code, err) == (0, "")
+    registered = json.loads(out)
+    assert registered["service"] == "web" and registered["instance_id"] == "web-1" and registered["revision"] > 0
+
+    code, out, err = await run("resolve", "web", "--min-revision", str(registered["revision"]), "--json", *s)
+    assert (code, err) == (0, "")
+    answer = json.loads(out)
+    assert answer["service"] == "web" and answer["revision"] >= registered["revision"]
+    (endpoint,) = answer["endpoints"]
+    assert {
+        k: endpoint[k]
+        for k in ("instance_id", "address", "region", "zone", "status", "weight", "tags", "metadata", "stale")
+    } == {
+        "instance_id": "web-1",
+        "address": "10.0.0.1:8080",
+        "region": "us-east",
+        "zone": "z1",
+        "status": "SERVING",
+        "weight": 50,
+        "tags": ["canary"],
+        "metadata": {"version": "1.4"},
+        "stale": False,
+    }
+
+    code, out, _ = await run("resolve", "web", "--scope", "failover", *s)
+    assert code == 0 and "web-1" in out and "10.0.0.1:8080" in out
+
+    code, out, _ = await run("status", "--json", *s)
+    status = json.loads(out)
+    assert code == 0 and status["region"] == "us-east" and status["instance_count"] == 1
+    assert status["etcd"]["healthy"] is True
+
+    code, out, _ = await run("deregister", "web", "web-1", *s)
+    assert code == 0 and "deregistered" in out
+    code, out, err = await run("deregister", "web", "web-1", *s)
+    assert code == 3 and out == ""
+    assert err.count("\n") == 1 and "not_found" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (("register", "Web", "10.0.0.1:80"), 2, "instance.service"),
+        (("register", "web", "10.0.0.1:0"), 2, "instance.address"),
+        (("register", "web", "10.0.0.1:80", "--ttl", "7200"), 2, "instance.ttl_seconds"),
+        (("register", "web", "10.0.0.1:80", "--meta", "novalue"), 2, "--meta"),
+        (("resolve", "web_x"), 2, "service"),
+        (("resolve", "web", "--scope", "galaxy"), 2, "invalid choice"),
+        (("deregister", "web", "missing"), 3, "not_found"),
+    ],
+)
+async def test_errors_are_one_line_with_exit_codes(
+    server_addr: str, args: tuple[str, ...], code: int, needle: str
+) -> None:
+    got, _out, err = await run(*args, "--server", server_addr)
+    assert got == code, err
+    assert needle in err and "Traceback" not in err
+    if code != 2 or needle != "invalid choice":  # argparse prints its usage too
+        assert err.count("\n") == 1
+
+
+async def test_unreachable_server_exits_4() -> None:
+    code, _, err = await run("status", "--server", f"127.0.0.1:{free_port()}", "--timeout", "2")
+    assert code == 4 and "cannot reach" in err and err.count("\n") == 1
+
+
+async def test_server_address_from_environment(server_addr: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        "status",
+        "--json",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "DISCOVERY_SERVER": server_addr},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0 and json.loads(out)["region"] == "us-east"
+
+
+@pytest.mark.parametrize("command", ["", "serve", "dev", "register", "deregister", "resolve", "watch", "status"])
+async def test_help_shows_examples(command: str) -> None:
+    code, out, _ = await run(*([command] if command else []), "--help")
+    assert code == 0 and "example" in out.lower()
+
+
+async def test_leased_register_heartbeats_then_deregisters_on_sigterm(server_addr: str) -> None:
+    s = ("--server", server_addr)
+    proc = await start("register", "api", "10.0.0.9:9000", "--ttl", "2", "--json", *s)
+    try:
+        registered = json.loads(await read_line(proc))
+        # Outlive the TTL a few times over: only heartbeats keep it.
+        for _ in range(3):
+            code, out, _ = await run("resolve", "api", "--json", *s)
+            assert code == 0
+            assert [e["instance_id"] for e in json.loads(out)["endpoints"]] == [registered["instance_id"]]
+            await asyncio.sleep(1.5)  # letting time pass is the point here, not synchronisation
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            await proc.wait()
+        assert proc.returncode == 0
+        _code, out, _ = await run("resolve", "api", "--json", *s)
+        assert json.loads(out)["endpoints"] == []
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_watch_prints_snapshot_then_changes(server_addr: str) -> None:
+    s = ("--server", server_addr)
+    await run("register", "db", "10.0.0.1:5432", "--id", "db-1", *s)
+    proc = await start("watch", "db", "--json", *s)
+    try:
+        snapshot = json.loads(await read_line(proc))
+        assert snapshot["kind"] == "SNAPSHOT" and [i["instance_id"] for i in snapshot["instances"]] == ["db-1"]
+        await run("register", "db", "10.0.0.2:5432", "--id", "db-2", *s)
+        change = json.loads(await read_line(proc))
+        assert change["kind"] == "CHANGES" and change["revision"] > snapshot["revision"]
+        assert [(c["kind"], c["instance_id"]) for c in change["changes"]] == [("PUT", "db-2")]
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+async def test_serve_exits_cleanly_on_sigterm(private_etcd: EtcdProcess, tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "server.toml"
+    config.write_text(f'region = "eu-west"\nlisten = "127.0.0.1:1"\netcd = ["{private_etcd.endpoint}"]\n')
+    proc = await start("serve", "--config", str(config), "--listen", f"127.0.0.1:{port}")  # flag wins
+    try:
+
+        async def up() -> bool:
+            code, out, _ = await run("status", "--json", "--server", f"127.0.0.1:{port}", "--timeout", "1")
+            return code == 0 and json.loads(out)["region"] == "eu-west"
+
+        await eventually(up, timeout=20, interval=0.2)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            _, err = await proc.communicate()
+        assert proc.returncode == 0
+        assert err.decode() == ""
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_serve_rejects_bad_config(tmp_path: Path) -> None:
+    code, _, err = await run("serve", "--listen", "127.0.0.1:1")
+    assert code == 2 and "region" in err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('region = "us-east"\nlisen = "typo"\n')
+    code, _, err = await run("serve", "--config", str(bad))
+    assert code == 2 and "lisen" in err
+
+
+async def test_dev_starts_a_cluster_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    base = free_port()
+    state = tmp_path / "state"
+    proc = await start("dev", "--regions", "us-east,eu-west", "--base-port", str(base), "--state-dir", str(state))
+    try:
+        await wait_line(proc, "ready", timeout=60)
+        cluster = json.loads((state / "cluster.json").read_text())
+        pids = []
+        for name, region in cluster["regions"].items():
+            (server,) = region["servers"]
+            code, out, _ = await run("status", "--json", "--server", server["address"])
+            assert code == 0 and json.loads(out)["region"] == name
+            pids += [server["pid"], region["etcd"][0]["pid"]]
+        assert all(_alive(pid) for pid in pids)
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            await proc.communicate()
+        assert proc.returncode == 0
+        assert not [pid for pid in pids if _alive(pid)]
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
