@@ -8,6 +8,7 @@ naming the field and the rule, before anything is written.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import re
 import time
@@ -36,6 +37,8 @@ _INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 _ZONE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:=-]*")
 _META_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII only: str.isdigit() also takes '²' and '١'
+_DOTTED_DIGITS = re.compile(r"[0-9.]+")
 _REGION = _ZONE
 
 SERVICE_RULE = "lowercase DNS labels (a-z, 0-9, '-') joined by dots, at most 253 characters"
@@ -75,7 +78,7 @@ def split_address(address: str, field: str = "address", *, allow_port_zero: bool
     host, sep, port_text = address.rpartition(":")
     if not sep or not host:
         raise InvalidArgument(field, f"{address[:80]!r} must be HOST:PORT")
-    if not port_text.isdigit() or not (0 if allow_port_zero else 1) <= int(port_text) <= 65535:
+    if not _PORT.fullmatch(port_text) or not (0 if allow_port_zero else 1) <= int(port_text) <= 65535:
         raise InvalidArgument(field, f"port {port_text[:10]!r} must be a number from 1 to 65535")
     if host.startswith("["):
         if not host.endswith("]"):
@@ -86,7 +89,7 @@ def split_address(address: str, field: str = "address", *, allow_port_zero: bool
             raise InvalidArgument(field, f"{host[:80]!r} is not a valid IPv6 address") from None
     elif ":" in host:
         raise InvalidArgument(field, f"{address[:80]!r}: write an IPv6 address as [ADDR]:PORT")
-    elif host.replace(".", "").isdigit():
+    elif _DOTTED_DIGITS.fullmatch(host):
         try:
             ipaddress.IPv4Address(host)
         except ValueError:
@@ -97,8 +100,23 @@ def split_address(address: str, field: str = "address", *, allow_port_zero: bool
 
 
 def default_instance_id(address: str) -> str:
-    """An id derived from the address, so registering the same address twice is idempotent."""
-    return re.sub(r"[^A-Za-z0-9._:-]", "", address.replace("]:", "-").replace(":", "-"))
+    """An id derived from the address, so registering the same address twice is idempotent.
+
+    ``10.0.0.1:80`` gives ``10.0.0.1-80``; a hostname is lowercased (DNS ignores case); an
+    IPv6 address is written out in full with ``-`` for ``:`` so that the id starts with a
+    digit and every spelling of one address gives one id. An id that would be longer than
+    the limit keeps its start and ends with a hash of the whole.
+    """
+    host, port = split_address(address)
+    if host.startswith("["):
+        host = ipaddress.IPv6Address(host[1:-1]).exploded
+    else:
+        host = host.lower().rstrip(".")
+    ident = re.sub(r"[^A-Za-z0-9._-]", "-", f"{host}-{port}")
+    if len(ident) > MAX_INSTANCE_ID_LEN:
+        digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
+        ident = f"{ident[: MAX_INSTANCE_ID_LEN - len(digest) - 1]}-{digest}"
+    return ident
 
 
 def _validate_tags(tags: list[str]) -> None:

@@ -37,7 +37,8 @@ def select(records: Iterable[Record], query: Query, local: str, proximity: Seque
             by_region.setdefault(record.instance.region, []).append(record)
     chosen = by_region.pop(local, [])
     if query.scope == Scope.FAILOVER:
-        order = [r for r in proximity if r in by_region] + sorted(set(by_region) - set(proximity))
+        nearest = [r for r in dict.fromkeys(proximity) if r in by_region]  # a repeated region counts once
+        order = nearest + sorted(set(by_region) - set(nearest))
         for region in order:
             if sum(r.instance.status == Status.SERVING for r in chosen) >= query.min_healthy:
                 break

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from discovery.errors import StoreUnavailable
+from discovery.errors import InvalidArgument, NotFound, StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.model import normalize_registration, validate_instance_id, validate_service
 from discovery.store import Store
@@ -47,12 +47,22 @@ class Registry:
 
     async def heartbeat(self, lease_id: int) -> int:
         """Refresh a registration's lease; returns the seconds it now has left."""
-        return await self._store.keep_alive(lease_id)
+        if lease_id <= 0:
+            raise InvalidArgument("lease_id", f"{lease_id} is not a lease: pass the lease_id Register returned")
+        try:
+            return await self._store.keep_alive(lease_id)
+        except NotFound:
+            raise NotFound(f"lease {lease_id} has expired or was revoked: register again") from None
 
     async def deregister(self, service: str, instance_id: str) -> int:
         validate_service(service)
         validate_instance_id(instance_id)
-        revision, lease_id = await self._store.delete(self._keys.instance(self.region, service, instance_id))
+        try:
+            revision, lease_id = await self._store.delete(self._keys.instance(self.region, service, instance_id))
+        except NotFound:
+            raise NotFound(
+                f"instance {instance_id!r} of service {service!r} is not registered in region {self.region!r}"
+            ) from None
         if lease_id:
             try:
                 await self._store.revoke(lease_id)
