@@ -37,7 +37,7 @@ _INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 _ZONE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 _TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:=-]*")
 _META_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
-_PORT = re.compile(r"[0-9]{1,5}")  # ASCII only: str.isdigit() also takes '²' and '١'
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII only: str.isdigit() also takes superscripts and non-Latin digits
 _DOTTED_DIGITS = re.compile(r"[0-9.]+")
 _REGION = _ZONE
 
@@ -108,10 +108,7 @@ def default_instance_id(address: str) -> str:
     the limit keeps its start and ends with a hash of the whole.
     """
     host, port = split_address(address)
-    if host.startswith("["):
-        host = ipaddress.IPv6Address(host[1:-1]).exploded
-    else:
-        host = host.lower().rstrip(".")
+    host = ipaddress.IPv6Address(host[1:-1]).exploded if host.startswith("[") else host.lower().rstrip(".")
     ident = re.sub(r"[^A-Za-z0-9._-]", "-", f"{host}-{port}")
     if len(ident) > MAX_INSTANCE_ID_LEN:
         digest = hashlib.sha256(ident.encode()).hexdigest()[:16]
