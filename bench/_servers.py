@@ -1,0 +1,105 @@
+"""Server processes for the benchmarks, run apart from the load generator (their own GIL).
+
+    python bench/_servers.py discovery --etcd HOST:PORT --region R [--prefix P]
+    python bench/_servers.py empty
+
+Once listening, prints one JSON line ``{"port": N, "pid": N}`` on stdout, then serves until
+SIGTERM or SIGINT, or until stdin closes (the parent died or is done with us).
+
+``empty`` is the ceiling: a grpc.aio server whose Lookup/Resolve handler returns a prebuilt
+empty response, so a client measures the same method path with no work behind it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+from collections.abc import AsyncIterator, Sequence
+
+import grpc
+import grpc.aio
+
+from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc
+
+_EMPTY = lookup_pb2.ResolveResponse()
+
+
+class EmptyLookup(lookup_pb2_grpc.LookupServicer):
+    async def Resolve(
+        self, request: lookup_pb2.ResolveRequest, context: grpc.aio.ServicerContext
+    ) -> lookup_pb2.ResolveResponse:
+        return _EMPTY
+
+    async def Watch(
+        self, request: lookup_pb2.WatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[lookup_pb2.WatchResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the empty server only answers Resolve")
+        yield lookup_pb2.WatchResponse()  # never reached; makes this an async generator
+
+
+def _announce(port: int) -> None:
+    print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
+
+
+def _stop_event() -> asyncio.Event:
+    """Set on SIGTERM/SIGINT or when stdin reaches EOF."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+
+    def watch_stdin() -> None:
+        sys.stdin.buffer.read()
+        loop.call_soon_threadsafe(stop.set)
+
+    threading.Thread(target=watch_stdin, name="stdin-eof", daemon=True).start()
+    return stop
+
+
+async def serve_empty() -> None:
+    server = grpc.aio.server()
+    lookup_pb2_grpc.add_LookupServicer_to_server(EmptyLookup(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    stop = _stop_event()
+    _announce(port)
+    await stop.wait()
+    await server.stop(0.5)
+
+
+async def serve_discovery(etcd: str, region: str, prefix: str) -> None:
+    from discovery import telemetry
+    from discovery.config import ServerConfig
+    from discovery.server import Server
+
+    config = ServerConfig(region=region, listen="127.0.0.1:0", etcd=(etcd,), key_prefix=prefix, grace_seconds=0.5)
+    tracing = telemetry.setup("discovery", region)  # as `discovery serve` would: no-op unless OTEL_* asks
+    async with Server(config.validate(), startup_timeout=60, tracing=tracing) as server:
+        stop = _stop_event()
+        _announce(server.port)
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="kind", required=True)
+    disc = sub.add_parser("discovery", help="the discovery server (discovery.server.Server)")
+    disc.add_argument("--etcd", required=True)
+    disc.add_argument("--region", required=True)
+    disc.add_argument("--prefix", default="/discovery/v1/")
+    sub.add_parser("empty", help="an empty grpc.aio unary handler (the ceiling)")
+    args = parser.parse_args(argv)
+    if args.kind == "empty":
+        asyncio.run(serve_empty())
+    else:
+        asyncio.run(serve_discovery(args.etcd, args.region, args.prefix))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
