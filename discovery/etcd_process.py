@@ -70,6 +70,9 @@ class EtcdProcess:
         return self.proc.pid
 
     def start(self, timeout: float = 20.0) -> EtcdProcess:
+        if self.proc is not None and self.proc.poll() is None:
+            # A second member on the same ports and data would fail, and orphan the first.
+            raise RuntimeError(f"etcd at {self.endpoint} is already running (pid {self.proc.pid})")
         peer = f"http://127.0.0.1:{self.peer_port}"
         client = f"http://127.0.0.1:{self.client_port}"
         args = [

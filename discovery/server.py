@@ -46,7 +46,8 @@ class Server:
     listens (``server.port``). Leaving the block stops it, in this order:
 
     1. health turns NOT_SERVING, so balancers stop sending new calls;
-    2. the port stops accepting; Watch streams end at once, unary calls get ``grace_seconds``;
+    2. Watch streams end at once (UNAVAILABLE, so clients resume elsewhere), as do reads
+       waiting for a revision; the port stops accepting; unary calls get ``grace_seconds``;
     3. the view's watch and the etcd health probe stop;
     4. the etcd client closes;
     5. telemetry is flushed.
@@ -64,6 +65,7 @@ class Server:
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        self._lookup: LookupServicer | None = None
         self.port = 0
 
     async def __aenter__(self) -> Server:
@@ -124,16 +126,14 @@ class Server:
         )
         instruments = telemetry.Instruments()
         registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry, instruments), server)
-        lookup_pb2_grpc.add_LookupServicer_to_server(
-            LookupServicer(
-                self.view,
-                self.config.region,
-                instruments,
-                max_wait=self.config.max_wait_seconds,
-                watch_keepalive=self.config.watch_keepalive_seconds,
-            ),
-            server,
+        self._lookup = LookupServicer(
+            self.view,
+            self.config.region,
+            instruments,
+            max_wait=self.config.max_wait_seconds,
+            watch_keepalive=self.config.watch_keepalive_seconds,
         )
+        lookup_pb2_grpc.add_LookupServicer_to_server(self._lookup, server)
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminServicer(self.view, self.config.region, list(self.config.etcd), lambda: self.etcd_health, VERSION),
             server,
@@ -144,14 +144,20 @@ class Server:
 
     async def _probe_etcd(self) -> None:
         while True:
-            self.etcd_health = await self.store.health()
+            try:
+                self.etcd_health = await self.store.health()
+            except Exception as exc:  # Status must not report the last probe forever
+                log.exception("etcd health probe failed unexpectedly")
+                self.etcd_health = StoreHealth(False, 0, f"health probe failed: {exc}")
             await asyncio.sleep(HEALTH_PROBE_SECONDS)
 
     async def stop(self) -> None:
         """Shut down in the documented order; safe to call twice."""
         if self._grpc is not None:
             await self._health.enter_graceful_shutdown()
-            self.view.end_subscriptions()
+            if self._lookup is not None:
+                await self._lookup.end_streams()
+            self.view.end_subscriptions()  # reads waiting for a revision end now
             await self._grpc.stop(self.config.grace_seconds)
             self._grpc = None
         for task in self._tasks:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +37,12 @@ log = logging.getLogger(__name__)
 
 _PAGE = 1000
 _EVENT_DELETE = 1  # mvccpb.Event.DELETE
+_REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends the watch when its member loses the leader
+# etcd before 3.5.8 answers a progress request at once with its current revision, even while
+# a just-created watch is still sending the older events it must catch up on (etcd issue
+# 15220); the view's revision would run ahead of what it holds. Progress is not requested
+# this soon after a watch is created, by when etcd has caught the watch up.
+_PROGRESS_AFTER_CREATE = 0.5
 
 
 class Compacted(Exception):
@@ -62,11 +69,19 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class WatchBatch:
-    """Events of one watch response, in revision order. ``revision``: everything up to it
-    has been delivered (for a progress notification, ``events`` is empty)."""
+    """One watch response.
+
+    ``events`` are in revision order and ``revision`` says everything up to it has been
+    delivered (for a progress notification, ``events`` is empty). ``created``: the watch has
+    just been established (revision 0, no events): etcd is answering. ``requested``: the
+    answer to ``request_progress``, which etcd before 3.5.8 may send ahead of events still
+    due (issue 15220): good for read-your-writes, not as a point to resume the watch from.
+    """
 
     revision: int
     events: list[Event] = field(default_factory=list)
+    created: bool = False
+    requested: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,11 +106,31 @@ class Store:
         self._op_timeout = op_timeout
         ms = int(keepalive * 1000)
         self._manager = ConnectionManager(self.endpoints, keepalive_time_ms=ms, keepalive_timeout_ms=ms)
+        options = dict(self._manager.grpc_options)
+        options.update(
+            {
+                # Keep pinging while a call is open even when no data flows: an idle watch on a
+                # hung etcd sends nothing, and by default gRPC stops pinging after two pings.
+                "grpc.http2.max_pings_without_data": 0,
+                # What bounds the wait for a ping's answer in current gRPC (the keep-alive
+                # timeout alone does not: a SIGSTOPped etcd went unnoticed for good).
+                "grpc.http2.ping_timeout_ms": ms,
+                # No pings without a call: etcd allows none (three earn a GOAWAY, after which
+                # gRPC pings this channel half as often for good).
+                "grpc.keepalive_permit_without_calls": 0,
+                # Reconnect within a second of etcd coming back, not after gRPC's default
+                # backoff that grows to two minutes while it is down.
+                "grpc.initial_reconnect_backoff_ms": 100,
+                "grpc.max_reconnect_backoff_ms": max(1000, ms),
+            }
+        )
+        self._manager.grpc_options = list(options.items())
         self._channel: grpc.aio.Channel | None = None
         self._kv: KVService | None = None
         self._lease: LeaseService | None = None
         self._keepalive = _LeaseKeepAliveStream(self)
-        self._watch_requests: asyncio.Queue[Any] | None = None  # of the current watch
+        self._watch_requests: asyncio.Queue[Any] | None = None  # of the current watch, once created
+        self._watch_created = 0.0  # time.monotonic() when it was
 
     async def __aenter__(self) -> Store:
         self._channel = self._manager.get_channel()
@@ -166,8 +201,13 @@ class Store:
 
     async def keep_alive(self, lease_id: int) -> int:
         """Refresh a lease once; returns its remaining TTL. NotFound when it has expired."""
-        async with self._call("a lease keep-alive"):
-            ttl = await self._keepalive.refresh(lease_id)
+        try:
+            async with self._call("a lease keep-alive"):
+                ttl = await self._keepalive.refresh(lease_id)
+        except StoreUnavailable:
+            # A hung stream would swallow every later refresh: the next one opens a new stream.
+            await self._keepalive.close()
+            raise
         if ttl <= 0:
             raise NotFound(f"lease {lease_id:x} has expired")
         return ttl
@@ -204,35 +244,34 @@ class Store:
         except StoreUnavailable as exc:
             return StoreHealth(False, 0, str(exc))
 
-    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[WatchBatch]:
+    async def watch(self, prefix: bytes, start_revision: int) -> AsyncGenerator[WatchBatch, None]:
         """Events under ``prefix`` from ``start_revision`` on, never skipping one.
 
         Raises ``Compacted`` when the start revision is gone and ``StoreUnavailable`` when the
-        stream breaks; the caller re-lists or resumes. Progress notifications (every
-        ``request_progress`` and etcd's own) arrive as batches without events.
+        stream breaks; the caller re-lists or resumes. The first batch says the watch is
+        created; progress notifications (etcd's own and answers to ``request_progress``)
+        arrive as batches without events.
         """
         requests: asyncio.Queue[Any] = asyncio.Queue()
         create = WatchCreateRequest(
             key=prefix, range_end=prefix_range_end(prefix), start_revision=start_revision, progress_notify=True
         )
         requests.put_nowait(WatchRequest(create_request=create))
-        self._watch_requests = requests
-
-        async def send() -> AsyncIterator[Any]:
-            while True:
-                yield await requests.get()
-
-        call = WatchStub(self.channel).Watch(send())
+        call = WatchStub(self.channel).Watch(metadata=_REQUIRE_LEADER)
+        writer = asyncio.create_task(_pump(requests, call), name="etcd-watch-writer")
         try:
-            async for resp in call:
+            while (resp := await call.read()) is not grpc.aio.EOF:
                 if resp.compact_revision > 0:
                     raise Compacted(resp.compact_revision)
                 if resp.canceled:
                     raise StoreUnavailable(
-                        f"etcd at {','.join(self.endpoints)} cancelled the watch: {resp.cancel_reason}"
+                        f"etcd at {','.join(self.endpoints)} cancelled the watch: {resp.cancel_reason or 'no reason'}"
                     )
-                if resp.created and not resp.events:
-                    continue
+                if resp.created:
+                    self._watch_requests, self._watch_created = requests, time.monotonic()
+                    yield WatchBatch(0, created=True)
+                    if not resp.events:
+                        continue
                 events = [
                     Event(ev.type == _EVENT_DELETE, KeyValue(ev.kv.key, ev.kv.value, ev.kv.mod_revision, ev.kv.lease))
                     for ev in resp.events
@@ -240,17 +279,23 @@ class Store:
                 # A batch's header may run ahead of its events while etcd catches up an
                 # unsynced watcher, so the position is the last event's revision; only an
                 # empty (progress) response vouches for its header revision.
-                revision = events[-1].kv.mod_revision if events else resp.header.revision
-                yield WatchBatch(revision, events)
+                if events:
+                    yield WatchBatch(events[-1].kv.mod_revision, events)
+                else:  # watch_id -1: an answer to a progress request, sent to every watch
+                    yield WatchBatch(resp.header.revision, requested=resp.watch_id == -1)
             raise StoreUnavailable(f"etcd at {','.join(self.endpoints)} closed the watch stream")
         except grpc.aio.AioRpcError as exc:
             raise StoreUnavailable(f"etcd watch at {','.join(self.endpoints)} broke: {_describe(exc)}") from None
         finally:
+            if self._watch_requests is requests:
+                self._watch_requests = None
             call.cancel()
+            await _stop(writer)
 
     def request_progress(self) -> None:
-        """Ask the current watch to report the revision it has delivered everything up to."""
-        if self._watch_requests is not None:
+        """Ask the current watch to report the revision it has delivered everything up to
+        (a no-op while no watch is established or it has only just been)."""
+        if self._watch_requests is not None and time.monotonic() - self._watch_created >= _PROGRESS_AFTER_CREATE:
             self._watch_requests.put_nowait(WatchRequest(progress_request=_rpc.WatchProgressRequest()))
 
 
@@ -276,28 +321,20 @@ class _LeaseKeepAliveStream:
         self._requests.put_nowait(LeaseKeepAliveRequest(ID=lease_id))
         try:
             return await fut
-        except TimeoutError:
-            await self.close()  # a hung stream would swallow every later refresh
-            raise
         finally:
             waiting = self._waiters.get(lease_id)
             if waiting and fut in waiting:
                 waiting.remove(fut)
 
     def _open(self) -> None:
-        requests: asyncio.Queue[Any] = asyncio.Queue()
-        self._requests = requests
+        self._requests = asyncio.Queue()
+        call = LeaseStub(self._store.channel).LeaseKeepAlive()
+        self._reader = asyncio.get_running_loop().create_task(self._read(call, self._requests))
 
-        async def send() -> AsyncIterator[Any]:
-            while True:
-                yield await requests.get()
-
-        call = LeaseStub(self._store.channel).LeaseKeepAlive(send())
-        self._reader = asyncio.get_running_loop().create_task(self._read(call))
-
-    async def _read(self, call: Any) -> None:
+    async def _read(self, call: Any, requests: asyncio.Queue[Any]) -> None:
+        writer = asyncio.create_task(_pump(requests, call), name="etcd-keepalive-writer")
         try:
-            async for resp in call:
+            while (resp := await call.read()) is not grpc.aio.EOF:
                 for fut in self._waiters.pop(resp.ID, []):
                     if not fut.done():
                         fut.set_result(resp.TTL)
@@ -305,6 +342,7 @@ class _LeaseKeepAliveStream:
             self._fail(StoreUnavailable(f"etcd lease keep-alive stream broke: {_describe(exc)}"))
         finally:
             call.cancel()
+            await _stop(writer)
             self._fail(StoreUnavailable("etcd lease keep-alive stream ended"))
 
     def _fail(self, exc: Exception) -> None:
@@ -322,7 +360,26 @@ class _LeaseKeepAliveStream:
             self._reader = None
 
 
+async def _pump(requests: asyncio.Queue[Any], call: Any) -> None:
+    """Write queued requests to a bidirectional stream. A task the stream's owner starts and
+    stops: gRPC's own consumer of a request iterator is left pending when the call ends."""
+    try:
+        while True:
+            await call.write(await requests.get())
+    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+        call.cancel()  # the call is over; its reader sees why
+
+
+async def _stop(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
+        details = exc.details() or ""
+        if "too_many_pings" in details:  # etcd's default allows a ping every 5 s only
+            details += " (etcd refuses our keep-alive pings: start it with --grpc-keepalive-min-time=1s or lower)"
+        return f"{exc.code().name}: {details}"
     return str(exc) or type(exc).__name__

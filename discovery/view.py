@@ -13,13 +13,13 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from discovery.errors import RevisionNotReached, StoreUnavailable
+from discovery.errors import RevisionNotReached, ShuttingDown, StoreUnavailable
 from discovery.keys import InstanceKey, KeySchema
 from discovery.retry import RetryPolicy
-from discovery.store import Compacted, Event, KeyValue, Store
+from discovery.store import Compacted, Event, KeyValue, Store, WatchBatch
 from discovery_pb.v1.types_pb2 import Change, Instance
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,20 @@ class View:
         self._by_service: dict[str, dict[_Key, Record]] = {}
         self._history: deque[tuple[_Key, Change]] = deque(maxlen=history)
         self._history_floor = 0  # every change with a greater revision is in _history
+        # (from, to) of each re-list: its changes turn the state at `from` into the state at
+        # `to`, which is no use to a client (of another server) at a revision in between.
+        self._gaps: list[tuple[int, int]] = []
         self._subscriptions: set[Subscription] = set()
         self._advanced = asyncio.Event()
-        self.revision = 0
+        self.revision = 0  # everything up to here is applied (a progress answer may move it)
+        self._resume = 0  # the watch resumes after this: the last event's or listing's revision
         self.ready = asyncio.Event()
         self.watching = False
         self.last_contact = 0.0  # time.monotonic() of the last word from etcd
         self.last_error = ""
         self.reloads = 0
+        self.closing = False  # set by end_subscriptions: no new watchers or waits
+        self._failures = 0  # in a row, for the reconnect backoff
 
     # --- reads ------------------------------------------------------------------------
 
@@ -105,17 +111,20 @@ class View:
 
     def changes_since(self, revision: int, service: str) -> list[Change] | None:
         """Changes after ``revision``, or None when they are no longer held (send a snapshot)."""
-        if revision < self._history_floor:
+        if revision < self._history_floor or any(low < revision < high for low, high in self._gaps):
             return None
         return [c for _, c in self._history if c.revision > revision and (not service or c.service == service)]
 
     async def wait_for(self, revision: int, timeout: float) -> None:
-        """Return once the view has applied ``revision``; RevisionNotReached after ``timeout``."""
+        """Return once the view has applied ``revision``; RevisionNotReached after ``timeout``,
+        ShuttingDown when the server stops meanwhile."""
         if revision <= self.revision:
             return
         try:
             async with asyncio.timeout(timeout):
                 while self.revision < revision:
+                    if self.closing:
+                        raise ShuttingDown("the server is shutting down")
                     # A write outside our range moves etcd's revision without an event for
                     # us; a progress request makes etcd vouch for the revision anyway.
                     self._store.request_progress()
@@ -130,6 +139,9 @@ class View:
 
     def subscribe(self, service: str) -> Subscription:
         sub = Subscription(service)
+        if self.closing:
+            sub.closed = True
+            sub.ready.set()
         self._subscriptions.add(sub)
         return sub
 
@@ -137,35 +149,69 @@ class View:
         self._subscriptions.discard(sub)
 
     def end_subscriptions(self) -> None:
-        """Wake every watcher with ``closed`` set, so streams end at shutdown."""
+        """At shutdown: wake every watcher with ``closed`` set and every ``wait_for``, so
+        streams and waiting reads end now instead of at the end of the grace period."""
+        self.closing = True
         for sub in self._subscriptions:
             sub.closed = True
             sub.ready.set()
+        self._advanced.set()
+        self._advanced = asyncio.Event()
 
     # --- the feed ---------------------------------------------------------------------
 
     async def run(self) -> None:
         """List, then watch; re-list on compaction; reconnect with backoff when etcd fails."""
-        attempt = 0
         must_list = True
         while True:
             try:
                 if must_list:
                     await self._load()
                     must_list = False
-                async for batch in self._store.watch(self._keys.instances, self.revision + 1):
-                    self.watching, self.last_contact, attempt = True, time.monotonic(), 0
-                    self._apply(batch.events, batch.revision)
+                async with contextlib.aclosing(self._store.watch(self._keys.instances, self._resume + 1)) as batches:
+                    await self._follow(batches)
             except Compacted as exc:
                 log.warning("view: watch fell behind a compaction (%s); re-listing", exc)
                 must_list = True
             except StoreUnavailable as exc:
-                self.last_error = str(exc)
-                if self.watching:
-                    log.warning("view: lost etcd (%s); serving the last view, marked stale", exc)
-                self.watching = False
-                await asyncio.sleep(self._retry.delay(attempt))
-                attempt += 1
+                self._lost(str(exc))
+                await self._backoff()
+            except Exception as exc:  # a bug must not freeze the view while it claims to be fresh
+                log.exception("view: unexpected failure; re-listing")
+                self._lost(f"unexpected {type(exc).__name__}: {exc}")
+                must_list = True
+                await self._backoff()
+
+    async def _backoff(self) -> None:
+        await asyncio.sleep(self._retry.delay(self._failures))
+        self._failures += 1
+
+    async def _follow(self, batches: AsyncIterator[WatchBatch]) -> None:
+        """Apply a watch's batches until it ends (it always ends by raising)."""
+        async for batch in batches:
+            if not self.watching:
+                log.info("view: watching etcd from revision %d", self._resume + 1)
+            self.watching, self.last_contact, self._failures = True, time.monotonic(), 0
+            if batch.created:
+                continue
+            if batch.events and batch.events[0].kv.mod_revision <= self.revision:
+                log.warning(
+                    "view: etcd answered a progress request at revision %d before sending the event "
+                    "at %d (etcd issue 15220, fixed in 3.5.8): a read may have been served early",
+                    self.revision,
+                    batch.events[0].kv.mod_revision,
+                )
+            self._apply(batch.events, batch.revision)
+            if not batch.requested:
+                self._resume = max(self._resume, batch.revision)
+
+    def _lost(self, error: str) -> None:
+        self.last_error = error
+        if self.watching:
+            log.warning("view: lost etcd (%s); serving the last view, marked stale", error)
+            # The watch was alive (keep-alive answered) until about now, events or not.
+            self.last_contact = time.monotonic()
+        self.watching = False
 
     async def _load(self) -> None:
         revision, items = await self._store.list_prefix(self._keys.instances)
@@ -186,6 +232,8 @@ class View:
             if key not in fresh
         ]
         # A re-list turns what changed while we were not watching into changes at `revision`.
+        if not first and revision > self.revision:
+            self._gaps.append((self.revision, revision))
         self._apply(events + gone, revision, stamp=revision)
         if first:
             self._history.clear()
@@ -193,7 +241,8 @@ class View:
             self.ready.set()
         else:
             self.reloads += 1
-        self.watching, self.last_contact = True, time.monotonic()
+        self._resume = revision
+        self.watching, self.last_contact, self._failures = True, time.monotonic(), 0
         log.info("view: listed %d instances at revision %d", len(fresh), revision)
 
     def _apply(self, events: list[Event], revision: int, stamp: int = 0) -> None:
@@ -240,6 +289,8 @@ class View:
     def _publish(self, key: _Key, change: Change) -> None:
         if len(self._history) == self._history.maxlen:
             self._history_floor = self._history[0][1].revision
+            if self._gaps and self._gaps[0][1] <= self._history_floor:
+                self._gaps = [gap for gap in self._gaps if gap[1] > self._history_floor]
         self._history.append((key, change))
         for sub in self._subscriptions:
             if not sub.service or sub.service == change.service:

@@ -58,16 +58,16 @@ class Servers:
         self.running: list[Server] = []
 
     async def start(self, etcd: EtcdProcess, region: str = "us-east", **overrides: Any) -> Server:
-        config = ServerConfig(
-            region=region,
-            listen="127.0.0.1:0",
-            etcd=(etcd.endpoint,),
-            key_prefix=self.prefix,
-            grace_seconds=1.0,
-            etcd_timeout_seconds=2.0,
-            watch_keepalive_seconds=0.5,
-            **overrides,
-        ).validate()
+        settings: dict[str, Any] = {
+            "region": region,
+            "listen": "127.0.0.1:0",
+            "etcd": (etcd.endpoint,),
+            "key_prefix": self.prefix,
+            "grace_seconds": 1.0,
+            "etcd_timeout_seconds": 2.0,
+            "watch_keepalive_seconds": 0.5,
+        }
+        config = ServerConfig(**{**settings, **overrides}).validate()  # overrides win, defaults too
         server = Server(config, startup_timeout=10)
         await server.__aenter__()
         self.running.append(server)

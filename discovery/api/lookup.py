@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
 
+import grpc
 import grpc.aio
 
 from discovery.api.errors import abort
-from discovery.errors import DiscoveryError, InvalidArgument
+from discovery.errors import DiscoveryError, InvalidArgument, ShuttingDown
 from discovery.model import validate_service
 from discovery.query import Query, select
 from discovery.telemetry import Instruments
@@ -18,7 +21,10 @@ from discovery_pb.v1 import lookup_pb2 as pb
 from discovery_pb.v1.lookup_pb2_grpc import LookupServicer as _Base
 from discovery_pb.v1.types_pb2 import Change, Instance, Status
 
+log = logging.getLogger(__name__)
+
 SNAPSHOT_CHUNK = 500
+_SHUTTING_DOWN = "the server is shutting down; resume the watch on another server from the last revision"
 _DEFAULT_STATUSES = frozenset({Status.SERVING})
 
 
@@ -31,6 +37,28 @@ class LookupServicer(_Base):
         self._m = instruments
         self._max_wait = max_wait
         self._keepalive = watch_keepalive
+        self._streams: dict[asyncio.Task[Any], grpc.aio.ServicerContext] = {}
+        self._closing = False
+        self._aborts: set[asyncio.Task[None]] = set()
+
+    async def end_streams(self, timeout: float = 1.0) -> None:
+        """At shutdown: end every Watch stream with UNAVAILABLE (the code clients retry on).
+
+        The status goes out from here, then the handler's task is cancelled wherever it waits
+        (in that order: a handler cancelled while blocked in a write never sends a status).
+        A client that has stopped reading cannot receive the status behind the data it has
+        not read; gRPC cancels its call at the end of the grace period.
+        """
+        self._closing = True
+        streams, self._streams = self._streams, {}
+        aborts = [asyncio.create_task(_abort_quietly(context)) for context in streams.values()]
+        self._aborts.update(aborts)
+        for abort_task in aborts:
+            abort_task.add_done_callback(self._aborts.discard)
+        if aborts:
+            await asyncio.wait(aborts, timeout=timeout)
+        for task in streams:
+            task.cancel()
 
     def _wait_budget(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -58,15 +86,29 @@ class LookupServicer(_Base):
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchResponse]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams[task] = context
+        try:
+            async with contextlib.aclosing(self._watch(request, context, task)) as messages:
+                async for message in messages:
+                    yield message
+        finally:
+            self._streams.pop(task, None)
+
+    async def _watch(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext, task: asyncio.Task[Any]
+    ) -> AsyncGenerator[pb.WatchResponse, None]:
         view = self._view
         try:
-            if request.service:
-                validate_service(request.service)
-            if request.since_revision < 0:
-                raise InvalidArgument("since_revision", "must be >= 0")
+            if self._closing:
+                raise ShuttingDown(_SHUTTING_DOWN)
+            _check_watch(request)
             if request.since_revision > view.revision:
                 await view.wait_for(request.since_revision, self._wait_budget(context))
         except DiscoveryError as exc:
+            if task not in self._streams:
+                return  # end_streams has sent the status already
             await abort(context, exc)
         # Subscribe and read the history with no await in between: every change is then
         # either in what we send first or in the subscription, never both, never neither.
@@ -80,18 +122,27 @@ class LookupServicer(_Base):
                     yield message
             else:
                 yield _changes(changes, revision, stale)
-            while not sub.closed:
+            while True:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._keepalive):
                         await sub.ready.wait()
-                if sub.closed:
-                    break
+                if sub.closed:  # shutting down
+                    if task not in self._streams:
+                        return
+                    await abort(context, ShuttingDown(_SHUTTING_DOWN))
                 # Taken after the wait: whatever piled up while we were blocked in write()
                 # is coalesced to the latest state per instance.
                 yield _changes(sub.take(), view.revision, view.stale)
         finally:
             view.unsubscribe(sub)
             self._m.watch_streams.add(-1)
+
+
+def _check_watch(request: pb.WatchRequest) -> None:
+    if request.service:
+        validate_service(request.service)
+    if request.since_revision < 0:
+        raise InvalidArgument("since_revision", "must be >= 0")
 
 
 def _query(request: pb.ResolveRequest) -> Query:
@@ -123,3 +174,12 @@ def _snapshot(instances: list[Instance], revision: int, stale: bool) -> list[pb.
 def _changes(changes: list[Change], revision: int, stale: bool) -> pb.WatchResponse:
     kind = pb.WatchResponse.CHANGES if changes else pb.WatchResponse.KEEPALIVE
     return pb.WatchResponse(kind=kind, revision=revision, changes=changes, stale=stale)
+
+
+async def _abort_quietly(context: grpc.aio.ServicerContext) -> None:
+    try:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+    except grpc.aio.AbortError:
+        pass  # how abort() reports success
+    except Exception as exc:  # the call may already be over; shutdown goes on regardless
+        log.debug("lookup: could not end a Watch stream: %r", exc)
