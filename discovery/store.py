@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +19,10 @@ import grpc
 import grpc.aio
 from etcd3aio import EtcdError
 from etcd3aio._protobuf import (  # the generated etcd API that etcd3aio ships
+    KVStub,
     LeaseKeepAliveRequest,
     LeaseStub,
+    RangeRequest,
     WatchCreateRequest,
     WatchRequest,
     WatchStub,
@@ -38,11 +39,6 @@ log = logging.getLogger(__name__)
 _PAGE = 1000
 _EVENT_DELETE = 1  # mvccpb.Event.DELETE
 _REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends the watch when its member loses the leader
-# etcd before 3.5.8 answers a progress request at once with its current revision, even while
-# a just-created watch is still sending the older events it must catch up on (etcd issue
-# 15220); the view's revision would run ahead of what it holds. Progress is not requested
-# this soon after a watch is created, by when etcd has caught the watch up.
-_PROGRESS_AFTER_CREATE = 0.5
 
 
 class Compacted(Exception):
@@ -75,7 +71,7 @@ class WatchBatch:
     delivered (for a progress notification, ``events`` is empty). ``created``: the watch has
     just been established (revision 0, no events): etcd is answering. ``requested``: the
     answer to ``request_progress``, which etcd before 3.5.8 may send ahead of events still
-    due (issue 15220): good for read-your-writes, not as a point to resume the watch from.
+    due (issue 15220): to be confirmed before it counts, and never a point to resume from.
     """
 
     revision: int
@@ -130,7 +126,6 @@ class Store:
         self._lease: LeaseService | None = None
         self._keepalive = _LeaseKeepAliveStream(self)
         self._watch_requests: asyncio.Queue[Any] | None = None  # of the current watch, once created
-        self._watch_created = 0.0  # time.monotonic() when it was
 
     async def __aenter__(self) -> Store:
         self._channel = self._manager.get_channel()
@@ -244,6 +239,23 @@ class Store:
         except StoreUnavailable as exc:
             return StoreHealth(False, 0, str(exc))
 
+    async def unchanged_since(self, prefix: bytes, revision: int, count: int, at: int) -> bool:
+        """Whether the keys under ``prefix`` at revision ``at`` are exactly the ``count`` keys
+        that were there at ``revision``: none modified after it and none gone. Two reads, used
+        to trust a progress answer (never on a Resolve's own path). etcd applies
+        ``min_mod_revision`` to the keys returned, not to ``count``: hence keys_only."""
+        stub = KVStub(self.channel)
+        end = prefix_range_end(prefix)
+        async with self._call("a range count"):
+            modified = await stub.Range(
+                RangeRequest(key=prefix, range_end=end, revision=at, keys_only=True, min_mod_revision=revision + 1),
+                timeout=self._op_timeout,
+            )
+            total = await stub.Range(
+                RangeRequest(key=prefix, range_end=end, revision=at, count_only=True), timeout=self._op_timeout
+            )
+        return not modified.kvs and total.count == count
+
     async def watch(self, prefix: bytes, start_revision: int) -> AsyncGenerator[WatchBatch, None]:
         """Events under ``prefix`` from ``start_revision`` on, never skipping one.
 
@@ -268,7 +280,7 @@ class Store:
                         f"etcd at {','.join(self.endpoints)} cancelled the watch: {resp.cancel_reason or 'no reason'}"
                     )
                 if resp.created:
-                    self._watch_requests, self._watch_created = requests, time.monotonic()
+                    self._watch_requests = requests
                     yield WatchBatch(0, created=True)
                     if not resp.events:
                         continue
@@ -294,8 +306,9 @@ class Store:
 
     def request_progress(self) -> None:
         """Ask the current watch to report the revision it has delivered everything up to
-        (a no-op while no watch is established or it has only just been)."""
-        if self._watch_requests is not None and time.monotonic() - self._watch_created >= _PROGRESS_AFTER_CREATE:
+        (a no-op while no watch is established). etcd before 3.5.8 may answer ahead of events
+        it has still to send (etcd issue 15220): check the answer with ``unchanged_since``."""
+        if self._watch_requests is not None:
             self._watch_requests.put_nowait(WatchRequest(progress_request=_rpc.WatchProgressRequest()))
 
 

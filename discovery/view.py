@@ -75,7 +75,8 @@ class View:
         self._gaps: list[tuple[int, int]] = []
         self._subscriptions: set[Subscription] = set()
         self._advanced = asyncio.Event()
-        self.revision = 0  # everything up to here is applied (a progress answer may move it)
+        self.revision = 0  # everything up to here is applied (a confirmed progress answer may move it)
+        self._progress = 0  # the highest revision etcd answered a progress request with
         self._resume = 0  # the watch resumes after this: the last event's or listing's revision
         self.ready = asyncio.Event()
         self.watching = False
@@ -125,6 +126,8 @@ class View:
                 while self.revision < revision:
                     if self.closing:
                         raise ShuttingDown("the server is shutting down")
+                    if self._progress >= revision and await self._confirm(self._progress):
+                        break
                     # A write outside our range moves etcd's revision without an event for
                     # us; a progress request makes etcd vouch for the revision anyway.
                     self._store.request_progress()
@@ -136,6 +139,23 @@ class View:
                 f"the view is at revision {self.revision} and did not reach {revision} within {timeout:.3g}s"
                 + (" (etcd unreachable)" if self.stale else "")
             ) from None
+
+    async def _confirm(self, at: int) -> bool:
+        """Move to revision ``at``, which etcd answered a progress request with, if etcd
+        confirms nothing under our prefix changed between our revision and it.
+
+        etcd before 3.5.8 (3.5.1 is what tests and dev run) may send that answer ahead of
+        events it still owes the watch (etcd issue 15220), so it alone would let a read with
+        ``min_revision`` miss a write. Same keys, none modified since: the view is exact at ``at``.
+        """
+        before, count = self.revision, len(self._records)
+        try:
+            unchanged = await self._store.unchanged_since(self._keys.instances, before, count, at)
+        except StoreUnavailable:
+            return False
+        if unchanged:
+            self._advance(at)
+        return unchanged
 
     def subscribe(self, service: str) -> Subscription:
         sub = Subscription(service)
@@ -155,8 +175,7 @@ class View:
         for sub in self._subscriptions:
             sub.closed = True
             sub.ready.set()
-        self._advanced.set()
-        self._advanced = asyncio.Event()
+        self._wake()
 
     # --- the feed ---------------------------------------------------------------------
 
@@ -194,16 +213,12 @@ class View:
             self.watching, self.last_contact, self._failures = True, time.monotonic(), 0
             if batch.created:
                 continue
-            if batch.events and batch.events[0].kv.mod_revision <= self.revision:
-                log.warning(
-                    "view: etcd answered a progress request at revision %d before sending the event "
-                    "at %d (etcd issue 15220, fixed in 3.5.8): a read may have been served early",
-                    self.revision,
-                    batch.events[0].kv.mod_revision,
-                )
+            if batch.requested:  # to be confirmed before it counts: see _confirm
+                self._progress = max(self._progress, batch.revision)
+                self._wake()
+                continue
             self._apply(batch.events, batch.revision)
-            if not batch.requested:
-                self._resume = max(self._resume, batch.revision)
+            self._resume = max(self._resume, batch.revision)
 
     def _lost(self, error: str) -> None:
         self.last_error = error
@@ -281,10 +296,16 @@ class View:
                     instance=instance,
                 )
             self._publish(key, change)
+        self._advance(revision)
+
+    def _advance(self, revision: int) -> None:
         if revision > self.revision:
             self.revision = revision
-            self._advanced.set()
-            self._advanced = asyncio.Event()
+            self._wake()
+
+    def _wake(self) -> None:
+        self._advanced.set()
+        self._advanced = asyncio.Event()
 
     def _publish(self, key: _Key, change: Change) -> None:
         if len(self._history) == self._history.maxlen:

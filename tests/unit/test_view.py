@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from discovery.errors import ShuttingDown, StoreUnavailable
+from discovery.errors import RevisionNotReached, ShuttingDown, StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.retry import RetryPolicy
 from discovery.store import Compacted, Event, KeyValue, WatchBatch
@@ -48,6 +48,10 @@ class ScriptedStore:
 
     def send(self, *events: Event) -> None:
         self.feed.put_nowait(WatchBatch(events[-1].kv.mod_revision, list(events)))
+
+    async def unchanged_since(self, prefix: bytes, revision: int, count: int, at: int) -> bool:
+        current = [kv for key, kv in self.kvs.items() if key.startswith(prefix)]
+        return all(kv.mod_revision <= revision for kv in current) and len(current) == count
 
     async def list_prefix(self, prefix: bytes) -> tuple[int, list[KeyValue]]:
         self.listings += 1
@@ -97,11 +101,15 @@ async def test_the_watch_resumes_after_the_last_event_not_a_requested_progress(r
     assert store.watch_starts == [4] and view.revision == 3
     store.send(store.put("c"))
     await until(lambda: view.revision == 4)
-    # An answer to a progress request moves the revision reads wait for, but etcd before
-    # 3.5.8 may send it ahead of events still due: the watch does not resume after it.
+    # etcd before 3.5.8 may answer a progress request ahead of events still due: the answer
+    # counts for a waiting read only once etcd confirms nothing changed, and the watch never
+    # resumes after it.
     store.revision = 9
     store.feed.put_nowait(WatchBatch(9, requested=True))
-    await until(lambda: view.revision == 9)
+    await until(lambda: view._progress == 9)
+    assert view.revision == 4
+    await view.wait_for(9, timeout=2)
+    assert view.revision == 9
     store.feed.put_nowait(StoreUnavailable("etcd went away"))
     await until(lambda: len(store.watch_starts) == 2)
     assert store.watch_starts[-1] == 5
@@ -111,6 +119,18 @@ async def test_the_watch_resumes_after_the_last_event_not_a_requested_progress(r
     store.feed.put_nowait(StoreUnavailable("etcd went away"))
     await until(lambda: len(store.watch_starts) == 3)
     assert store.watch_starts[-1] == 10
+
+
+async def test_a_progress_answer_ahead_of_its_events_does_not_satisfy_a_read(running) -> None:
+    store, view = running
+    pending = store.put("late")  # committed in etcd, event not yet sent to the watch
+    store.feed.put_nowait(WatchBatch(store.revision, requested=True))
+    with pytest.raises(RevisionNotReached):
+        await view.wait_for(pending.kv.mod_revision, timeout=0.5)
+    assert "late" not in {r.instance.instance_id for r in view.service("svc")}
+    store.send(pending)
+    await view.wait_for(pending.kv.mod_revision, timeout=2)
+    assert "late" in {r.instance.instance_id for r in view.service("svc")}
 
 
 async def test_stale_while_the_watch_is_down_fresh_once_etcd_answers(running) -> None:
