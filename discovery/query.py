@@ -9,6 +9,8 @@ from discovery.view import Record
 from discovery_pb.v1.lookup_pb2 import Scope
 from discovery_pb.v1.types_pb2 import Status
 
+_SERVING = frozenset({Status.SERVING})
+
 
 @dataclass(frozen=True, slots=True)
 class Query:
@@ -18,6 +20,17 @@ class Query:
     tags: frozenset[str] = frozenset()
     zone: str = ""
     min_healthy: int = 1
+
+    @property
+    def is_default(self) -> bool:
+        """Serving endpoints of the local region, unfiltered: what most Resolve calls ask."""
+        return (
+            self.scope == Scope.LOCAL
+            and self.statuses == _SERVING
+            and not self.tags
+            and not self.zone
+            and self.min_healthy == 1
+        )
 
     def matches(self, record: Record) -> bool:
         inst = record.instance

@@ -14,14 +14,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from discovery import telemetry
-from discovery.api import AdminServicer, LookupServicer, RegistryServicer
+from discovery.api import AdminServicer, LookupServicer, RegistryServicer, add_lookup_to_server
 from discovery.config import ServerConfig
 from discovery.errors import StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.registry import Registry
 from discovery.store import Store, StoreHealth
 from discovery.view import View
-from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, lookup_pb2, lookup_pb2_grpc, registry_pb2, registry_pb2_grpc
+from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, lookup_pb2, registry_pb2, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Server:
             max_wait=self.config.max_wait_seconds,
             watch_keepalive=self.config.watch_keepalive_seconds,
         )
-        lookup_pb2_grpc.add_LookupServicer_to_server(self._lookup, server)
+        add_lookup_to_server(self._lookup, server)
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminServicer(self.view, self.config.region, list(self.config.etcd), lambda: self.etcd_health, VERSION),
             server,

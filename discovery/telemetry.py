@@ -96,7 +96,8 @@ class Instruments:
         try:
             yield labels
         except BaseException:
-            labels["outcome"] = "error"
+            if labels["outcome"] == "ok":  # the body may have named the failure already
+                labels["outcome"] = "error"
             raise
         finally:
             histogram.record(time.perf_counter() - start, labels)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -68,6 +69,8 @@ class View:
         self._retry = retry or RetryPolicy()
         self._records: dict[_Key, Record] = {}
         self._by_service: dict[str, dict[_Key, Record]] = {}
+        self._generations: dict[str, int] = {}
+        self._next_generation = itertools.count(1)
         self._history: deque[tuple[_Key, Change]] = deque(maxlen=history)
         self._history_floor = 0  # every change with a greater revision is in _history
         # (from, to) of each re-list: its changes turn the state at `from` into the state at
@@ -105,6 +108,11 @@ class View:
 
     def service(self, name: str) -> Iterable[Record]:
         return self._by_service.get(name, {}).values()
+
+    def service_generation(self, name: str) -> int:
+        """Changes whenever the service's instances change (0 while it has none); unique
+        across services coming and going, so a cache keyed on it is never fooled."""
+        return self._generations.get(name, 0)
 
     def snapshot(self, service: str) -> list[Instance]:
         records = self._by_service.get(service, {}).values() if service else self._records.values()
@@ -295,6 +303,10 @@ class View:
                     instance_id=key[2],
                     instance=instance,
                 )
+            if key[1] in self._by_service:
+                self._generations[key[1]] = next(self._next_generation)
+            else:
+                self._generations.pop(key[1], None)
             self._publish(key, change)
         self._advance(revision)
 

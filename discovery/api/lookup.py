@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -37,6 +38,7 @@ class LookupServicer(_Base):
         self._m = instruments
         self._max_wait = max_wait
         self._keepalive = watch_keepalive
+        self._cache: dict[str, tuple[tuple[int, bool], bytes]] = {}
         self._streams: dict[asyncio.Task[Any], grpc.aio.ServicerContext] = {}
         self._closing = False
         self._aborts: set[asyncio.Task[None]] = set()
@@ -64,24 +66,52 @@ class LookupServicer(_Base):
         remaining = context.time_remaining()
         return self._max_wait if remaining is None else max(0.0, min(self._max_wait, remaining - 0.05))
 
-    async def Resolve(self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext) -> pb.ResolveResponse:
-        with self._m.timed(self._m.lookups, self._m.resolve_duration) as labels:
-            try:
-                query = _query(request)
-                if request.min_revision:
-                    await self._view.wait_for(request.min_revision, self._wait_budget(context))
-            except DiscoveryError as exc:
-                labels["outcome"] = type(exc).__name__
-                await abort(context, exc)
+    async def Resolve(  # type: ignore[override]  # returns pre-serialized bytes: see add_to_server
+        self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext
+    ) -> bytes:
+        m = self._m
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            query = _query(request)
+            if request.min_revision:
+                await self._view.wait_for(request.min_revision, self._wait_budget(context))
             view = self._view
             stale = view.stale
-            response = pb.ResolveResponse(
+            header = pb.ResolveResponse(
                 service=request.service, revision=view.revision, stale=stale, stale_seconds=view.stale_seconds()
-            )
-            for record in select(view.service(request.service), query, self._region):
-                endpoint = response.endpoints.add(mod_revision=record.mod_revision, stale=stale)
-                endpoint.instance.CopyFrom(record.instance)
-            return response
+            ).SerializeToString()
+            return header + self._endpoints(query, stale)
+        except DiscoveryError as exc:
+            outcome = type(exc).__name__
+            await abort(context, exc)
+        finally:
+            labels = {"outcome": outcome}
+            m.resolve_duration.record(time.perf_counter() - started, labels)
+            m.lookups.add(1, labels)
+
+    def _endpoints(self, query: Query, stale: bool) -> bytes:
+        """The ``endpoints`` field of a ResolveResponse, serialized. Protobuf messages
+        concatenate, so it follows the header as is. The common query (serving, local, no
+        filter) is cached per service until the view changes that service: copying every
+        instance into every response was most of Resolve's cost."""
+        view = self._view
+        key = (view.service_generation(query.service), stale)
+        cacheable = query.is_default
+        if cacheable:
+            hit = self._cache.get(query.service)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        body = pb.ResolveResponse()
+        for record in select(view.service(query.service), query, self._region):
+            endpoint = body.endpoints.add(mod_revision=record.mod_revision, stale=stale)
+            endpoint.instance.CopyFrom(record.instance)
+        data = body.SerializeToString()
+        if cacheable:
+            if len(self._cache) > 2 * view.service_count + 1024:  # services come and go
+                self._cache.clear()
+            self._cache[query.service] = (key, data)
+        return data
 
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
@@ -145,12 +175,16 @@ def _check_watch(request: pb.WatchRequest) -> None:
         raise InvalidArgument("since_revision", "must be >= 0")
 
 
+_SCOPES = frozenset(pb.Scope.values())
+_STATUSES = frozenset(Status.values()) - {Status.STATUS_UNSPECIFIED}
+
+
 def _query(request: pb.ResolveRequest) -> Query:
     validate_service(request.service)
-    if request.scope not in pb.Scope.values():
+    if request.scope not in _SCOPES:
         raise InvalidArgument("scope", f"unknown scope {request.scope}; use LOCAL, FAILOVER or ALL")
     for status in request.statuses:
-        if status not in Status.values() or status == Status.STATUS_UNSPECIFIED:
+        if status not in _STATUSES:
             raise InvalidArgument("statuses", f"unknown status {status}")
     return Query(
         service=request.service,
@@ -159,6 +193,30 @@ def _query(request: pb.ResolveRequest) -> Query:
         tags=frozenset(request.tags),
         zone=request.zone,
     )
+
+
+def add_to_server(servicer: LookupServicer, server: grpc.aio.Server) -> None:
+    """Register the Lookup service as the generated ``add_LookupServicer_to_server`` does,
+    except that Resolve's handler returns its response already serialized."""
+    handlers = {
+        "Resolve": grpc.unary_unary_rpc_method_handler(
+            servicer.Resolve,
+            request_deserializer=pb.ResolveRequest.FromString,
+            response_serializer=_passthrough,
+        ),
+        "Watch": grpc.unary_stream_rpc_method_handler(
+            servicer.Watch,
+            request_deserializer=pb.WatchRequest.FromString,
+            response_serializer=pb.WatchResponse.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Lookup"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+def _passthrough(data: bytes) -> bytes:
+    return data
 
 
 def _snapshot(instances: list[Instance], revision: int, stale: bool) -> list[pb.WatchResponse]:

@@ -356,3 +356,24 @@ async def test_min_revision_of_a_write_outside_the_view_is_reached(etcd, servers
     resp = await resolve(stubs, "web", min_revision=revision)
     assert resp.revision >= revision
     assert time.monotonic() - started < 3
+
+
+async def test_cached_answers_follow_every_change(etcd, servers, connect) -> None:
+    """The common Resolve is served from a per-service cache: it must change with the service,
+    including a service that empties and comes back, and not with its neighbours."""
+    stubs = connect(await servers.start(etcd))
+    a = await register(stubs, "cached", "10.0.0.1:80", instance_id="a")
+    assert ids(await resolve(stubs, "cached", min_revision=a.revision)) == ["a"]
+    other = await register(stubs, "neighbour", "10.0.0.9:80")
+    assert ids(await resolve(stubs, "cached", min_revision=other.revision)) == ["a"]
+    b = await register(stubs, "cached", "10.0.0.2:80", instance_id="b")
+    assert ids(await resolve(stubs, "cached", min_revision=b.revision)) == ["a", "b"]
+    drained = await register(stubs, "cached", "10.0.0.2:80", instance_id="b", status=DRAINING)
+    assert ids(await resolve(stubs, "cached", min_revision=drained.revision)) == ["a"]
+    for instance_id in ("a", "b"):
+        gone = await stubs.registry.Deregister(
+            registry_pb2.DeregisterRequest(service="cached", instance_id=instance_id), timeout=CALL_TIMEOUT
+        )
+    assert ids(await resolve(stubs, "cached", min_revision=gone.revision)) == []
+    again = await register(stubs, "cached", "10.0.0.3:80", instance_id="c")
+    assert ids(await resolve(stubs, "cached", min_revision=again.revision)) == ["c"]
