@@ -66,6 +66,7 @@ class Server:
         self._grpc: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._lookup: LookupServicer | None = None
+        self._registry_api: RegistryServicer | None = None
         self.port = 0
 
     async def __aenter__(self) -> Server:
@@ -125,7 +126,8 @@ class Server:
             ],
         )
         instruments = telemetry.Instruments()
-        registry_pb2_grpc.add_RegistryServicer_to_server(RegistryServicer(self.registry, instruments), server)
+        self._registry_api = RegistryServicer(self.registry, instruments)
+        registry_pb2_grpc.add_RegistryServicer_to_server(self._registry_api, server)
         self._lookup = LookupServicer(
             self.view,
             self.config.region,
@@ -155,8 +157,9 @@ class Server:
         """Shut down in the documented order; safe to call twice."""
         if self._grpc is not None:
             await self._health.enter_graceful_shutdown()
-            if self._lookup is not None:
-                await self._lookup.end_streams()
+            for api in (self._lookup, self._registry_api):
+                if api is not None:
+                    await api.streams.end_all()
             self.view.end_subscriptions()  # reads waiting for a revision end now
             await self._grpc.stop(self.config.grace_seconds)
             self._grpc = None

@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from discovery.api._streams import OpenStreams
 from discovery.api.errors import abort
 from discovery.errors import DiscoveryError, InvalidArgument, ShuttingDown
 from discovery.model import validate_service
@@ -39,28 +40,7 @@ class LookupServicer(_Base):
         self._max_wait = max_wait
         self._keepalive = watch_keepalive
         self._cache: dict[str, tuple[tuple[int, bool], bytes]] = {}
-        self._streams: dict[asyncio.Task[Any], grpc.aio.ServicerContext] = {}
-        self._closing = False
-        self._aborts: set[asyncio.Task[None]] = set()
-
-    async def end_streams(self, timeout: float = 1.0) -> None:
-        """At shutdown: end every Watch stream with UNAVAILABLE (the code clients retry on).
-
-        The status goes out from here, then the handler's task is cancelled wherever it waits
-        (in that order: a handler cancelled while blocked in a write never sends a status).
-        A client that has stopped reading cannot receive the status behind the data it has
-        not read; gRPC cancels its call at the end of the grace period.
-        """
-        self._closing = True
-        streams, self._streams = self._streams, {}
-        aborts = [asyncio.create_task(_abort_quietly(context)) for context in streams.values()]
-        self._aborts.update(aborts)
-        for abort_task in aborts:
-            abort_task.add_done_callback(self._aborts.discard)
-        if aborts:
-            await asyncio.wait(aborts, timeout=timeout)
-        for task in streams:
-            task.cancel()
+        self.streams = OpenStreams(_SHUTTING_DOWN)
 
     def _wait_budget(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -116,29 +96,27 @@ class LookupServicer(_Base):
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchResponse]:
-        task = asyncio.current_task()
-        assert task is not None
-        self._streams[task] = context
+        task = self.streams.add(context)
         try:
             async with contextlib.aclosing(self._watch(request, context, task)) as messages:
                 async for message in messages:
                     yield message
         finally:
-            self._streams.pop(task, None)
+            self.streams.discard(task)
 
     async def _watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext, task: asyncio.Task[Any]
     ) -> AsyncGenerator[pb.WatchResponse, None]:
         view = self._view
         try:
-            if self._closing:
+            if self.streams.closing:
                 raise ShuttingDown(_SHUTTING_DOWN)
             _check_watch(request)
             if request.since_revision > view.revision:
                 await view.wait_for(request.since_revision, self._wait_budget(context))
         except DiscoveryError as exc:
-            if task not in self._streams:
-                return  # end_streams has sent the status already
+            if self.streams.ended(task):
+                return  # shutdown has sent the status already
             await abort(context, exc)
         # Subscribe and read the history with no await in between: every change is then
         # either in what we send first or in the subscription, never both, never neither.
@@ -157,7 +135,7 @@ class LookupServicer(_Base):
                     async with asyncio.timeout(self._keepalive):
                         await sub.ready.wait()
                 if sub.closed:  # shutting down
-                    if task not in self._streams:
+                    if self.streams.ended(task):
                         return
                     await abort(context, ShuttingDown(_SHUTTING_DOWN))
                 # Taken after the wait: whatever piled up while we were blocked in write()
@@ -232,12 +210,3 @@ def _snapshot(instances: list[Instance], revision: int, stale: bool) -> list[pb.
 def _changes(changes: list[Change], revision: int, stale: bool) -> pb.WatchResponse:
     kind = pb.WatchResponse.CHANGES if changes else pb.WatchResponse.KEEPALIVE
     return pb.WatchResponse(kind=kind, revision=revision, changes=changes, stale=stale)
-
-
-async def _abort_quietly(context: grpc.aio.ServicerContext) -> None:
-    try:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
-    except grpc.aio.AbortError:
-        pass  # how abort() reports success
-    except Exception as exc:  # the call may already be over; shutdown goes on regardless
-        log.debug("lookup: could not end a Watch stream: %r", exc)

@@ -6,18 +6,22 @@ from collections.abc import AsyncIterator
 
 import grpc.aio
 
+from discovery.api._streams import OpenStreams
 from discovery.api.errors import abort
-from discovery.errors import DiscoveryError
+from discovery.errors import DiscoveryError, ShuttingDown
 from discovery.registry import Registry
 from discovery.telemetry import Instruments
 from discovery_pb.v1 import registry_pb2 as pb
 from discovery_pb.v1.registry_pb2_grpc import RegistryServicer as _Base
+
+_SHUTTING_DOWN = "the server is shutting down; send heartbeats to another server of the region"
 
 
 class RegistryServicer(_Base):
     def __init__(self, registry: Registry, instruments: Instruments) -> None:
         self._registry = registry
         self._m = instruments
+        self.streams = OpenStreams(_SHUTTING_DOWN)
 
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
         # Abort after the timed block: an exception escaping it would relabel the outcome "error".
@@ -40,12 +44,18 @@ class RegistryServicer(_Base):
     async def Heartbeat(
         self, request_iterator: AsyncIterator[pb.HeartbeatRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.HeartbeatResponse]:
-        async for request in request_iterator:
-            try:
-                ttl = await self._registry.heartbeat(request.lease_id)
-            except DiscoveryError as exc:
-                await abort(context, exc)
-            yield pb.HeartbeatResponse(lease_id=request.lease_id, ttl_seconds=ttl)
+        if self.streams.closing:
+            await abort(context, ShuttingDown(_SHUTTING_DOWN))
+        task = self.streams.add(context)
+        try:
+            async for request in request_iterator:
+                try:
+                    ttl = await self._registry.heartbeat(request.lease_id)
+                except DiscoveryError as exc:
+                    await abort(context, exc)
+                yield pb.HeartbeatResponse(lease_id=request.lease_id, ttl_seconds=ttl)
+        finally:
+            self.streams.discard(task)
 
     async def Deregister(
         self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext

@@ -377,3 +377,18 @@ async def test_cached_answers_follow_every_change(etcd, servers, connect) -> Non
     assert ids(await resolve(stubs, "cached", min_revision=gone.revision)) == []
     again = await register(stubs, "cached", "10.0.0.3:80", instance_id="c")
     assert ids(await resolve(stubs, "cached", min_revision=again.revision)) == ["c"]
+
+
+async def test_shutdown_ends_heartbeat_streams_promptly(etcd, servers, connect) -> None:
+    server = await servers.start(etcd, grace_seconds=10.0)
+    stubs = connect(server)
+    reg = await register(stubs, "web", "10.0.0.1:80", ttl_seconds=LEASE_TTL)
+    call = stubs.registry.Heartbeat(timeout=30)
+    await call.write(registry_pb2.HeartbeatRequest(lease_id=reg.lease_id))
+    assert (await asyncio.wait_for(call.read(), CALL_TIMEOUT)).lease_id == reg.lease_id
+    started = time.monotonic()
+    await asyncio.wait_for(servers.stop(server), 8)
+    assert time.monotonic() - started < 3, "an open Heartbeat stream held the stop (grace 10 s)"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(call.read(), CALL_TIMEOUT)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in (info.value.details() or "")

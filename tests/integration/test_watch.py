@@ -319,7 +319,7 @@ async def test_shutdown_ends_watch_streams_promptly(etcd, servers, connect) -> N
         await w.until(lambda w: w.snapshots == 1)
     # And one waiting for a revision the view has not reached.
     ahead = watch(stubs.lookup, "web", since_revision=server.view.revision + 1000)
-    await eventually(async_true(lambda: len(server._lookup._streams) == 4))
+    await eventually(async_true(lambda: len(server._lookup.streams._streams) == 4))
 
     started = time.monotonic()
     await asyncio.wait_for(servers.stop(server), 8)

@@ -1,0 +1,61 @@
+"""Streams a servicer has open, so shutdown can end them at once instead of at the end of
+the grace period (Watch and Heartbeat streams otherwise last as long as their clients)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+import grpc.aio
+
+log = logging.getLogger(__name__)
+
+
+class OpenStreams:
+    def __init__(self, message: str) -> None:
+        self.message = message  # the UNAVAILABLE detail: what the client should do next
+        self.closing = False
+        self._streams: dict[asyncio.Task[Any], grpc.aio.ServicerContext] = {}
+        self._aborts: set[asyncio.Task[None]] = set()
+
+    def add(self, context: grpc.aio.ServicerContext) -> asyncio.Task[Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams[task] = context
+        return task
+
+    def discard(self, task: asyncio.Task[Any]) -> None:
+        self._streams.pop(task, None)
+
+    def ended(self, task: asyncio.Task[Any]) -> bool:
+        """Whether ``end_all`` has sent this stream its status already."""
+        return task not in self._streams
+
+    async def end_all(self, timeout: float = 1.0) -> None:
+        """End every open stream with UNAVAILABLE (the code clients retry on elsewhere).
+
+        The status goes out first, then the handler's task is cancelled wherever it waits (in
+        that order: a handler cancelled while blocked in a write never sends a status). A
+        client that has stopped reading cannot receive the status behind the data it has not
+        read; gRPC cancels its call at the end of the grace period.
+        """
+        self.closing = True
+        streams, self._streams = self._streams, {}
+        aborts = [asyncio.create_task(self._abort_quietly(context)) for context in streams.values()]
+        self._aborts.update(aborts)
+        for abort_task in aborts:
+            abort_task.add_done_callback(self._aborts.discard)
+        if aborts:
+            await asyncio.wait(aborts, timeout=timeout)
+        for task in streams:
+            task.cancel()
+
+    async def _abort_quietly(self, context: grpc.aio.ServicerContext) -> None:
+        try:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, self.message)
+        except grpc.aio.AbortError:
+            pass  # how abort() reports success
+        except Exception as exc:  # the call may already be over; shutdown goes on regardless
+            log.debug("could not end a stream: %r", exc)
