@@ -44,6 +44,24 @@ class CommandError(Exception):
         self.code = code
 
 
+def add_verb(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    *,
+    help: str,
+    epilog: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    """A command whose ``--help`` ends with its examples, laid out as written."""
+    return sub.add_parser(
+        name,
+        help=help,
+        description=description or help[:1].upper() + help[1:] + ".",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from discovery.cli._common import OK, USAGE, CommandError
+from discovery.cli._common import OK, USAGE, CommandError, add_verb
 from discovery.dev import DevCluster
 
 DEV_EXAMPLES = """examples:
@@ -22,11 +22,11 @@ Ctrl-C or SIGTERM stops everything it started."""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
+    p = add_verb(
+        sub,
         "dev",
         help="run a local cluster (etcd and servers per region) in the foreground",
         epilog=DEV_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--regions", default="us-east", help="comma-separated, nearest first (default: %(default)s)")
     p.add_argument("--servers-per-region", type=int, default=1, metavar="N")

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 
-from discovery.cli._common import OK, CommandError, add_client_flags, channel, print_json, rpc_error
+from discovery.cli._common import OK, CommandError, add_client_flags, add_verb, channel, print_json, rpc_error
 from discovery.retry import RetryPolicy
 from discovery_pb.v1 import registry_pb2 as pb
 from discovery_pb.v1.registry_pb2_grpc import RegistryStub
@@ -28,13 +28,13 @@ REGISTER_EXAMPLES = """examples:
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
+    p = add_verb(
+        sub,
         "register",
         help="register an endpoint (static, or leased and kept alive in the foreground)",
         description="Register SERVICE at HOST:PORT in the server's region. Registering the same "
         "(service, id) again updates it.",
         epilog=REGISTER_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("service", help="service name: lowercase DNS labels joined by dots")
     p.add_argument("address", metavar="HOST:PORT", help="IPv4, [IPv6] or hostname, and a port")
@@ -48,11 +48,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     add_client_flags(p)
     p.set_defaults(func=register)
 
-    d = sub.add_parser(
+    d = add_verb(
+        sub,
         "deregister",
         help="remove an endpoint now",
         epilog="example:\n  discovery deregister web web-1",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d.add_argument("service")
     d.add_argument("instance_id", metavar="ID")

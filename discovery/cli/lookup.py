@@ -14,6 +14,7 @@ from discovery.cli._common import (
     UNAVAILABLE,
     CommandError,
     add_client_flags,
+    add_verb,
     channel,
     print_json,
     print_table,
@@ -42,11 +43,11 @@ The watch reconnects by itself (resuming from the last revision) until Ctrl-C.""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    r = sub.add_parser(
+    r = add_verb(
+        sub,
         "resolve",
         help="list the endpoints of a service",
         epilog=RESOLVE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument("service")
     r.add_argument("--scope", choices=sorted(SCOPES), default="local", help="regions to include (default: local)")
@@ -57,11 +58,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     add_client_flags(r)
     r.set_defaults(func=resolve)
 
-    w = sub.add_parser(
+    w = add_verb(
+        sub,
         "watch",
         help="follow a service's endpoints as they change",
         epilog=WATCH_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     w.add_argument("service", nargs="?", default="", help="default: every service")
     w.add_argument("--since", type=int, default=0, metavar="REVISION", help="resume after this revision")

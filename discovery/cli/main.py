@@ -27,7 +27,6 @@ def build_parser() -> argparse.ArgumentParser:
         prog="discovery",
         description=DESCRIPTION,
         epilog=EXIT_CODES_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -7,7 +7,7 @@ import asyncio
 import signal
 
 from discovery import telemetry
-from discovery.cli._common import OK
+from discovery.cli._common import OK, add_verb
 from discovery.config import load
 from discovery.server import Server
 
@@ -28,11 +28,11 @@ On SIGTERM: health turns NOT_SERVING, the port stops accepting, streams end, etc
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser(
+    p = add_verb(
+        sub,
         "serve",
         help="run a regional discovery server",
         epilog=SERVE_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--region", help="this server's region, e.g. us-east")
     p.add_argument("--listen", metavar="HOST:PORT", help="gRPC address (default 127.0.0.1:7400)")

@@ -7,17 +7,17 @@ import argparse
 import grpc
 import grpc.aio
 
-from discovery.cli._common import OK, add_client_flags, channel, print_json, rpc_error
+from discovery.cli._common import OK, add_client_flags, add_verb, channel, print_json, rpc_error
 from discovery_pb.v1 import admin_pb2 as pb
 from discovery_pb.v1.admin_pb2_grpc import AdminStub
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    s = sub.add_parser(
+    s = add_verb(
+        sub,
         "status",
         help="the server's region, revision, instance count and etcd health",
         epilog="examples:\n  discovery status\n  discovery status --server 127.0.0.1:7401 --json",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_client_flags(s)
     s.set_defaults(func=status)
