@@ -5,8 +5,9 @@ A TOML file may hold any field (``[server]`` table or top level); command-line f
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ class ServerConfig:
     watch_keepalive_seconds: float = 5.0  # Watch sends KEEPALIVE after this long idle
     max_wait_seconds: float = 30.0  # a min_revision wait without a deadline ends here
     history: int = 10_000  # changes kept for Watch resume
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def validate(self) -> ServerConfig:
         if not self.region:
@@ -37,7 +37,10 @@ class ServerConfig:
         if not self.etcd:
             raise InvalidArgument("etcd", "at least one HOST:PORT")
         for endpoint in self.etcd:
-            split_address(endpoint, "etcd")
+            host, _ = split_address(endpoint, "etcd")
+            # The etcd client balances over an ipv4: target: names and IPv6 cannot work there.
+            if host != "localhost" and not _is_ipv4(host):
+                raise InvalidArgument("etcd", f"{endpoint!r}: give etcd members as IPv4:PORT or localhost:PORT")
         if not self.key_prefix.startswith("/") or not self.key_prefix.endswith("/"):
             raise InvalidArgument("key_prefix", "must start and end with '/'")
         for name in (
@@ -51,9 +54,15 @@ class ServerConfig:
                 raise InvalidArgument(name, "must be > 0")
         if self.history < 1:
             raise InvalidArgument("history", "must be >= 1")
-        if self.extra:
-            raise InvalidArgument("config", f"unknown settings: {', '.join(sorted(self.extra))}")
         return self
+
+
+def _is_ipv4(host: str) -> bool:
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def load(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
@@ -68,11 +77,31 @@ def load(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
             raise InvalidArgument("config", f"{path} is not valid TOML: {exc}") from None
         values.update(data.get("server", data))
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if isinstance(values.get("etcd"), str):
-        values["etcd"] = tuple(e.strip() for e in values["etcd"].split(",") if e.strip())
-    elif "etcd" in values:
-        values["etcd"] = tuple(values["etcd"])
-    known = {f.name for f in fields(ServerConfig)} - {"extra"}
-    extra = {k: v for k, v in values.items() if k not in known}
-    config = replace(ServerConfig(), **{k: v for k, v in values.items() if k in known}, extra=extra)
-    return config.validate()
+    etcd = values.get("etcd")
+    if isinstance(etcd, str):
+        values["etcd"] = tuple(e.strip() for e in etcd.split(",") if e.strip())
+    elif isinstance(etcd, list):
+        if not all(isinstance(e, str) for e in etcd):
+            raise InvalidArgument("etcd", "a list of HOST:PORT strings")
+        values["etcd"] = tuple(etcd)
+    return _build(values)
+
+
+_KINDS = {tuple: "a list of strings", float: "a number", int: "a whole number", str: "a string"}
+
+
+def _build(values: dict[str, Any]) -> ServerConfig:
+    defaults = ServerConfig()
+    known = {f.name for f in fields(ServerConfig)}
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        raise InvalidArgument("config", f"unknown settings: {', '.join(unknown)}")
+    typed: dict[str, Any] = {}
+    for name, value in values.items():
+        expected = type(getattr(defaults, name))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # noqa: PLW2901  # TOML writes 5 for 5.0
+        if not isinstance(value, expected) or isinstance(value, bool):
+            raise InvalidArgument(name, f"expected {_KINDS.get(expected, expected.__name__)}, got {value!r}")
+        typed[name] = value
+    return replace(defaults, **typed).validate()

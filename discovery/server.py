@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from discovery import telemetry
 from discovery.api import AdminServicer, LookupServicer, RegistryServicer, add_lookup_to_server
 from discovery.config import ServerConfig
-from discovery.errors import StoreUnavailable
+from discovery.errors import InvalidArgument, StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.registry import Registry
 from discovery.store import Store, StoreHealth
@@ -50,7 +50,7 @@ class Server:
        waiting for a revision; the port stops accepting; unary calls get ``grace_seconds``;
     3. the view's watch and the etcd health probe stop;
     4. the etcd client closes;
-    5. telemetry is flushed.
+    5. (the caller, `discovery serve`, then flushes telemetry: it set it up).
     """
 
     def __init__(self, config: ServerConfig, *, startup_timeout: float = 30.0, tracing: bool = False) -> None:
@@ -96,7 +96,7 @@ class Server:
         try:
             self.port = self._grpc.add_insecure_port(self.config.listen)
         except RuntimeError as exc:
-            raise StoreUnavailable(f"cannot listen on {self.config.listen}: {exc}") from None
+            raise InvalidArgument("listen", f"cannot listen on {self.config.listen} ({exc}): is it in use?") from None
         await self._grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -170,4 +170,3 @@ class Server:
                 await task
         self._tasks.clear()
         await self.store.close()
-        telemetry.shutdown()

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -42,6 +43,26 @@ class CommandError(Exception):
     def __init__(self, message: str, code: int = FAILED) -> None:
         super().__init__(message)
         self.code = code
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type for a number that must fit a protobuf field, so a huge one is a usage
+    error and not a crash while building the request."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not within {low}..{high}")
+        return value
+
+    return parse
+
+
+UINT32 = bounded_int(0, 2**32 - 1)
+REVISION = bounded_int(0, 2**63 - 1)
 
 
 def add_verb(

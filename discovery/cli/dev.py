@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from discovery.cli._common import OK, USAGE, CommandError, add_verb
+from discovery.cli._common import OK, USAGE, CommandError, add_verb, bounded_int
 from discovery.dev import DevCluster
 
 DEV_EXAMPLES = """examples:
@@ -31,7 +31,9 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--regions", default="us-east", help="comma-separated, nearest first (default: %(default)s)")
     p.add_argument("--servers-per-region", type=int, default=1, metavar="N")
     p.add_argument("--etcd-members", type=int, default=1, choices=[1, 3], help="members per region's etcd")
-    p.add_argument("--base-port", type=int, default=7400, help="first server port; the next ones follow")
+    p.add_argument(
+        "--base-port", type=bounded_int(1, 65535), default=7400, help="first server port; the next ones follow"
+    )
     p.add_argument("--state-dir", type=Path, help="data and logs (default: a temp dir, removed on exit)")
     p.add_argument("--keep", action="store_true", help="keep the state dir on exit")
     p.set_defaults(func=dev)

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 import grpc
 import grpc.aio
 
-from discovery.cli._common import OK, CommandError, add_client_flags, add_verb, channel, print_json, rpc_error
+from discovery.cli._common import OK, UINT32, CommandError, add_client_flags, add_verb, channel, print_json, rpc_error
 from discovery.retry import RetryPolicy
 from discovery_pb.v1 import registry_pb2 as pb
 from discovery_pb.v1.registry_pb2_grpc import RegistryStub
@@ -39,11 +39,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("service", help="service name: lowercase DNS labels joined by dots")
     p.add_argument("address", metavar="HOST:PORT", help="IPv4, [IPv6] or hostname, and a port")
     p.add_argument("--id", default="", help="instance id (default: derived from the address)")
-    p.add_argument("--ttl", type=int, default=0, metavar="SECONDS", help="lease TTL 1..3600; 0 = static (default)")
+    p.add_argument("--ttl", type=UINT32, default=0, metavar="SECONDS", help="lease TTL 1..3600; 0 = static (default)")
     p.add_argument("--zone", default="")
     p.add_argument("--tag", action="append", default=[], metavar="TAG", help="repeatable")
     p.add_argument("--meta", action="append", default=[], metavar="K=V", help="metadata entry; repeatable")
-    p.add_argument("--weight", type=int, default=0, metavar="N", help="1..10000 (default 100)")
+    p.add_argument("--weight", type=UINT32, default=0, metavar="N", help="1..10000 (default 100)")
     p.add_argument("--version", default="", help="the instance's software version")
     add_client_flags(p)
     p.set_defaults(func=register)

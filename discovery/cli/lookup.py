@@ -11,6 +11,7 @@ import grpc.aio
 
 from discovery.cli._common import (
     OK,
+    REVISION,
     UNAVAILABLE,
     CommandError,
     add_client_flags,
@@ -51,7 +52,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     r.add_argument("service")
     r.add_argument("--scope", choices=sorted(SCOPES), default="local", help="regions to include (default: local)")
-    r.add_argument("--min-revision", type=int, default=0, metavar="N", help="wait until the view has reached N")
+    r.add_argument("--min-revision", type=REVISION, default=0, metavar="N", help="wait until the view has reached N")
     r.add_argument("--status", action="append", choices=sorted(STATUSES), default=[], help="default: serving")
     r.add_argument("--tag", action="append", default=[], help="require this tag; repeatable")
     r.add_argument("--zone", default="", help="only this zone")
@@ -65,7 +66,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         epilog=WATCH_EXAMPLES,
     )
     w.add_argument("service", nargs="?", default="", help="default: every service")
-    w.add_argument("--since", type=int, default=0, metavar="REVISION", help="resume after this revision")
+    w.add_argument("--since", type=REVISION, default=0, metavar="REVISION", help="resume after this revision")
     w.add_argument("--keepalives", action="store_true", help="also print keep-alive messages")
     add_client_flags(w)
     w.set_defaults(func=watch)

@@ -8,8 +8,8 @@ import logging
 import sys
 
 from discovery.cli import dev, instances, lookup, serve, status
-from discovery.cli._common import EXIT_CODES_HELP, USAGE, CommandError
-from discovery.errors import DiscoveryError, InvalidArgument
+from discovery.cli._common import EXIT_CODES_HELP, FAILED, UNAVAILABLE, USAGE, CommandError
+from discovery.errors import DiscoveryError, InvalidArgument, StoreUnavailable
 
 DESCRIPTION = """Multi-region service discovery: regional gRPC servers on etcd.
 
@@ -64,11 +64,22 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidArgument as exc:
         print(f"discovery {args.command}: error: {exc}", file=sys.stderr)
         return USAGE
+    except StoreUnavailable as exc:
+        print(f"discovery {args.command}: error: {exc}", file=sys.stderr)
+        return UNAVAILABLE
     except DiscoveryError as exc:
         print(f"discovery {args.command}: error: {exc}", file=sys.stderr)
-        return 1
+        return FAILED
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug: still one line, and the details for whoever debugs it
+        logging.getLogger("discovery").debug("unexpected failure", exc_info=True)
+        print(
+            f"discovery {args.command}: internal error: {type(exc).__name__}: {exc} "
+            "(run with --log-level debug for details)",
+            file=sys.stderr,
+        )
+        return FAILED
 
 
 def run() -> None:

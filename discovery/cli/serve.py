@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import signal
 
 from discovery import telemetry
@@ -47,11 +48,29 @@ async def serve(args: argparse.Namespace) -> int:
         args.config,
         {"region": args.region, "listen": args.listen, "etcd": args.etcd, "grace_seconds": args.grace_seconds},
     )
-    tracing = telemetry.setup("discovery", config.region)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Server(config, tracing=tracing):
-        await stop.wait()
+    tracing = telemetry.setup("discovery", config.region)
+    try:
+        server = Server(config, tracing=tracing)
+        # A signal while the server waits for etcd at startup stops it too, cleanly.
+        starting = asyncio.create_task(server.__aenter__())
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+            await server.stop()
+            return OK
+        starting.result()  # raises what startup raised
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+    finally:
+        telemetry.shutdown()
     return OK

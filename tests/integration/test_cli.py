@@ -261,3 +261,44 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+async def test_serve_stops_cleanly_on_sigterm_while_waiting_for_etcd() -> None:
+    """etcd unreachable at startup: the server waits for it, and a SIGTERM meanwhile still
+    ends it at once, exit 0, nothing on stderr."""
+    proc = await start("serve", "--region", "us-east", "--listen", f"127.0.0.1:{free_port()}",
+                       "--etcd", f"127.0.0.1:{free_port()}")  # fmt: skip
+    try:
+        await asyncio.sleep(1.0)  # let it get into its wait for etcd; nothing to observe from outside
+        assert proc.returncode is None
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            _, err = await proc.communicate()
+        assert proc.returncode == 0 and err.decode() == ""
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        ('region = "us-east"\ngrace_seconds = "5"\n', "grace_seconds: expected a number"),
+        ('region = "us-east"\netcd = 2379\n', "etcd: expected a list"),
+        ('region = "us-east"\netcd = ["etcd.internal:2379"]\n', "IPv4:PORT"),
+        ('region = "us-east"\nlisten = 7400\n', "listen: expected a string"),
+    ],
+)
+async def test_serve_config_type_errors_are_one_line(tmp_path: Path, config: str, needle: str) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(config)
+    code, _, err = await run("serve", "--config", str(path))
+    assert code == 2 and needle in err and err.count("\n") == 1, err
+
+
+async def test_out_of_range_numbers_are_usage_errors() -> None:
+    for args in (("register", "web", "10.0.0.1:80", "--weight", "99999999999"),
+                 ("resolve", "web", "--min-revision", "99999999999999999999")):  # fmt: skip
+        code, _, err = await run(*args)
+        assert code == 2 and "is not within" in err and "Traceback" not in err
