@@ -183,7 +183,8 @@ class Store:
         """Delete ``key``; returns (revision, its lease). NotFound when it did not exist."""
         assert self._kv is not None
         async with self._call("a delete"):
-            resp = await self._kv.delete(key, prev_kv=True, timeout=self._op_timeout)
+            # Not retried: a retry after a delete that did commit would answer NotFound.
+            resp = await self._kv.delete(key, prev_kv=True, timeout=self._op_timeout, max_attempts=1)
         if resp.deleted == 0:
             raise NotFound(key.decode(errors="replace"))
         return resp.header.revision, resp.prev_kvs[0].lease

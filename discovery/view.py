@@ -25,6 +25,8 @@ from discovery_pb.v1.types_pb2 import Change, Instance
 
 log = logging.getLogger(__name__)
 
+_PROGRESS_INTERVAL = 0.1  # seconds between progress requests while reads wait
+
 _Key = tuple[str, str, str]  # (region, service, instance_id)
 
 
@@ -80,6 +82,10 @@ class View:
         self._advanced = asyncio.Event()
         self.revision = 0  # everything up to here is applied (a confirmed progress answer may move it)
         self._progress = 0  # the highest revision etcd answered a progress request with
+        self._progress_requested = 0.0
+        self._confirming: asyncio.Task[bool] | None = None
+        self._confirming_at = 0
+        self._foreign: set[bytes] = set()  # keys under the prefix that are not instances we can read
         self._resume = 0  # the watch resumes after this: the last event's or listing's revision
         self.ready = asyncio.Event()
         self.watching = False
@@ -134,11 +140,11 @@ class View:
                 while self.revision < revision:
                     if self.closing:
                         raise ShuttingDown("the server is shutting down")
-                    if self._progress >= revision and await self._confirm(self._progress):
+                    if self._progress >= revision and await self._confirmed(revision):
                         break
                     # A write outside our range moves etcd's revision without an event for
                     # us; a progress request makes etcd vouch for the revision anyway.
-                    self._store.request_progress()
+                    self._request_progress()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(0.2):
                             await self._advanced.wait()
@@ -148,6 +154,21 @@ class View:
                 + (" (etcd unreachable)" if self.stale else "")
             ) from None
 
+    def _request_progress(self) -> None:
+        """One progress request per interval, however many reads are waiting."""
+        now = time.monotonic()
+        if now - self._progress_requested >= _PROGRESS_INTERVAL:
+            self._progress_requested = now
+            self._store.request_progress()
+
+    async def _confirmed(self, revision: int) -> bool:
+        """Share one confirmation among every read waiting for ``revision`` or less."""
+        task = self._confirming
+        if task is None or (task.done() and not task.result()) or self._confirming_at < revision:
+            task = asyncio.create_task(self._confirm(self._progress), name="view-confirm")
+            self._confirming, self._confirming_at = task, self._progress
+        return await asyncio.shield(task) and self.revision >= revision
+
     async def _confirm(self, at: int) -> bool:
         """Move to revision ``at``, which etcd answered a progress request with, if etcd
         confirms nothing under our prefix changed between our revision and it.
@@ -156,7 +177,7 @@ class View:
         events it still owes the watch (etcd issue 15220), so it alone would let a read with
         ``min_revision`` miss a write. Same keys, none modified since: the view is exact at ``at``.
         """
-        before, count = self.revision, len(self._records)
+        before, count = self.revision, len(self._records) + len(self._foreign)
         try:
             unchanged = await self._store.unchanged_since(self._keys.instances, before, count, at)
         except StoreUnavailable:
@@ -180,6 +201,8 @@ class View:
         """At shutdown: wake every watcher with ``closed`` set and every ``wait_for``, so
         streams and waiting reads end now instead of at the end of the grace period."""
         self.closing = True
+        if self._confirming is not None:
+            self._confirming.cancel()
         for sub in self._subscriptions:
             sub.closed = True
             sub.ready.set()
@@ -239,10 +262,14 @@ class View:
     async def _load(self) -> None:
         revision, items = await self._store.list_prefix(self._keys.instances)
         fresh: dict[_Key, KeyValue] = {}
+        foreign: list[Event] = []
         for kv in items:
             key = self._keys.parse_instance(kv.key)
             if key is not None:
                 fresh[_tuple(key)] = kv
+            else:
+                foreign.append(Event(False, kv))
+        self._foreign.clear()  # the listing (through _apply below) says what is there now
         first = not self.ready.is_set()
         events = [
             Event(False, kv)
@@ -257,7 +284,7 @@ class View:
         # A re-list turns what changed while we were not watching into changes at `revision`.
         if not first and revision > self.revision:
             self._gaps.append((self.revision, revision))
-        self._apply(events + gone, revision, stamp=revision)
+        self._apply(foreign + events + gone, revision, stamp=revision)
         if first:
             self._history.clear()
             self._history_floor = revision
@@ -268,14 +295,30 @@ class View:
         self.watching, self.last_contact, self._failures = True, time.monotonic(), 0
         log.info("view: listed %d instances at revision %d", len(fresh), revision)
 
+    def _classify(self, event: Event) -> tuple[_Key, Instance | None] | None:
+        """The instance an event is about and its new state (None: gone), or None for a key
+        that is no instance. Keys we cannot serve are still counted (see _confirm)."""
+        parsed = self._keys.parse_instance(event.kv.key)
+        instance = None
+        if parsed is not None and not event.deleted:
+            try:
+                instance = Instance.FromString(event.kv.value)
+            except Exception:  # a corrupt value must not stop the feed; it is served no more
+                log.warning("view: cannot decode %r; not served", event.kv.key)
+        if event.deleted or (parsed is not None and instance is not None):
+            self._foreign.discard(event.kv.key)
+        else:
+            self._foreign.add(event.kv.key)
+        return None if parsed is None else (_tuple(parsed), instance)
+
     def _apply(self, events: list[Event], revision: int, stamp: int = 0) -> None:
         for event in events:
-            parsed = self._keys.parse_instance(event.kv.key)
-            if parsed is None:
+            item = self._classify(event)
+            if item is None:
                 continue
-            key = _tuple(parsed)
+            key, instance = item
             change_revision = stamp or event.kv.mod_revision
-            if event.deleted:
+            if instance is None:
                 if self._records.pop(key, None) is None:
                     continue
                 bucket = self._by_service.get(key[1])
@@ -287,11 +330,6 @@ class View:
                     kind=Change.DELETE, revision=change_revision, region=key[0], service=key[1], instance_id=key[2]
                 )
             else:
-                try:
-                    instance = Instance.FromString(event.kv.value)
-                except Exception:  # a foreign or corrupt value must not stop the feed
-                    log.warning("view: cannot decode %r; ignored", event.kv.key)
-                    continue
                 record = Record(instance, event.kv.mod_revision, event.kv.lease)
                 self._records[key] = record
                 self._by_service.setdefault(key[1], {})[key] = record

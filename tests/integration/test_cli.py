@@ -174,8 +174,12 @@ async def test_leased_register_heartbeats_then_deregisters_on_sigterm(server_add
         async with asyncio.timeout(10):
             await proc.wait()
         assert proc.returncode == 0
-        _code, out, _ = await run("resolve", "api", "--json", *s)
-        assert json.loads(out)["endpoints"] == []
+
+        async def gone() -> bool:  # the deregistration's revision is not printed: poll
+            code, out, _ = await run("resolve", "api", "--json", *s)
+            return code == 0 and json.loads(out)["endpoints"] == []
+
+        await eventually(gone, timeout=10, interval=0.1)
     finally:
         if proc.returncode is None:
             proc.kill()

@@ -101,10 +101,12 @@ async def test_leased_register_returns_its_lease(etcd, servers, connect) -> None
 # --- leases and heartbeats --------------------------------------------------------------
 
 
-async def test_lease_expires_without_heartbeats_and_the_watch_sees_the_delete(etcd, servers, connect) -> None:
+async def test_lease_expires_once_heartbeats_stop_and_the_watch_sees_the_delete(etcd, servers, connect) -> None:
     stubs = connect(await servers.start(etcd))
-    registered_at = time.monotonic()
     reg = await register(stubs, instance_id="short-lived", ttl_seconds=LEASE_TTL)
+    await resolve(stubs, min_revision=reg.revision)  # the snapshot below must hold it
+    assert (await heartbeat(stubs, reg.lease_id)).ttl_seconds > 0
+    registered_at = time.monotonic()  # the last heartbeat: the TTL runs from here
     watch = stubs.lookup.Watch(lookup_pb2.WatchRequest(service="web", since_revision=0), timeout=LEASE_TTL + 5)
     first = await watch.read()
     assert first.kind == lookup_pb2.WatchResponse.SNAPSHOT
@@ -392,3 +394,22 @@ async def test_shutdown_ends_heartbeat_streams_promptly(etcd, servers, connect) 
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await asyncio.wait_for(call.read(), CALL_TIMEOUT)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in (info.value.details() or "")
+
+
+async def test_keys_the_view_cannot_read_do_not_block_read_your_writes(etcd, servers, connect) -> None:
+    """A foreign key and a corrupt record under the instances prefix are not served, and a
+    revision with no event for the view (a write elsewhere) is still reached."""
+    from discovery.keys import KeySchema
+    from discovery.store import Store
+
+    server = await servers.start(etcd)
+    stubs = connect(server)
+    keys = KeySchema(servers.prefix)
+    async with Store([etcd.endpoint]) as store:
+        await store.put(keys.instances + b"not/an/instance/key", b"x")
+        await store.put(keys.instance("us-east", "web", "corrupt"), b"\xff\xff not protobuf")
+        reg = await register(stubs, "web", "10.0.0.1:80", instance_id="good")
+        elsewhere, _, _ = await store.put(f"{servers.prefix}elsewhere".encode(), b"x")
+    resp = await resolve(stubs, "web", min_revision=elsewhere, statuses=ALL_STATUSES)
+    assert resp.revision >= elsewhere > reg.revision
+    assert ids(resp) == ["good"]
