@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,17 +86,28 @@ class Instruments:
         self.watch_streams = m.create_up_down_counter("discovery.watch.streams", description="open Watch streams")
 
     @staticmethod
-    @contextmanager
-    def timed(counter: metrics.Counter, histogram: metrics.Histogram, **attrs: str) -> Iterator[dict[str, str]]:
-        """Count and time a call; the body may set ``outcome`` in the yielded attributes."""
-        labels = {"outcome": "ok", **attrs}
-        start = time.perf_counter()
-        try:
-            yield labels
-        except BaseException:
-            if labels["outcome"] == "ok":  # the body may have named the failure already
-                labels["outcome"] = "error"
-            raise
-        finally:
-            histogram.record(time.perf_counter() - start, labels)
-            counter.add(1, labels)
+    def timed(counter: metrics.Counter, histogram: metrics.Histogram) -> Timed:
+        return Timed(counter, histogram)
+
+
+class Timed:
+    """Count and time a call: ``with instruments.timed(counter, histogram) as labels``. The
+    body may name its outcome in ``labels``; an exception otherwise counts as "error". A plain
+    class, not a generator, because it sits on the Resolve path."""
+
+    __slots__ = ("_counter", "_histogram", "_start", "labels")
+
+    def __init__(self, counter: metrics.Counter, histogram: metrics.Histogram) -> None:
+        self._counter, self._histogram = counter, histogram
+        self.labels = {"outcome": "ok"}
+        self._start = 0.0
+
+    def __enter__(self) -> dict[str, str]:
+        self._start = time.perf_counter()
+        return self.labels
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if exc_type is not None and self.labels["outcome"] == "ok":
+            self.labels["outcome"] = "error"
+        self._histogram.record(time.perf_counter() - self._start, self.labels)
+        self._counter.add(1, self.labels)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -49,26 +48,20 @@ class LookupServicer(_Base):
     async def Resolve(  # type: ignore[override]  # returns pre-serialized bytes: see add_to_server
         self, request: pb.ResolveRequest, context: grpc.aio.ServicerContext
     ) -> bytes:
-        m = self._m
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            query = _query(request)
-            if request.min_revision:
-                await self._view.wait_for(request.min_revision, self._wait_budget(context))
+        with self._m.timed(self._m.lookups, self._m.resolve_duration) as labels:
+            try:
+                query = _query(request)
+                if request.min_revision:
+                    await self._view.wait_for(request.min_revision, self._wait_budget(context))
+            except DiscoveryError as exc:
+                labels["outcome"] = type(exc).__name__
+                await abort(context, exc)
             view = self._view
             stale = view.stale
             header = pb.ResolveResponse(
                 service=request.service, revision=view.revision, stale=stale, stale_seconds=view.stale_seconds()
             ).SerializeToString()
             return header + self._endpoints(query, stale)
-        except DiscoveryError as exc:
-            outcome = type(exc).__name__
-            await abort(context, exc)
-        finally:
-            labels = {"outcome": outcome}
-            m.resolve_duration.record(time.perf_counter() - started, labels)
-            m.lookups.add(1, labels)
 
     def _endpoints(self, query: Query, stale: bool) -> bytes:
         """The ``endpoints`` field of a ResolveResponse, serialized. Protobuf messages

@@ -24,16 +24,12 @@ class RegistryServicer(_Base):
         self.streams = OpenStreams(_SHUTTING_DOWN)
 
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
-        # Abort after the timed block: an exception escaping it would relabel the outcome "error".
-        failure: DiscoveryError | None = None
         with self._m.timed(self._m.registrations, self._m.register_duration) as labels:
             try:
                 done = await self._registry.register(request.instance)
             except DiscoveryError as exc:
                 labels["outcome"] = type(exc).__name__
-                failure = exc
-        if failure is not None:
-            await abort(context, failure)
+                await abort(context, exc)
         return pb.RegisterResponse(
             instance_id=done.instance.instance_id,
             revision=done.revision,
