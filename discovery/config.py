@@ -28,6 +28,14 @@ class ServerConfig:
     watch_keepalive_seconds: float = 5.0  # Watch sends KEEPALIVE after this long idle
     max_wait_seconds: float = 30.0  # a min_revision wait without a deadline ends here
     history: int = 10_000  # changes kept for Watch resume
+    # Other regions, nearest first: "REGION=HOST:PORT[,HOST:PORT...]". The order is the
+    # proximity FAILOVER follows; the addresses are where this region's replicator pulls from.
+    peers: tuple[str, ...] = ()
+    advertise: str = ""  # how peers and Status name this server (default: the listen address)
+    stale_after_seconds: float = 3.0  # a region not heard from for this long is served marked stale
+    max_staleness_seconds: float = 0.0  # stale replicas older than this are not served (0: always served)
+    resume_grace_seconds: float = 10.0  # deletions from a region just back from silence wait this long
+    election_ttl_seconds: int = 3  # a dead replicator leader is replaced after about this long
 
     def validate(self) -> ServerConfig:
         if not self.region:
@@ -49,12 +57,44 @@ class ServerConfig:
             "etcd_keepalive_seconds",
             "watch_keepalive_seconds",
             "max_wait_seconds",
+            "stale_after_seconds",
+            "election_ttl_seconds",
+            "history",
         ):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be > 0")
-        if self.history < 1:
-            raise InvalidArgument("history", "must be >= 1")
+        for name in ("max_staleness_seconds", "resume_grace_seconds"):
+            if getattr(self, name) < 0:
+                raise InvalidArgument(name, "must be >= 0 (0 turns it off)")
+        if self.advertise:
+            split_address(self.advertise, "advertise")
+        self.peer_map()  # validates
         return self
+
+    def peer_map(self) -> dict[str, tuple[str, ...]]:
+        """Peer regions in proximity order, each with its servers' addresses."""
+        peers: dict[str, tuple[str, ...]] = {}
+        for entry in self.peers:
+            region, sep, addresses = entry.partition("=")
+            region = region.strip()
+            if not sep:
+                raise InvalidArgument("peers", f"{entry!r}: expected REGION=HOST:PORT[,HOST:PORT...]")
+            validate_region(region, "peers")
+            if region == self.region:
+                raise InvalidArgument("peers", f"{region!r} is this server's own region")
+            if region in peers:
+                raise InvalidArgument("peers", f"{region!r} is given twice")
+            hosts = tuple(a.strip() for a in addresses.split(",") if a.strip())
+            if not hosts:
+                raise InvalidArgument("peers", f"{entry!r}: no HOST:PORT for {region}")
+            for address in hosts:
+                split_address(address, "peers")
+            peers[region] = hosts
+        return peers
+
+    @property
+    def proximity(self) -> tuple[str, ...]:
+        return tuple(self.peer_map())
 
 
 def _is_ipv4(host: str) -> bool:
@@ -77,6 +117,11 @@ def load(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
             raise InvalidArgument("config", f"{path} is not valid TOML: {exc}") from None
         values.update(data.get("server", data))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    peers = values.get("peers")
+    if isinstance(peers, list):
+        if not all(isinstance(e, str) for e in peers):
+            raise InvalidArgument("peers", 'a list of "REGION=HOST:PORT[,HOST:PORT...]" strings')
+        values["peers"] = tuple(peers)
     etcd = values.get("etcd")
     if isinstance(etcd, str):
         values["etcd"] = tuple(e.strip() for e in etcd.split(",") if e.strip())

@@ -15,6 +15,8 @@ from discovery.server import Server
 SERVE_EXAMPLES = """examples:
   discovery serve --region us-east --listen 127.0.0.1:7400 --etcd 127.0.0.1:2379
   discovery serve --config /etc/discovery/server.toml --listen 0.0.0.0:7400   # flags win over the file
+  discovery serve --region us-east --etcd 127.0.0.1:2379 \\
+      --peer eu-west=10.1.0.1:7400,10.1.0.2:7400 --peer ap-south=10.2.0.1:7400   # nearest first
 
 config file (TOML, top level or a [server] table):
   region = "us-east"
@@ -22,6 +24,12 @@ config file (TOML, top level or a [server] table):
   etcd = ["10.0.0.1:2379", "10.0.0.2:2379", "10.0.0.3:2379"]
   grace_seconds = 5.0            # in-flight calls get this long on SIGTERM
   etcd_timeout_seconds = 3.0     # writes fail with UNAVAILABLE after this when etcd is down or hung
+  peers = ["eu-west=10.1.0.1:7400,10.1.0.2:7400", "ap-south=10.2.0.1:7400"]  # nearest first
+  advertise = "10.0.0.5:7400"    # how Status and peers name this server
+  stale_after_seconds = 3.0      # a peer region not heard from for this long is served marked stale
+  max_staleness_seconds = 0      # drop a peer's replicas once stale this long (0: serve stale forever)
+  resume_grace_seconds = 10.0    # deletions from a peer just back from silence wait this long
+  election_ttl_seconds = 3       # a dead replicator leader is replaced after about this long
 
 telemetry: OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER = otlp | console | none (default none);
 OTEL_EXPORTER_OTLP_ENDPOINT alone turns on OTLP for both.
@@ -40,13 +48,44 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--etcd", metavar="HOST:PORT[,HOST:PORT...]", help="the region's etcd members")
     p.add_argument("--config", metavar="FILE", help="TOML config file")
     p.add_argument("--grace", type=float, dest="grace_seconds", metavar="SECONDS", help="shutdown grace period")
+    p.add_argument(
+        "--peer",
+        action="append",
+        dest="peers",
+        metavar="REGION=HOST:PORT[,HOST:PORT...]",
+        help="another region's servers; repeat, nearest region first (FAILOVER follows this order)",
+    )
+    p.add_argument("--advertise", metavar="HOST:PORT", help="how Status and peers name this server")
+    p.add_argument(
+        "--max-staleness",
+        type=float,
+        dest="max_staleness_seconds",
+        metavar="SECONDS",
+        help="stop serving a peer region's replicas once stale this long (default: serve stale rather than nothing)",
+    )
+    p.add_argument(
+        "--resume-grace",
+        type=float,
+        dest="resume_grace_seconds",
+        metavar="SECONDS",
+        help="hold deletions from a region that just came back this long (default 10)",
+    )
     p.set_defaults(func=serve)
 
 
 async def serve(args: argparse.Namespace) -> int:
     config = load(
         args.config,
-        {"region": args.region, "listen": args.listen, "etcd": args.etcd, "grace_seconds": args.grace_seconds},
+        {
+            "region": args.region,
+            "listen": args.listen,
+            "etcd": args.etcd,
+            "grace_seconds": args.grace_seconds,
+            "peers": tuple(args.peers) if args.peers else None,
+            "advertise": args.advertise,
+            "max_staleness_seconds": args.max_staleness_seconds,
+            "resume_grace_seconds": args.resume_grace_seconds,
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iscovery/v1/admin.proto\x12\x0c\x64iscovery.v1\"\x0f\n\rStatusRequest\"]\n\nEtcdStatus\x12\x11\n\tendpoints\x18\x01 \x03(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x1c\n\x14last_contact_seconds\x18\x04 \x01(\x01\"\xc8\x01\n\x0eStatusResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x16\n\x0einstance_count\x18\x03 \x01(\x03\x12\x15\n\rservice_count\x18\x04 \x01(\x03\x12&\n\x04\x65tcd\x18\x05 \x01(\x0b\x32\x18.discovery.v1.EtcdStatus\x12\r\n\x05stale\x18\x06 \x01(\x08\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x32L\n\x05\x41\x64min\x12\x43\n\x06Status\x12\x1b.discovery.v1.StatusRequest\x1a\x1c.discovery.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iscovery/v1/admin.proto\x12\x0c\x64iscovery.v1\"\x0f\n\rStatusRequest\"]\n\nEtcdStatus\x12\x11\n\tendpoints\x18\x01 \x03(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x1c\n\x14last_contact_seconds\x18\x04 \x01(\x01\"\xf5\x01\n\x0eStatusResponse\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x16\n\x0einstance_count\x18\x03 \x01(\x03\x12\x15\n\rservice_count\x18\x04 \x01(\x03\x12&\n\x04\x65tcd\x18\x05 \x01(\x0b\x32\x18.discovery.v1.EtcdStatus\x12\r\n\x05stale\x18\x06 \x01(\x08\x12\x16\n\x0eserver_version\x18\x07 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12+\n\x07origins\x18\t \x03(\x0b\x32\x1a.discovery.v1.OriginStatus\"\xe1\x01\n\x0cOriginStatus\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x0e\n\x06leader\x18\x03 \x01(\t\x12\x1b\n\x13\x63heckpoint_revision\x18\x04 \x01(\x03\x12\x15\n\rhead_revision\x18\x05 \x01(\x03\x12\x15\n\rlag_revisions\x18\x06 \x01(\x03\x12\x13\n\x0blag_seconds\x18\x07 \x01(\x01\x12\x1c\n\x14last_contact_seconds\x18\x08 \x01(\x01\x12\x0e\n\x06source\x18\t \x01(\t\x12\x10\n\x08replicas\x18\n \x01(\x03\x32L\n\x05\x41\x64min\x12\x43\n\x06Status\x12\x1b.discovery.v1.StatusRequest\x1a\x1c.discovery.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,7 +37,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ETCDSTATUS']._serialized_start=59
   _globals['_ETCDSTATUS']._serialized_end=152
   _globals['_STATUSRESPONSE']._serialized_start=155
-  _globals['_STATUSRESPONSE']._serialized_end=355
-  _globals['_ADMIN']._serialized_start=357
-  _globals['_ADMIN']._serialized_end=433
+  _globals['_STATUSRESPONSE']._serialized_end=400
+  _globals['_ORIGINSTATUS']._serialized_start=403
+  _globals['_ORIGINSTATUS']._serialized_end=628
+  _globals['_ADMIN']._serialized_start=630
+  _globals['_ADMIN']._serialized_end=706
 # @@protoc_insertion_point(module_scope)

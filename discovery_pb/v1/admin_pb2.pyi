@@ -77,6 +77,7 @@ class StatusResponse(_message.Message):
     STALE_FIELD_NUMBER: _builtins.int
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    ORIGINS_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     revision: _builtins.int
     instance_count: _builtins.int
@@ -86,6 +87,10 @@ class StatusResponse(_message.Message):
     uptime_seconds: _builtins.float
     @_builtins.property
     def etcd(self) -> Global___EtcdStatus: ...
+    @_builtins.property
+    def origins(self) -> _containers.RepeatedCompositeFieldContainer[Global___OriginStatus]:
+        """one per peer region this region replicates from"""
+
     def __init__(
         self,
         *,
@@ -97,11 +102,68 @@ class StatusResponse(_message.Message):
         stale: _builtins.bool = ...,
         server_version: _builtins.str = ...,
         uptime_seconds: _builtins.float = ...,
+        origins: _abc.Iterable[Global___OriginStatus] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["etcd", b"etcd"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etcd", b"etcd", "instance_count", b"instance_count", "region", b"region", "revision", b"revision", "server_version", b"server_version", "service_count", b"service_count", "stale", b"stale", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etcd", b"etcd", "instance_count", b"instance_count", "origins", b"origins", "region", b"region", "revision", b"revision", "server_version", b"server_version", "service_count", b"service_count", "stale", b"stale", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class OriginStatus(_message.Message):
+    """Replication from one other region into this one, as the checkpoint in etcd records it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    CONNECTED_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    CHECKPOINT_REVISION_FIELD_NUMBER: _builtins.int
+    HEAD_REVISION_FIELD_NUMBER: _builtins.int
+    LAG_REVISIONS_FIELD_NUMBER: _builtins.int
+    LAG_SECONDS_FIELD_NUMBER: _builtins.int
+    LAST_CONTACT_SECONDS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    origin: _builtins.str
+    connected: _builtins.bool
+    """the replicator heard from the origin recently"""
+    leader: _builtins.str
+    """the server running this origin's replicator ("" = none)"""
+    checkpoint_revision: _builtins.int
+    """origin revision applied up to"""
+    head_revision: _builtins.int
+    """origin's latest revision, as last heard"""
+    lag_revisions: _builtins.int
+    lag_seconds: _builtins.float
+    """how far behind the origin the replicas are, in time"""
+    last_contact_seconds: _builtins.float
+    """since the origin was last heard from"""
+    source: _builtins.str
+    """the origin server the replicator streams from"""
+    replicas: _builtins.int
+    """the origin's instances held here"""
+    def __init__(
+        self,
+        *,
+        origin: _builtins.str = ...,
+        connected: _builtins.bool = ...,
+        leader: _builtins.str = ...,
+        checkpoint_revision: _builtins.int = ...,
+        head_revision: _builtins.int = ...,
+        lag_revisions: _builtins.int = ...,
+        lag_seconds: _builtins.float = ...,
+        last_contact_seconds: _builtins.float = ...,
+        source: _builtins.str = ...,
+        replicas: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_revision", b"checkpoint_revision", "connected", b"connected", "head_revision", b"head_revision", "lag_revisions", b"lag_revisions", "lag_seconds", b"lag_seconds", "last_contact_seconds", b"last_contact_seconds", "leader", b"leader", "origin", b"origin", "replicas", b"replicas", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OriginStatus: _TypeAlias = OriginStatus  # noqa: Y015

@@ -26,25 +26,27 @@ _sym_db = _symbol_database.Default()
 from discovery_pb.v1 import types_pb2 as discovery_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64iscovery/v1/lookup.proto\x12\x0c\x64iscovery.v1\x1a\x18\x64iscovery/v1/types.proto\"\x9f\x01\n\x0eResolveRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\"\n\x05scope\x18\x02 \x01(\x0e\x32\x13.discovery.v1.Scope\x12\x14\n\x0cmin_revision\x18\x03 \x01(\x03\x12&\n\x08statuses\x18\x04 \x03(\x0e\x32\x14.discovery.v1.Status\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x0c\n\x04zone\x18\x06 \x01(\t\"\x85\x01\n\x0fResolveResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12)\n\tendpoints\x18\x03 \x03(\x0b\x32\x16.discovery.v1.Endpoint\x12\r\n\x05stale\x18\x04 \x01(\x08\x12\x15\n\rstale_seconds\x18\x05 \x01(\x01\"7\n\x0cWatchRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x16\n\x0esince_revision\x18\x02 \x01(\x03\"\x88\x02\n\rWatchResponse\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .discovery.v1.WatchResponse.Kind\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12)\n\tinstances\x18\x03 \x03(\x0b\x32\x16.discovery.v1.Instance\x12%\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x14.discovery.v1.Change\x12\r\n\x05stale\x18\x05 \x01(\x08\x12\x0c\n\x04more\x18\x06 \x01(\x08\"F\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\x0b\n\x07\x43HANGES\x10\x02\x12\r\n\tKEEPALIVE\x10\x03*@\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\t\n\x05LOCAL\x10\x01\x12\x0c\n\x08\x46\x41ILOVER\x10\x02\x12\x07\n\x03\x41LL\x10\x03\x32\x94\x01\n\x06Lookup\x12\x46\n\x07Resolve\x12\x1c.discovery.v1.ResolveRequest\x1a\x1d.discovery.v1.ResolveResponse\x12\x42\n\x05Watch\x12\x1a.discovery.v1.WatchRequest\x1a\x1b.discovery.v1.WatchResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64iscovery/v1/lookup.proto\x12\x0c\x64iscovery.v1\x1a\x18\x64iscovery/v1/types.proto\"\xb4\x01\n\x0eResolveRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\"\n\x05scope\x18\x02 \x01(\x0e\x32\x13.discovery.v1.Scope\x12\x14\n\x0cmin_revision\x18\x03 \x01(\x03\x12&\n\x08statuses\x18\x04 \x03(\x0e\x32\x14.discovery.v1.Status\x12\x0c\n\x04tags\x18\x05 \x03(\t\x12\x0c\n\x04zone\x18\x06 \x01(\t\x12\x13\n\x0bmin_healthy\x18\x07 \x01(\r\"e\n\x0bRegionState\x12\x0e\n\x06region\x18\x01 \x01(\t\x12\x11\n\tendpoints\x18\x02 \x01(\r\x12\r\n\x05stale\x18\x03 \x01(\x08\x12\x15\n\rstale_seconds\x18\x04 \x01(\x01\x12\r\n\x05local\x18\x05 \x01(\x08\"\xb1\x01\n\x0fResolveResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12)\n\tendpoints\x18\x03 \x03(\x0b\x32\x16.discovery.v1.Endpoint\x12\r\n\x05stale\x18\x04 \x01(\x08\x12\x15\n\rstale_seconds\x18\x05 \x01(\x01\x12*\n\x07regions\x18\x06 \x03(\x0b\x32\x19.discovery.v1.RegionState\"7\n\x0cWatchRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x16\n\x0esince_revision\x18\x02 \x01(\x03\"\x88\x02\n\rWatchResponse\x12.\n\x04kind\x18\x01 \x01(\x0e\x32 .discovery.v1.WatchResponse.Kind\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12)\n\tinstances\x18\x03 \x03(\x0b\x32\x16.discovery.v1.Instance\x12%\n\x07\x63hanges\x18\x04 \x03(\x0b\x32\x14.discovery.v1.Change\x12\r\n\x05stale\x18\x05 \x01(\x08\x12\x0c\n\x04more\x18\x06 \x01(\x08\"F\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\x0b\n\x07\x43HANGES\x10\x02\x12\r\n\tKEEPALIVE\x10\x03*@\n\x05Scope\x12\x15\n\x11SCOPE_UNSPECIFIED\x10\x00\x12\t\n\x05LOCAL\x10\x01\x12\x0c\n\x08\x46\x41ILOVER\x10\x02\x12\x07\n\x03\x41LL\x10\x03\x32\x94\x01\n\x06Lookup\x12\x46\n\x07Resolve\x12\x1c.discovery.v1.ResolveRequest\x1a\x1d.discovery.v1.ResolveResponse\x12\x42\n\x05Watch\x12\x1a.discovery.v1.WatchRequest\x1a\x1b.discovery.v1.WatchResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'discovery.v1.lookup_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOPE']._serialized_start=691
-  _globals['_SCOPE']._serialized_end=755
+  _globals['_SCOPE']._serialized_start=859
+  _globals['_SCOPE']._serialized_end=923
   _globals['_RESOLVEREQUEST']._serialized_start=70
-  _globals['_RESOLVEREQUEST']._serialized_end=229
-  _globals['_RESOLVERESPONSE']._serialized_start=232
-  _globals['_RESOLVERESPONSE']._serialized_end=365
-  _globals['_WATCHREQUEST']._serialized_start=367
-  _globals['_WATCHREQUEST']._serialized_end=422
-  _globals['_WATCHRESPONSE']._serialized_start=425
-  _globals['_WATCHRESPONSE']._serialized_end=689
-  _globals['_WATCHRESPONSE_KIND']._serialized_start=619
-  _globals['_WATCHRESPONSE_KIND']._serialized_end=689
-  _globals['_LOOKUP']._serialized_start=758
-  _globals['_LOOKUP']._serialized_end=906
+  _globals['_RESOLVEREQUEST']._serialized_end=250
+  _globals['_REGIONSTATE']._serialized_start=252
+  _globals['_REGIONSTATE']._serialized_end=353
+  _globals['_RESOLVERESPONSE']._serialized_start=356
+  _globals['_RESOLVERESPONSE']._serialized_end=533
+  _globals['_WATCHREQUEST']._serialized_start=535
+  _globals['_WATCHREQUEST']._serialized_end=590
+  _globals['_WATCHRESPONSE']._serialized_start=593
+  _globals['_WATCHRESPONSE']._serialized_end=857
+  _globals['_WATCHRESPONSE_KIND']._serialized_start=787
+  _globals['_WATCHRESPONSE_KIND']._serialized_end=857
+  _globals['_LOOKUP']._serialized_start=926
+  _globals['_LOOKUP']._serialized_end=1074
 # @@protoc_insertion_point(module_scope)

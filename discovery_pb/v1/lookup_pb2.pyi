@@ -52,12 +52,15 @@ class ResolveRequest(_message.Message):
     STATUSES_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     ZONE_FIELD_NUMBER: _builtins.int
+    MIN_HEALTHY_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     scope: Global___Scope.ValueType
     min_revision: _builtins.int
     """Wait (bounded by the call's deadline) until the view has reached this revision."""
     zone: _builtins.str
     """empty: any zone"""
+    min_healthy: _builtins.int
+    """FAILOVER: add regions, nearest first, until at least this many SERVING endpoints (0: 1)."""
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_types_pb2.Status.ValueType]:
         """empty: SERVING only"""
@@ -75,14 +78,52 @@ class ResolveRequest(_message.Message):
         statuses: _abc.Iterable[_types_pb2.Status.ValueType] | None = ...,
         tags: _abc.Iterable[_builtins.str] | None = ...,
         zone: _builtins.str = ...,
+        min_healthy: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_revision", b"min_revision", "scope", b"scope", "service", b"service", "statuses", b"statuses", "tags", b"tags", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["min_healthy", b"min_healthy", "min_revision", b"min_revision", "scope", b"scope", "service", b"service", "statuses", b"statuses", "tags", b"tags", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ResolveRequest: _TypeAlias = ResolveRequest  # noqa: Y015
+
+@_typing.final
+class RegionState(_message.Message):
+    """What one region contributed to an answer, and how fresh the server's copy of it is."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REGION_FIELD_NUMBER: _builtins.int
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    STALE_SECONDS_FIELD_NUMBER: _builtins.int
+    LOCAL_FIELD_NUMBER: _builtins.int
+    region: _builtins.str
+    endpoints: _builtins.int
+    """endpoints of this region in the answer"""
+    stale: _builtins.bool
+    """the server has lost contact with this region's source"""
+    stale_seconds: _builtins.float
+    """how long ago it last heard from it, when stale"""
+    local: _builtins.bool
+    """the server's own region"""
+    def __init__(
+        self,
+        *,
+        region: _builtins.str = ...,
+        endpoints: _builtins.int = ...,
+        stale: _builtins.bool = ...,
+        stale_seconds: _builtins.float = ...,
+        local: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "local", b"local", "region", b"region", "stale", b"stale", "stale_seconds", b"stale_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RegionState: _TypeAlias = RegionState  # noqa: Y015
 
 @_typing.final
 class ResolveResponse(_message.Message):
@@ -93,6 +134,7 @@ class ResolveResponse(_message.Message):
     ENDPOINTS_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
     STALE_SECONDS_FIELD_NUMBER: _builtins.int
+    REGIONS_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     revision: _builtins.int
     """the view's revision the answer was served at"""
@@ -102,6 +144,10 @@ class ResolveResponse(_message.Message):
     """how long ago the view last heard from etcd, when stale"""
     @_builtins.property
     def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Endpoint]: ...
+    @_builtins.property
+    def regions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RegionState]:
+        """the regions that contributed, in answer order"""
+
     def __init__(
         self,
         *,
@@ -110,10 +156,11 @@ class ResolveResponse(_message.Message):
         endpoints: _abc.Iterable[_types_pb2.Endpoint] | None = ...,
         stale: _builtins.bool = ...,
         stale_seconds: _builtins.float = ...,
+        regions: _abc.Iterable[Global___RegionState] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "revision", b"revision", "service", b"service", "stale", b"stale", "stale_seconds", b"stale_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "regions", b"regions", "revision", b"revision", "service", b"service", "stale", b"stale", "stale_seconds", b"stale_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

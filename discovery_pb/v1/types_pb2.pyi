@@ -135,10 +135,13 @@ class Endpoint(_message.Message):
     INSTANCE_FIELD_NUMBER: _builtins.int
     MOD_REVISION_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
+    AGE_SECONDS_FIELD_NUMBER: _builtins.int
     mod_revision: _builtins.int
     """etcd revision that last wrote this record"""
     stale: _builtins.bool
     """the serving view has lost contact with its source"""
+    age_seconds: _builtins.float
+    """when stale: seconds since the source was last heard from"""
     @_builtins.property
     def instance(self) -> Global___Instance: ...
     def __init__(
@@ -147,10 +150,11 @@ class Endpoint(_message.Message):
         instance: Global___Instance | None = ...,
         mod_revision: _builtins.int = ...,
         stale: _builtins.bool = ...,
+        age_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance", b"instance", "mod_revision", b"mod_revision", "stale", b"stale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_seconds", b"age_seconds", "instance", b"instance", "mod_revision", b"mod_revision", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
