@@ -1,6 +1,8 @@
 """The etcd key schema (DESIGN §4). Every key the server touches is built and parsed here.
 
     <prefix>instances/<origin>/<service>/<instance_id>   Instance (protobuf bytes)
+    <prefix>replication/<origin>                          Checkpoint of the replicator for origin
+    <prefix>election/replicator/<origin>                  the replicator leader's key (on its lease)
 
 The prefix defaults to ``/discovery/v1/``; tests give each case its own prefix so they can
 share one etcd.
@@ -25,9 +27,22 @@ class KeySchema:
     prefix: str = DEFAULT_PREFIX
 
     @property
-    def instances(self) -> bytes:
+    def root(self) -> bytes:
         """The range every server's one watch covers."""
+        return self.prefix.encode()
+
+    @property
+    def instances(self) -> bytes:
         return f"{self.prefix}instances/".encode()
+
+    def region_instances(self, region: str) -> bytes:
+        return f"{self.prefix}instances/{region}/".encode()
+
+    def checkpoint(self, origin: str) -> bytes:
+        return f"{self.prefix}replication/{origin}".encode()
+
+    def election(self, origin: str) -> bytes:
+        return f"{self.prefix}election/replicator/{origin}".encode()
 
     def instance(self, region: str, service: str, instance_id: str) -> bytes:
         return f"{self.prefix}instances/{region}/{service}/{instance_id}".encode()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from discovery.view import Record
@@ -41,13 +41,23 @@ class Query:
         )
 
 
-def select(records: Iterable[Record], query: Query, local: str, proximity: Sequence[str] = ()) -> list[Record]:
+def select(
+    records: Iterable[Record],
+    query: Query,
+    local: str,
+    proximity: Sequence[str] = (),
+    servable: Callable[[str], bool] | None = None,
+) -> list[Record]:
     """Local region first. FAILOVER adds other regions, nearest first (``proximity``, then
-    by name), until ``min_healthy`` serving endpoints are found; ALL returns every region."""
+    by name), until ``min_healthy`` serving endpoints are found; ALL returns every region.
+    Regions ``servable`` refuses (replicas older than the maximum staleness) are left out."""
     by_region: dict[str, list[Record]] = {}
     for record in records:
         if query.matches(record):
             by_region.setdefault(record.instance.region, []).append(record)
+    if servable is not None:
+        for region in [r for r in by_region if r != local and not servable(r)]:
+            del by_region[region]
     chosen = by_region.pop(local, [])
     if query.scope == Scope.FAILOVER:
         nearest = [r for r in dict.fromkeys(proximity) if r in by_region]  # a repeated region counts once

@@ -14,14 +14,29 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from discovery import telemetry
-from discovery.api import AdminServicer, LookupServicer, RegistryServicer, add_lookup_to_server
+from discovery.api import (
+    AdminServicer,
+    LookupServicer,
+    RegistryServicer,
+    ReplicationServicer,
+    add_lookup_to_server,
+)
 from discovery.config import ServerConfig
 from discovery.errors import InvalidArgument, StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.registry import Registry
+from discovery.replication import Election, RegionStates, ReplicationSettings, Replicator, Session
 from discovery.store import Store, StoreHealth
 from discovery.view import View
-from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, lookup_pb2, registry_pb2, registry_pb2_grpc
+from discovery_pb.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    lookup_pb2,
+    registry_pb2,
+    registry_pb2_grpc,
+    replication_pb2,
+    replication_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +44,7 @@ SERVICE_NAMES = (
     registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
     lookup_pb2.DESCRIPTOR.services_by_name["Lookup"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name,
 )
 HEALTH_PROBE_SECONDS = 2.0
 _MAX_MESSAGE = 1024 * 1024
@@ -40,15 +56,18 @@ except PackageNotFoundError:  # running from a source tree
 
 
 class Server:
-    """A regional discovery server: Registry, Lookup and Admin over one etcd view.
+    """A regional discovery server: Registry, Lookup, Admin and Replication over one etcd
+    view, plus a replicator per peer region (running only where this server wins its election).
 
     ``async with Server(config) as server`` returns once the view is loaded and the port
     listens (``server.port``). Leaving the block stops it, in this order:
 
     1. health turns NOT_SERVING, so balancers stop sending new calls;
-    2. Watch streams end at once (UNAVAILABLE, so clients resume elsewhere), as do reads
-       waiting for a revision; the port stops accepting; unary calls get ``grace_seconds``;
-    3. the view's watch and the etcd health probe stop;
+    2. Watch and Replication streams end at once (UNAVAILABLE, so clients resume elsewhere),
+       as do reads waiting for a revision; the port stops accepting; unary calls get
+       ``grace_seconds``;
+    3. the replicators stop and the election lease is revoked, so another server of the
+       region takes over at once; then the view's watch and the etcd health probe stop;
     4. the etcd client closes;
     5. (the caller, `discovery serve`, then flushes telemetry: it set it up).
     """
@@ -61,6 +80,18 @@ class Server:
         self.keys = KeySchema(config.key_prefix)
         self.view = View(self.store, self.keys, history=config.history)
         self.registry = Registry(self.store, self.keys, config.region)
+        self.states = RegionStates(
+            self.view,
+            self.keys,
+            config.region,
+            config.proximity,
+            stale_after=config.stale_after_seconds,
+            max_staleness=config.max_staleness_seconds,
+        )
+        self.session = Session(self.store, config.election_ttl_seconds)
+        self.replicators: dict[str, Replicator] = {}
+        self.elections: dict[str, Election] = {}
+        self._replication: ReplicationServicer | None = None
         self.etcd_health = StoreHealth(False, 0, "not probed yet")
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
@@ -100,7 +131,26 @@ class Server:
         await self._grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._start_replicators()
         log.info("region %s serving on %s (etcd %s)", self.config.region, self.address, ",".join(self.config.etcd))
+
+    def _start_replicators(self) -> None:
+        peers = self.config.peer_map()
+        if not peers:
+            return
+        identity = self.config.advertise or self.address
+        settings = ReplicationSettings(
+            region=self.config.region,
+            identity=identity,
+            silence=self.config.stale_after_seconds,
+            resume_grace=self.config.resume_grace_seconds,
+        )
+        self._tasks.append(asyncio.create_task(self.session.run(), name="election-session"))
+        for origin, endpoints in peers.items():
+            replicator = Replicator(origin, endpoints, store=self.store, keys=self.keys, settings=settings)
+            election = Election(self.store, self.session, self.keys.election(origin), identity)
+            self.replicators[origin], self.elections[origin] = replicator, election
+            self._tasks.append(asyncio.create_task(election.run(replicator.lead), name=f"replicator {origin}"))
 
     @property
     def address(self) -> str:
@@ -130,16 +180,18 @@ class Server:
         registry_pb2_grpc.add_RegistryServicer_to_server(self._registry_api, server)
         self._lookup = LookupServicer(
             self.view,
-            self.config.region,
+            self.states,
             instruments,
             max_wait=self.config.max_wait_seconds,
             watch_keepalive=self.config.watch_keepalive_seconds,
         )
         add_lookup_to_server(self._lookup, server)
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(self.view, self.config.region, list(self.config.etcd), lambda: self.etcd_health, VERSION),
+            AdminServicer(self.view, self.states, list(self.config.etcd), lambda: self.etcd_health, VERSION),
             server,
         )
+        self._replication = ReplicationServicer(self.view, self.config.region)
+        replication_pb2_grpc.add_ReplicationServicer_to_server(self._replication, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         return server
@@ -157,7 +209,7 @@ class Server:
         """Shut down in the documented order; safe to call twice."""
         if self._grpc is not None:
             await self._health.enter_graceful_shutdown()
-            for api in (self._lookup, self._registry_api):
+            for api in (self._lookup, self._registry_api, self._replication):
                 if api is not None:
                     await api.streams.end_all()
             self.view.end_subscriptions()  # reads waiting for a revision end now
@@ -169,4 +221,5 @@ class Server:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        await self.session.close()
         await self.store.close()

@@ -41,6 +41,18 @@ _EVENT_DELETE = 1  # mvccpb.Event.DELETE
 _REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends the watch when its member loses the leader
 
 
+class Fenced(Exception):
+    """A fenced write found its fence key gone or re-created: its writer no longer leads."""
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """One operation of a fenced transaction: a put, or a delete when ``value`` is None."""
+
+    key: bytes
+    value: bytes | None
+
+
 class Compacted(Exception):
     """The watch's start revision has been compacted away; re-list and watch again."""
 
@@ -126,6 +138,7 @@ class Store:
         self._lease: LeaseService | None = None
         self._keepalive = _LeaseKeepAliveStream(self)
         self._watch_requests: asyncio.Queue[Any] | None = None  # of the current watch, once created
+        self.cluster_id = 0  # of the etcd cluster, from the last listing (a rebuilt cluster has a new one)
 
     async def __aenter__(self) -> Store:
         self._channel = self._manager.get_channel()
@@ -208,6 +221,61 @@ class Store:
             raise NotFound(f"lease {lease_id:x} has expired")
         return ttl
 
+    async def grant(self, ttl: int) -> int:
+        """A new lease of ``ttl`` seconds (etcd grants at least about 2 s)."""
+        assert self._lease is not None
+        async with self._call("a lease grant"):
+            return int((await self._lease.grant(ttl, timeout=self._op_timeout)).ID)
+
+    async def create(self, key: bytes, value: bytes, lease: int) -> tuple[int, KeyValue | None]:
+        """Create ``key`` on ``lease`` unless it exists: an election campaign.
+
+        Returns (the key's create revision if this call created it else 0, the key as it is).
+        """
+        assert self._kv is not None
+        kv = self._kv
+        async with self._call("a create"):
+            resp = await kv.txn(
+                [kv.txn_compare_create_revision(key, 0)],
+                [kv.txn_op_put(key, value, lease=lease)],
+                [kv.txn_op_get(key)],
+                timeout=self._op_timeout,
+            )
+        if resp.succeeded:
+            return int(resp.header.revision), KeyValue(key, value, resp.header.revision, lease)
+        found = resp.responses[0].response_range.kvs
+        if not found:
+            return 0, None
+        held = found[0]
+        # Ours already: a retry of a create that did commit (its answer was lost).
+        created = int(held.create_revision) if held.lease == lease and held.value == value else 0
+        return created, KeyValue(held.key, held.value, held.mod_revision, held.lease)
+
+    async def fenced(self, fence: tuple[bytes, int], writes: Sequence[Write]) -> int:
+        """Apply ``writes`` in one transaction if the key ``fence[0]`` still has create
+        revision ``fence[1]``: a deposed writer's late write fails with ``Fenced``.
+
+        Retries (inside the op deadline) are safe: puts and deletes of fixed values apply the
+        same twice. Returns the transaction's revision.
+        """
+        assert self._kv is not None
+        kv = self._kv
+        ops = [kv.txn_op_delete(w.key) if w.value is None else kv.txn_op_put(w.key, w.value) for w in writes]
+        async with self._call("a fenced write"):
+            resp = await kv.txn([kv.txn_compare_create_revision(fence[0], fence[1])], ops, timeout=self._op_timeout)
+        if not resp.succeeded:
+            raise Fenced(f"{fence[0].decode(errors='replace')} is no longer ours (created at {fence[1]})")
+        return int(resp.header.revision)
+
+    async def get(self, key: bytes) -> KeyValue | None:
+        assert self._kv is not None
+        async with self._call("a read"):
+            resp = await self._kv.get(key, timeout=self._op_timeout)
+        if not resp.kvs:
+            return None
+        kv = resp.kvs[0]
+        return KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)
+
     async def compact(self, revision: int) -> None:
         assert self._kv is not None
         async with self._call("a compaction"):
@@ -225,6 +293,7 @@ class Store:
             async with self._call("a range read"):
                 resp = await self._kv.get(start, end, revision=revision, limit=_PAGE, timeout=self._op_timeout)
             revision = revision or resp.header.revision
+            self.cluster_id = resp.header.cluster_id
             items.extend(KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in resp.kvs)
             if not resp.more or not resp.kvs:
                 return revision, items

@@ -41,8 +41,9 @@ class Subscription:
     """One watcher's pending changes, coalesced: at most one (the latest) per instance, so a
     slow reader costs memory bounded by the number of instances, never an unbounded queue."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, service: str, region: str = "") -> None:
         self.service = service
+        self.region = region  # "": every region (replication follows only its own)
         self._pending: dict[_Key, Change] = {}
         self.ready = asyncio.Event()
         self.closed = False  # set by View.end_subscriptions at shutdown
@@ -85,7 +86,10 @@ class View:
         self._progress_requested = 0.0
         self._confirming: asyncio.Task[bool] | None = None
         self._confirming_at = 0
-        self._foreign: set[bytes] = set()  # keys under the prefix that are not instances we can read
+        # Keys under the prefix that are no instance we serve: replication checkpoints and
+        # election keys (read through ``meta``), and anything unreadable (counted, see _confirm).
+        self._meta: dict[bytes, bytes] = {}
+        self._region_counts: dict[str, int] = {}
         self._resume = 0  # the watch resumes after this: the last event's or listing's revision
         self.ready = asyncio.Event()
         self.watching = False
@@ -112,6 +116,17 @@ class View:
     def service_count(self) -> int:
         return len(self._by_service)
 
+    def region_count(self, region: str) -> int:
+        return self._region_counts.get(region, 0)
+
+    def meta(self, key: bytes) -> bytes | None:
+        """The value of a non-instance key under the prefix (a checkpoint, an election key)."""
+        return self._meta.get(key)
+
+    @property
+    def cluster_id(self) -> int:
+        return self._store.cluster_id
+
     def service(self, name: str) -> Iterable[Record]:
         return self._by_service.get(name, {}).values()
 
@@ -120,15 +135,19 @@ class View:
         across services coming and going, so a cache keyed on it is never fooled."""
         return self._generations.get(name, 0)
 
-    def snapshot(self, service: str) -> list[Instance]:
+    def snapshot(self, service: str, region: str = "") -> list[Instance]:
         records = self._by_service.get(service, {}).values() if service else self._records.values()
-        return [r.instance for r in records]
+        return [r.instance for r in records if not region or r.instance.region == region]
 
-    def changes_since(self, revision: int, service: str) -> list[Change] | None:
+    def changes_since(self, revision: int, service: str, region: str = "") -> list[Change] | None:
         """Changes after ``revision``, or None when they are no longer held (send a snapshot)."""
         if revision < self._history_floor or any(low < revision < high for low, high in self._gaps):
             return None
-        return [c for _, c in self._history if c.revision > revision and (not service or c.service == service)]
+        return [
+            c
+            for _, c in self._history
+            if c.revision > revision and (not service or c.service == service) and (not region or c.region == region)
+        ]
 
     async def wait_for(self, revision: int, timeout: float) -> None:
         """Return once the view has applied ``revision``; RevisionNotReached after ``timeout``,
@@ -177,17 +196,17 @@ class View:
         events it still owes the watch (etcd issue 15220), so it alone would let a read with
         ``min_revision`` miss a write. Same keys, none modified since: the view is exact at ``at``.
         """
-        before, count = self.revision, len(self._records) + len(self._foreign)
+        before, count = self.revision, len(self._records) + len(self._meta)
         try:
-            unchanged = await self._store.unchanged_since(self._keys.instances, before, count, at)
+            unchanged = await self._store.unchanged_since(self._keys.root, before, count, at)
         except StoreUnavailable:
             return False
         if unchanged:
             self._advance(at)
         return unchanged
 
-    def subscribe(self, service: str) -> Subscription:
-        sub = Subscription(service)
+    def subscribe(self, service: str, region: str = "") -> Subscription:
+        sub = Subscription(service, region)
         if self.closing:
             sub.closed = True
             sub.ready.set()
@@ -218,7 +237,7 @@ class View:
                 if must_list:
                     await self._load()
                     must_list = False
-                async with contextlib.aclosing(self._store.watch(self._keys.instances, self._resume + 1)) as batches:
+                async with contextlib.aclosing(self._store.watch(self._keys.root, self._resume + 1)) as batches:
                     await self._follow(batches)
             except Compacted as exc:
                 log.warning("view: watch fell behind a compaction (%s); re-listing", exc)
@@ -260,7 +279,7 @@ class View:
         self.watching = False
 
     async def _load(self) -> None:
-        revision, items = await self._store.list_prefix(self._keys.instances)
+        revision, items = await self._store.list_prefix(self._keys.root)
         fresh: dict[_Key, KeyValue] = {}
         foreign: list[Event] = []
         for kv in items:
@@ -269,7 +288,7 @@ class View:
                 fresh[_tuple(key)] = kv
             else:
                 foreign.append(Event(False, kv))
-        self._foreign.clear()  # the listing (through _apply below) says what is there now
+        self._meta.clear()  # the listing (through _apply below) says what is there now
         first = not self.ready.is_set()
         events = [
             Event(False, kv)
@@ -306,9 +325,9 @@ class View:
             except Exception:  # a corrupt value must not stop the feed; it is served no more
                 log.warning("view: cannot decode %r; not served", event.kv.key)
         if event.deleted or (parsed is not None and instance is not None):
-            self._foreign.discard(event.kv.key)
+            self._meta.pop(event.kv.key, None)
         else:
-            self._foreign.add(event.kv.key)
+            self._meta[event.kv.key] = event.kv.value
         return None if parsed is None else (_tuple(parsed), instance)
 
     def _apply(self, events: list[Event], revision: int, stamp: int = 0) -> None:
@@ -321,6 +340,7 @@ class View:
             if instance is None:
                 if self._records.pop(key, None) is None:
                     continue
+                self._count(key[0], -1)
                 bucket = self._by_service.get(key[1])
                 if bucket is not None:
                     bucket.pop(key, None)
@@ -331,6 +351,8 @@ class View:
                 )
             else:
                 record = Record(instance, event.kv.mod_revision, event.kv.lease)
+                if key not in self._records:
+                    self._count(key[0], 1)
                 self._records[key] = record
                 self._by_service.setdefault(key[1], {})[key] = record
                 change = Change(
@@ -348,6 +370,13 @@ class View:
             self._publish(key, change)
         self._advance(revision)
 
+    def _count(self, region: str, delta: int) -> None:
+        left = self._region_counts.get(region, 0) + delta
+        if left:
+            self._region_counts[region] = left
+        else:
+            self._region_counts.pop(region, None)
+
     def _advance(self, revision: int) -> None:
         if revision > self.revision:
             self.revision = revision
@@ -364,7 +393,7 @@ class View:
                 self._gaps = [gap for gap in self._gaps if gap[1] > self._history_floor]
         self._history.append((key, change))
         for sub in self._subscriptions:
-            if not sub.service or sub.service == change.service:
+            if (not sub.service or sub.service == change.service) and (not sub.region or sub.region == change.region):
                 sub.offer(key, change)
 
 

@@ -6,5 +6,13 @@ from discovery.api.errors import status_for
 from discovery.api.lookup import LookupServicer
 from discovery.api.lookup import add_to_server as add_lookup_to_server
 from discovery.api.registry import RegistryServicer
+from discovery.api.replication import ReplicationServicer
 
-__all__ = ["AdminServicer", "LookupServicer", "RegistryServicer", "add_lookup_to_server", "status_for"]
+__all__ = [
+    "AdminServicer",
+    "LookupServicer",
+    "RegistryServicer",
+    "ReplicationServicer",
+    "add_lookup_to_server",
+    "status_for",
+]

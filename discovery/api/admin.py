@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import grpc.aio
 
+from discovery.replication.state import RegionStates
 from discovery.store import StoreHealth
 from discovery.view import View
 from discovery_pb.v1 import admin_pb2 as pb
@@ -15,10 +16,16 @@ from discovery_pb.v1.admin_pb2_grpc import AdminServicer as _Base
 
 class AdminServicer(_Base):
     def __init__(
-        self, view: View, region: str, etcd_endpoints: list[str], health: Callable[[], StoreHealth], version: str
+        self,
+        view: View,
+        states: RegionStates,
+        etcd_endpoints: list[str],
+        health: Callable[[], StoreHealth],
+        version: str,
     ) -> None:
         self._view = view
-        self._region = region
+        self._states = states
+        self._region = states.region
         self._endpoints = etcd_endpoints
         self._health = health
         self._version = version
@@ -41,4 +48,5 @@ class AdminServicer(_Base):
             stale=view.stale,
             server_version=self._version,
             uptime_seconds=time.monotonic() - self._started,
+            origins=self._states.origins(),
         )

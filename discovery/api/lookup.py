@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from discovery.api.errors import abort
 from discovery.errors import DiscoveryError, InvalidArgument, ShuttingDown
 from discovery.model import validate_service
 from discovery.query import Query, select
+from discovery.replication.state import Freshness, RegionStates
 from discovery.telemetry import Instruments
 from discovery.view import View
 from discovery_pb.v1 import lookup_pb2 as pb
@@ -31,14 +33,21 @@ _DEFAULT_STATUSES = frozenset({Status.SERVING})
 
 class LookupServicer(_Base):
     def __init__(
-        self, view: View, region: str, instruments: Instruments, *, max_wait: float, watch_keepalive: float
+        self,
+        view: View,
+        states: RegionStates,
+        instruments: Instruments,
+        *,
+        max_wait: float,
+        watch_keepalive: float,
     ) -> None:
         self._view = view
-        self._region = region
+        self._states = states
+        self._region = states.region
         self._m = instruments
         self._max_wait = max_wait
         self._keepalive = watch_keepalive
-        self._cache: dict[str, tuple[tuple[int, bool], bytes]] = {}
+        self._cache: dict[str, tuple[int, bytes]] = {}
         self.streams = OpenStreams(_SHUTTING_DOWN)
 
     def _wait_budget(self, context: grpc.aio.ServicerContext) -> float:
@@ -64,21 +73,40 @@ class LookupServicer(_Base):
             return header + self._endpoints(query, stale)
 
     def _endpoints(self, query: Query, stale: bool) -> bytes:
-        """The ``endpoints`` field of a ResolveResponse, serialized. Protobuf messages
-        concatenate, so it follows the header as is. The common query (serving, local, no
-        filter) is cached per service until the view changes that service: copying every
-        instance into every response was most of Resolve's cost."""
-        view = self._view
-        key = (view.service_generation(query.service), stale)
-        cacheable = query.is_default
+        """The ``endpoints`` and ``regions`` fields of a ResolveResponse, serialized.
+        Protobuf messages concatenate, so they follow the header as is. The common query
+        (serving, local, no filter) is cached per service until the view changes that
+        service: copying every instance into every response was most of Resolve's cost."""
+        view, states = self._view, self._states
+        key = view.service_generation(query.service)
+        cacheable = query.is_default and not stale  # a stale answer carries a growing age
         if cacheable:
             hit = self._cache.get(query.service)
             if hit is not None and hit[0] == key:
                 return hit[1]
         body = pb.ResolveResponse()
-        for record in select(view.service(query.service), query, self._region):
-            endpoint = body.endpoints.add(mod_revision=record.mod_revision, stale=stale)
+        fresh: dict[str, Freshness] = {}
+        counts: dict[str, int] = {}
+        chosen = select(view.service(query.service), query, self._region, states.peers, states.servable)
+        for record in chosen:
+            region = record.instance.region
+            state = fresh.get(region)
+            if state is None:
+                state = fresh[region] = states.freshness(region)
+            counts[region] = counts.get(region, 0) + 1
+            endpoint = body.endpoints.add(
+                mod_revision=record.mod_revision, stale=state.stale, age_seconds=_seconds(state)
+            )
             endpoint.instance.CopyFrom(record.instance)
+        for region, count in counts.items():
+            state = fresh[region]
+            body.regions.add(
+                region=region,
+                endpoints=count,
+                stale=state.stale,
+                stale_seconds=_seconds(state),
+                local=region == self._region,
+            )
         data = body.SerializeToString()
         if cacheable:
             if len(self._cache) > 2 * view.service_count + 1024:  # services come and go
@@ -157,13 +185,23 @@ def _query(request: pb.ResolveRequest) -> Query:
     for status in request.statuses:
         if status not in _STATUSES:
             raise InvalidArgument("statuses", f"unknown status {status}")
+    if request.min_healthy > 10_000:
+        raise InvalidArgument("min_healthy", "at most 10000")
     return Query(
         service=request.service,
         scope=request.scope or pb.LOCAL,
         statuses=frozenset(request.statuses) or _DEFAULT_STATUSES,
         tags=frozenset(request.tags),
         zone=request.zone,
+        min_healthy=request.min_healthy or 1,
     )
+
+
+def _seconds(state: Freshness) -> float:
+    """Seconds stale, for the wire: 0 when fresh; a region never heard from reports -1."""
+    if not state.stale:
+        return 0.0
+    return -1.0 if math.isinf(state.age) else state.age
 
 
 def add_to_server(servicer: LookupServicer, server: grpc.aio.Server) -> None:

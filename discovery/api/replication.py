@@ -1,0 +1,131 @@
+"""Replication servicer: this region's own records, for other regions' replicators.
+
+Served from the view like Watch (no etcd read per stream), filtered to the records whose
+origin is this region: replicas of third regions are never passed on, so each record has
+one path from its origin to every other region.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import grpc.aio
+
+from discovery.api._streams import OpenStreams
+from discovery.api.errors import abort
+from discovery.errors import DiscoveryError, InvalidArgument, RevisionNotReached, ShuttingDown
+from discovery.view import View
+from discovery_pb.v1 import replication_pb2 as pb
+from discovery_pb.v1.replication_pb2_grpc import ReplicationServicer as _Base
+from discovery_pb.v1.types_pb2 import Change, Instance
+
+SNAPSHOT_CHUNK = 500
+HEARTBEAT_SECONDS = 1.0
+CATCH_UP_SECONDS = 2.0  # a receiver ahead of this server's view waits this long before a snapshot
+_SHUTTING_DOWN = "the server is shutting down; replicate from another server of this region"
+
+
+class ReplicationServicer(_Base):
+    def __init__(self, view: View, region: str, *, heartbeat: float = HEARTBEAT_SECONDS) -> None:
+        self._view = view
+        self._region = region
+        self._heartbeat = heartbeat
+        self.streams = OpenStreams(_SHUTTING_DOWN)
+
+    async def Stream(
+        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.StreamResponse]:
+        task = self.streams.add(context)
+        try:
+            async with contextlib.aclosing(self._stream(request, context, task)) as messages:
+                async for message in messages:
+                    yield message
+        finally:
+            self.streams.discard(task)
+
+    async def _stream(
+        self, request: pb.StreamRequest, context: grpc.aio.ServicerContext, task: asyncio.Task[Any]
+    ) -> AsyncGenerator[pb.StreamResponse, None]:
+        view, region = self._view, self._region
+        try:
+            since = await self._resume_point(request)
+        except DiscoveryError as exc:
+            if self.streams.ended(task):
+                return
+            await abort(context, exc)
+        # As in Watch: subscribe and read the history with no await in between.
+        sub = view.subscribe("", region=region)
+        try:
+            changes = view.changes_since(since, "", region=region) if since else None
+            revision = view.revision
+            if changes is None:
+                for message in self._snapshot(view.snapshot("", region=region), revision):
+                    yield message
+            else:
+                yield self._message(pb.StreamResponse.CHANGES, revision, changes=changes)
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._heartbeat):
+                        await sub.ready.wait()
+                if sub.closed:
+                    if self.streams.ended(task):
+                        return
+                    await abort(context, ShuttingDown(_SHUTTING_DOWN))
+                changes = sub.take()
+                kind = pb.StreamResponse.CHANGES if changes else pb.StreamResponse.HEARTBEAT
+                yield self._message(kind, view.revision, changes=changes)
+        finally:
+            view.unsubscribe(sub)
+
+    async def _resume_point(self, request: pb.StreamRequest) -> int:
+        """The revision to send changes after; 0 for a snapshot."""
+        view, since = self._view, request.since_revision
+        if self.streams.closing:
+            raise ShuttingDown(_SHUTTING_DOWN)
+        if request.origin and request.origin != self._region:
+            raise InvalidArgument("origin", f"this server is region {self._region!r}, not {request.origin!r}")
+        if since < 0:
+            raise InvalidArgument("since_revision", "must be >= 0")
+        if request.cluster_id and request.cluster_id != view.cluster_id:
+            return 0  # the checkpoint is from another etcd cluster: its revisions mean nothing here
+        if since > view.revision:
+            # Another server of ours may have been ahead of this one; a bounded wait beats a
+            # needless snapshot. A checkpoint still ahead is from a rebuilt cluster.
+            with contextlib.suppress(RevisionNotReached):
+                await view.wait_for(since, CATCH_UP_SECONDS)
+            if since > view.revision:
+                return 0
+        return since
+
+    def _message(
+        self,
+        kind: pb.StreamResponse.Kind.ValueType,
+        revision: int,
+        *,
+        changes: list[Change] | None = None,
+        instances: list[Instance] | None = None,
+        more: bool = False,
+    ) -> pb.StreamResponse:
+        view = self._view
+        return pb.StreamResponse(
+            kind=kind,
+            origin=self._region,
+            cluster_id=view.cluster_id,
+            revision=revision,
+            time_ms=int(time.time() * 1000),
+            changes=changes,
+            instances=instances,
+            more=more,
+            stale=view.stale,
+        )
+
+    def _snapshot(self, instances: list[Instance], revision: int) -> list[pb.StreamResponse]:
+        chunks = [instances[i : i + SNAPSHOT_CHUNK] for i in range(0, len(instances), SNAPSHOT_CHUNK)] or [[]]
+        return [
+            self._message(pb.StreamResponse.SNAPSHOT, revision, instances=chunk, more=i < len(chunks) - 1)
+            for i, chunk in enumerate(chunks)
+        ]

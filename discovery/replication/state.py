@@ -1,0 +1,98 @@
+"""How fresh each region's records are, as every server of the region sees it.
+
+The replicator's leader writes its checkpoint (with the time it last heard from the origin)
+at least once a second while in contact; every server's view watches those keys, so any
+server, leader or not, can say how stale its replicas of a region are without asking anyone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from discovery.keys import KeySchema
+from discovery.view import View
+from discovery_pb.v1.admin_pb2 import OriginStatus
+from discovery_pb.v1.replication_pb2 import Checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Freshness:
+    stale: bool
+    age: float  # seconds since the source was last heard from (inf: never)
+
+
+class RegionStates:
+    def __init__(
+        self,
+        view: View,
+        keys: KeySchema,
+        region: str,
+        peers: Sequence[str],
+        *,
+        stale_after: float,
+        max_staleness: float = 0.0,
+    ) -> None:
+        self._view = view
+        self._keys = keys
+        self.region = region
+        self.peers = tuple(peers)  # proximity order
+        self._stale_after = stale_after
+        self._max_staleness = max_staleness
+
+    def checkpoint(self, origin: str) -> Checkpoint | None:
+        raw = self._view.meta(self._keys.checkpoint(origin))
+        if raw is None:
+            return None
+        try:
+            return Checkpoint.FromString(raw)
+        except Exception:  # written by a newer or broken server: as if absent
+            return None
+
+    def leader(self, origin: str) -> str:
+        raw = self._view.meta(self._keys.election(origin))
+        return raw.decode(errors="replace") if raw is not None else ""
+
+    def freshness(self, region: str) -> Freshness:
+        view = self._view
+        own = view.stale_seconds()
+        if region == self.region:
+            return Freshness(view.stale, own)
+        cp = self.checkpoint(region)
+        if cp is None or not cp.last_contact_ms:
+            return Freshness(True, math.inf)
+        age = max(0.0, time.time() - cp.last_contact_ms / 1000)
+        if view.stale:  # our own etcd is gone: we do not even know what the replicator heard
+            age = max(age, own)
+        return Freshness(view.stale or age > self._stale_after, age if age > self._stale_after else 0.0)
+
+    def servable(self, region: str) -> bool:
+        """Whether records of ``region`` may be served (``--max-staleness``)."""
+        if not self._max_staleness or region == self.region:
+            return True
+        fresh = self.freshness(region)
+        return not fresh.stale or fresh.age <= self._max_staleness
+
+    def origins(self) -> list[OriginStatus]:
+        out = []
+        for origin in self.peers:
+            cp = self.checkpoint(origin) or Checkpoint()
+            fresh = self.freshness(origin)
+            now_ms = time.time() * 1000
+            out.append(
+                OriginStatus(
+                    origin=origin,
+                    connected=not fresh.stale,
+                    leader=self.leader(origin),
+                    checkpoint_revision=cp.revision,
+                    head_revision=cp.head_revision,
+                    lag_revisions=max(0, cp.head_revision - cp.revision),
+                    lag_seconds=max(0.0, (now_ms - cp.caught_up_ms) / 1000) if cp.caught_up_ms else 0.0,
+                    last_contact_seconds=max(0.0, (now_ms - cp.last_contact_ms) / 1000) if cp.last_contact_ms else 0.0,
+                    source=cp.source,
+                    replicas=self._view.region_count(origin),
+                )
+            )
+        return out
