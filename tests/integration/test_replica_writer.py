@@ -1,0 +1,138 @@
+"""The replicator's writer and election against a real etcd: fencing, checkpoints in the
+same transaction, held deletions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from discovery.keys import KeySchema
+from discovery.replication import ReplicaWriter, Session
+from discovery.store import Fenced, Store
+from discovery_pb.v1.replication_pb2 import Checkpoint
+from discovery_pb.v1.types_pb2 import Change, Instance
+
+ORIGIN = "eu"
+
+
+@pytest.fixture
+async def store(etcd) -> AsyncIterator[Store]:
+    async with Store([etcd.endpoint], op_timeout=2.0) as s:
+        yield s
+
+
+@pytest.fixture
+def keys(key_prefix: str) -> KeySchema:
+    return KeySchema(key_prefix)
+
+
+def put(instance_id: str, revision: int, address: str = "10.0.0.1:80") -> Change:
+    inst = Instance(service="web", instance_id=instance_id, region=ORIGIN, address=address)
+    return Change(
+        kind=Change.PUT, revision=revision, service="web", region=ORIGIN, instance_id=instance_id, instance=inst
+    )
+
+
+def delete(instance_id: str, revision: int) -> Change:
+    return Change(kind=Change.DELETE, revision=revision, service="web", region=ORIGIN, instance_id=instance_id)
+
+
+async def replicas(store: Store, keys: KeySchema) -> set[str]:
+    _, kvs = await store.list_prefix(keys.region_instances(ORIGIN))
+    return {kv.key.decode().rsplit("/", 1)[1] for kv in kvs}
+
+
+async def checkpoint(store: Store, keys: KeySchema) -> Checkpoint:
+    kv = await store.get(keys.checkpoint(ORIGIN))
+    assert kv is not None
+    return Checkpoint.FromString(kv.value)
+
+
+async def win(store: Store, keys: KeySchema, identity: str) -> tuple[int, tuple[bytes, int]]:
+    lease = await store.grant(5)
+    created, _ = await store.create(keys.election(ORIGIN), identity.encode(), lease)
+    assert created
+    return lease, (keys.election(ORIGIN), created)
+
+
+async def test_a_deposed_leaders_late_write_is_refused(store, keys) -> None:
+    lease, fence = await win(store, keys, "old")
+    old = ReplicaWriter(store, keys, ORIGIN, fence, Checkpoint(origin=ORIGIN))
+    await old.changes([put("i1", 10)], 10, hold=False, contact=Checkpoint())
+    # The old leader hangs; its lease expires (revoked here) and another server wins.
+    await store.revoke(lease)
+    _, new_fence = await win(store, keys, "new")
+    new = ReplicaWriter(store, keys, ORIGIN, new_fence, await checkpoint(store, keys))
+    await new.changes([delete("i1", 11)], 11, hold=False, contact=Checkpoint())
+    # The old leader wakes up and writes what it had in hand: refused, nothing changes.
+    with pytest.raises(Fenced):
+        await old.changes([put("i1", 10), put("zombie", 10)], 10, hold=False, contact=Checkpoint())
+    assert await replicas(store, keys) == set()
+    assert (await checkpoint(store, keys)).revision == 11
+
+
+async def test_changes_and_checkpoint_commit_together_in_chunks(store, keys) -> None:
+    _, fence = await win(store, keys, "me")
+    writer = ReplicaWriter(store, keys, ORIGIN, fence, Checkpoint(origin=ORIGIN))
+    batch = [put(f"i{n}", 100 + n) for n in range(250)]  # more than one etcd transaction holds
+    await writer.changes(batch, 400, hold=False, contact=Checkpoint(leader="me"))
+    assert len(await replicas(store, keys)) == 250
+    cp = await checkpoint(store, keys)
+    assert (cp.revision, cp.leader) == (400, "me")
+
+
+async def test_held_deletions_are_superseded_or_applied_and_never_skipped(store, keys) -> None:
+    _, fence = await win(store, keys, "me")
+    writer = ReplicaWriter(store, keys, ORIGIN, fence, Checkpoint(origin=ORIGIN))
+    await writer.changes([put("a", 1), put("b", 2), put("c", 3)], 3, hold=False, contact=Checkpoint())
+    # The origin is back from a freeze: its leases expired, two instances re-register.
+    await writer.changes([delete("a", 4), delete("b", 5), delete("c", 6)], 6, hold=True, contact=Checkpoint())
+    await writer.changes([put("a", 7), put("b", 8)], 8, hold=True, contact=Checkpoint())
+    assert await replicas(store, keys) == {"a", "b", "c"}  # nothing flapped out
+    # The checkpoint stays before the held deletion: a restart now would replay it.
+    assert (await checkpoint(store, keys)).revision == 3
+    restarted = ReplicaWriter(store, keys, ORIGIN, fence, await checkpoint(store, keys))
+    assert restarted.applied == 3
+    # Grace over: the deletion nobody superseded is applied, and the checkpoint moves on.
+    assert await writer.release(Checkpoint()) == 1
+    assert await replicas(store, keys) == {"a", "b"}
+    assert (await checkpoint(store, keys)).revision == 8
+
+
+async def test_snapshot_writes_only_the_difference(store, keys) -> None:
+    _, fence = await win(store, keys, "me")
+    writer = ReplicaWriter(store, keys, ORIGIN, fence, Checkpoint(origin=ORIGIN))
+    await writer.changes([put("a", 1), put("b", 2), put("c", 3)], 3, hold=False, contact=Checkpoint())
+    before = {kv.key: kv.mod_revision for kv in (await store.list_prefix(keys.region_instances(ORIGIN)))[1]}
+    snap = [put("a", 1).instance, put("b", 9, address="10.0.0.9:80").instance, put("d", 9).instance]
+    done = await writer.snapshot(snap, 9, cluster_id=7, hold=False, contact=Checkpoint())
+    assert (done.puts, done.deletes) == (2, 1)  # b changed, d new, c gone; a untouched
+    after = {kv.key: kv.mod_revision for kv in (await store.list_prefix(keys.region_instances(ORIGIN)))[1]}
+    a = keys.instance(ORIGIN, "web", "a")
+    assert after[a] == before[a]
+    cp = await checkpoint(store, keys)
+    assert (cp.revision, cp.cluster_id) == (9, 7)
+    # A held snapshot deletion leaves a checkpoint that forces a new snapshot after a restart.
+    await writer.snapshot([put("a", 1).instance], 12, cluster_id=7, hold=True, contact=Checkpoint())
+    assert await replicas(store, keys) == {"a", "b", "d"}
+    assert (await checkpoint(store, keys)).revision == 0
+
+
+async def test_session_reports_a_lost_lease_and_grants_a_new_one(store) -> None:
+    session = Session(store, ttl=2)
+    lease = await session.lease()
+    runner = asyncio.create_task(session.run())
+    try:
+        await store.revoke(lease)  # what etcd does when the server was hung past the TTL
+        async with asyncio.timeout(5):
+            await session.lost.wait()
+        assert session.lease_id == 0
+        assert await session.lease() not in (0, lease)
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await session.close()

@@ -1,0 +1,205 @@
+"""Replication between regions, each with its own real etcd, all in this process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from discovery.etcd_process import EtcdProcess
+from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
+from tests.conftest import Servers
+from tests.helpers import CALL_TIMEOUT, eventually, register, resolve
+from tests.multiregion import Regions
+
+
+@pytest.fixture(scope="module")
+def region_etcds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, EtcdProcess]]:
+    """One etcd per region for the module; tests stay apart by key prefix."""
+    base = tmp_path_factory.mktemp("regions")
+    members = {name: EtcdProcess(base / name).start() for name in ("a", "b", "c")}
+    yield members
+    for member in members.values():
+        member.stop()
+
+
+@pytest.fixture
+async def regions(servers: Servers) -> AsyncIterator[Regions]:
+    yield Regions(servers)
+
+
+def addresses(response: lookup_pb2.ResolveResponse) -> dict[str, str]:
+    return {e.instance.address: e.instance.region for e in response.endpoints}
+
+
+async def test_register_in_one_region_is_seen_in_the_others(regions, region_etcds, connect) -> None:
+    await regions.start(region_etcds)
+    a, b, c = (connect(regions[r][0]) for r in "abc")
+    reg = await register(a, "pay", "10.0.0.1:80")
+    await register(a, "pay", "10.0.0.2:80", ttl_seconds=2)
+
+    async def seen_everywhere() -> bool:
+        for stubs in (b, c):
+            got = await resolve(stubs, "pay", scope=lookup_pb2.ALL)
+            if addresses(got) != {"10.0.0.1:80": "a", "10.0.0.2:80": "a"}:
+                return False
+        return True
+
+    await eventually(seen_everywhere, timeout=2.0)
+    # Replicas are served, marked fresh, and LOCAL does not include them.
+    got = await resolve(b, "pay", scope=lookup_pb2.ALL)
+    assert [(r.region, r.endpoints, r.stale, r.local) for r in got.regions] == [("a", 2, False, False)]
+    assert not (await resolve(b, "pay")).endpoints
+
+    # Deregistration replicates; so does the expiry of a lease nobody keeps alive.
+    await a.registry.Deregister(
+        registry_pb2.DeregisterRequest(service="pay", instance_id=reg.instance_id), timeout=CALL_TIMEOUT
+    )
+
+    async def deregistered_gone() -> bool:
+        return all(["10.0.0.1:80" not in addresses(await resolve(s, "pay", scope=lookup_pb2.ALL)) for s in (b, c)])
+
+    await eventually(deregistered_gone, timeout=2.0)
+
+    async def all_gone() -> bool:
+        return all([not (await resolve(s, "pay", scope=lookup_pb2.ALL)).endpoints for s in (a, b, c)])
+
+    await eventually(all_gone, timeout=8.0)
+
+
+async def test_failover_follows_proximity_and_min_healthy(regions, region_etcds, connect) -> None:
+    await regions.start(region_etcds)
+    a, b, c = (connect(regions[r][0]) for r in "abc")
+    await register(b, "db", "10.1.0.1:5432")
+    await register(c, "db", "10.2.0.1:5432")
+    await register(c, "db", "10.2.0.2:5432")
+
+    async def replicated() -> bool:
+        return len((await resolve(a, "db", scope=lookup_pb2.ALL)).endpoints) == 3
+
+    await eventually(replicated, timeout=2.0)
+    # a's proximity is b then c: b alone satisfies one healthy endpoint.
+    got = await resolve(a, "db", scope=lookup_pb2.FAILOVER)
+    assert set(addresses(got).values()) == {"b"}
+    assert [r.region for r in got.regions] == ["b"]
+    got = await resolve(a, "db", scope=lookup_pb2.FAILOVER, min_healthy=2)
+    assert addresses(got) == {"10.1.0.1:5432": "b", "10.2.0.1:5432": "c", "10.2.0.2:5432": "c"}
+    # A local endpoint is enough: nothing else is added.
+    await register(a, "db", "10.0.0.1:5432")
+    got = await resolve(a, "db", scope=lookup_pb2.FAILOVER, min_revision=0)
+    await eventually(lambda: _only_local(a), timeout=2.0)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await resolve(a, "db", min_healthy=100_000)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def _only_local(stubs) -> bool:
+    got = await resolve(stubs, "db", scope=lookup_pb2.FAILOVER)
+    return set(addresses(got).values()) == {"a"} and [r.local for r in got.regions] == [True]
+
+
+async def test_status_shows_each_origin(regions, region_etcds, connect) -> None:
+    await regions.start(region_etcds, servers=2)
+    await register(connect(regions["a"][0]), "web", "10.0.0.1:80")
+
+    async def both_connected() -> admin_pb2.StatusResponse | None:
+        status = await connect(regions["b"][1]).admin.Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)
+        origins = {o.origin: o for o in status.origins}
+        if sorted(origins) == ["a", "c"] and all(o.connected and o.leader for o in origins.values()):
+            return status
+        return None
+
+    status = await eventually(both_connected, timeout=5.0)
+    a = next(o for o in status.origins if o.origin == "a")
+    leader = regions.leader("b", "a")
+    assert leader is not None and a.leader == leader.address
+    assert a.source in {f"127.0.0.1:{p}" for p in regions.ports["a"]}
+    assert a.replicas == 1 and a.checkpoint_revision > 0 and a.lag_revisions == 0
+    assert a.last_contact_seconds < 3
+
+
+async def test_restart_resumes_from_the_checkpoint_without_a_snapshot(regions, region_etcds, connect) -> None:
+    await regions.start({r: region_etcds[r] for r in "ab"})
+    a = connect(regions["a"][0])
+    await register(a, "web", "10.0.0.1:80")
+    await eventually(lambda: _count(connect(regions["b"][0]), 1), timeout=2.0)
+    await regions.stop_server(regions["b"][0])
+    for i in range(2, 6):
+        await register(a, "web", f"10.0.0.{i}:80")
+    server = await regions.start_server("b", 0)
+    await eventually(lambda: _count(connect(server), 5), timeout=3.0)
+    assert server.replicators["a"].snapshots == 0
+
+
+async def _count(stubs, n: int, service: str = "web") -> bool:
+    return len((await resolve(stubs, service, scope=lookup_pb2.ALL)).endpoints) == n
+
+
+async def test_compaction_while_cut_off_resyncs_by_snapshot(regions, servers, connect, tmp_path: Path) -> None:
+    etcds = {r: EtcdProcess(tmp_path / r).start() for r in "ab"}
+    try:
+        await regions.start(etcds)
+        a = connect(regions["a"][0])
+        keep = await register(a, "web", "10.0.0.1:80")
+        gone = await register(a, "web", "10.0.0.2:80")
+        await eventually(lambda: _count(connect(regions["b"][0]), 2), timeout=2.0)
+        await regions.stop_server(regions["b"][0])  # b is cut off
+        await a.registry.Deregister(
+            registry_pb2.DeregisterRequest(service="web", instance_id=gone.instance_id), timeout=CALL_TIMEOUT
+        )
+        new = await register(a, "web", "10.0.0.3:80")
+        await regions["a"][0].store.compact(new.revision)
+        # A's server holds recent changes in memory beyond etcd's compaction; a restarted one
+        # starts its history at its listing, so b's checkpoint is gone everywhere.
+        await regions.stop_server(regions["a"][0])
+        await regions.start_server("a", 0)
+        server = await regions.start_server("b", 0)
+        b = connect(server)
+
+        async def resynced() -> bool:
+            got = await resolve(b, "web", scope=lookup_pb2.ALL)
+            return set(addresses(got)) == {"10.0.0.1:80", "10.0.0.3:80"}
+
+        await eventually(resynced, timeout=3.0)
+        assert server.replicators["a"].snapshots == 1
+        assert keep.instance_id
+    finally:
+        for member in etcds.values():
+            member.stop()
+
+
+async def test_leader_stop_hands_over_without_losing_a_change(regions, region_etcds, connect) -> None:
+    await regions.start({r: region_etcds[r] for r in "ab"}, servers=2)
+    a = connect(regions["a"][0])
+    leader = await eventually(lambda: _leader(regions, "b", "a"), timeout=5.0)
+    standby = next(s for s in regions["b"] if s is not leader)
+    writes = asyncio.create_task(_register_many(a, 40))
+    await asyncio.sleep(0)  # let the first registrations start before the handover
+    await regions.stop_server(leader)  # a clean stop revokes its lease: the standby takes over at once
+    await writes
+    await eventually(lambda: _count(connect(standby), 40, "burst"), timeout=5.0)
+    assert regions.leader("b", "a") is standby
+
+
+async def _leader(regions: Regions, region: str, origin: str):
+    return regions.leader(region, origin)
+
+
+async def _register_many(stubs, n: int) -> None:
+    for i in range(n):
+        await register(stubs, "burst", f"10.9.{i // 250}.{i % 250}:80")
+
+
+async def test_a_peer_named_for_the_wrong_region_is_refused(regions, region_etcds, connect) -> None:
+    await regions.start({r: region_etcds[r] for r in "ab"})
+    from discovery_pb.v1 import replication_pb2, replication_pb2_grpc
+
+    stub = replication_pb2_grpc.ReplicationStub(connect(regions["a"][0]).channel)
+    call = stub.Stream(replication_pb2.StreamRequest(origin="b"), timeout=CALL_TIMEOUT)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert types_pb2.SERVING  # the feed never carries third-region replicas: see test_feed
