@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from discovery_pb.v1.lookup_pb2 import WatchResponse
+from discovery_pb.v1.admin_pb2 import OriginStatus
+from discovery_pb.v1.lookup_pb2 import RegionState, WatchResponse
 from discovery_pb.v1.types_pb2 import Change, Endpoint, Instance, Status
 
 
@@ -25,7 +26,62 @@ def instance_dict(inst: Instance, stale: bool = False) -> dict[str, Any]:
 
 
 def endpoint_dict(ep: Endpoint) -> dict[str, Any]:
-    return instance_dict(ep.instance, ep.stale)
+    out = instance_dict(ep.instance, ep.stale)
+    if ep.stale:
+        out["age_seconds"] = round(ep.age_seconds, 1)
+    return out
+
+
+def region_dict(r: RegionState) -> dict[str, Any]:
+    return {
+        "region": r.region,
+        "local": r.local,
+        "endpoints": r.endpoints,
+        "stale": r.stale,
+        "stale_seconds": round(r.stale_seconds, 1),
+    }
+
+
+def region_line(r: RegionState) -> str:
+    where = "local" if r.local else "replica"
+    if not r.stale:
+        freshness = "fresh"
+    elif r.stale_seconds < 0:
+        freshness = "STALE (never heard from)"
+    else:
+        freshness = f"STALE for {r.stale_seconds:.1f}s"
+    return f"{r.region}: {r.endpoints} endpoints ({where}, {freshness})"
+
+
+def origin_dict(o: OriginStatus) -> dict[str, Any]:
+    return {
+        "origin": o.origin,
+        "connected": o.connected,
+        "leader": o.leader,
+        "source": o.source,
+        "checkpoint_revision": o.checkpoint_revision,
+        "head_revision": o.head_revision,
+        "lag_revisions": o.lag_revisions,
+        "lag_seconds": round(o.lag_seconds, 3),
+        "last_contact_seconds": round(o.last_contact_seconds, 3),
+        "replicas": o.replicas,
+    }
+
+
+ORIGIN_HEADER = ["ORIGIN", "STATE", "LEADER", "SOURCE", "CHECKPOINT", "LAG", "LAST CONTACT", "REPLICAS"]
+
+
+def origin_row(o: OriginStatus) -> list[str]:
+    return [
+        o.origin,
+        "connected" if o.connected else "DISCONNECTED",
+        o.leader or "-",
+        o.source or "-",
+        str(o.checkpoint_revision),
+        f"{o.lag_revisions} rev / {o.lag_seconds:.1f}s",
+        f"{o.last_contact_seconds:.1f}s ago" if o.last_contact_seconds or o.connected else "never",
+        str(o.replicas),
+    ]
 
 
 def instance_row(inst: Instance, stale: bool = False) -> list[str]:

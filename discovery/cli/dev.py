@@ -10,32 +10,72 @@ import threading
 from pathlib import Path
 
 from discovery.cli._common import OK, USAGE, CommandError, add_verb, bounded_int
-from discovery.dev import DevCluster
+from discovery.dev import DEFAULT_REGIONS, DevCluster
+from discovery.etcd_process import StartAborted
+
+DEV_DESCRIPTION = """Run a whole local cluster in the foreground, like `consul agent -dev`.
+
+Each region gets its own etcd (1 or 3 members) and its discovery servers, all on 127.0.0.1.
+Every region is peered with all the others, nearest first in the order of --regions: that
+order is what FAILOVER follows. For trying and testing, never production."""
 
 DEV_EXAMPLES = """examples:
-  discovery dev                                  # region us-east: one etcd, one server on 127.0.0.1:7400
-  discovery dev --regions us-east,eu-west --servers-per-region 2
-  discovery dev --state-dir /tmp/dc --keep       # keep data and logs after exit
+  discovery dev                                  # us-east, eu-west, ap-south; servers on 7400, 7401, 7402
+  discovery resolve web --server 127.0.0.1:7400  # (in another terminal) ask us-east
+  discovery dev --regions us-east,eu-west --servers-per-region 2 --etcd-members 3
+  discovery dev --base-port 0                    # free ports, to run beside another cluster
+  discovery dev --state-dir /tmp/dc --keep       # keep data, logs and cluster.json after exit
 
-Prints a table of endpoints, then `ready`, and writes the same as JSON to STATE_DIR/cluster.json.
-Ctrl-C or SIGTERM stops everything it started."""
+It prints a line per process it starts, then a table of every endpoint (region, role,
+address, pid, log file), then the line `ready`: from then on every server answers and every
+etcd is healthy. The same endpoints, as JSON, are in STATE_DIR/cluster.json:
+  {"regions": {"us-east": {"servers": [{"address": "127.0.0.1:7400", "pid": 4242}],
+                           "etcd": [{"address": "127.0.0.1:40213", "pid": 4240}]}, ...},
+   "state_dir": "..."}
+Every pid is the process itself (etcd, the server's Python): a signal sent to it reaches it.
+
+Ctrl-C or SIGTERM, also during startup, stops everything it started and exits 0. If a process
+fails to start, the rest is stopped and the error names that process and its log file."""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = add_verb(
         sub,
         "dev",
-        help="run a local cluster (etcd and servers per region) in the foreground",
+        help="run a local multi-region cluster (etcd and servers per region) in the foreground",
+        description=DEV_DESCRIPTION,
         epilog=DEV_EXAMPLES,
     )
-    p.add_argument("--regions", default="us-east", help="comma-separated, nearest first (default: %(default)s)")
-    p.add_argument("--servers-per-region", type=int, default=1, metavar="N")
-    p.add_argument("--etcd-members", type=int, default=1, choices=[1, 3], help="members per region's etcd")
     p.add_argument(
-        "--base-port", type=bounded_int(1, 65535), default=7400, help="first server port; the next ones follow"
+        "--regions",
+        default=",".join(DEFAULT_REGIONS),
+        metavar="A,B,C",
+        help="comma-separated, nearest first (default: %(default)s)",
     )
-    p.add_argument("--state-dir", type=Path, help="data and logs (default: a temp dir, removed on exit)")
-    p.add_argument("--keep", action="store_true", help="keep the state dir on exit")
+    p.add_argument(
+        "--servers-per-region", type=bounded_int(1, 16), default=1, metavar="N", help="(default: %(default)s)"
+    )
+    p.add_argument(
+        "--etcd-members",
+        type=int,
+        default=1,
+        choices=[1, 3],
+        help="members of each region's etcd cluster (default: %(default)s)",
+    )
+    p.add_argument(
+        "--base-port",
+        type=bounded_int(0, 65535),
+        default=7400,
+        metavar="PORT",
+        help="first server port, the next servers follow in region order; 0 picks free ports (default: %(default)s)",
+    )
+    p.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="data, logs and cluster.json (default: a new temp dir); what it creates there is removed on exit",
+    )
+    p.add_argument("--keep", action="store_true", help="keep what was created in the state dir on exit")
     p.set_defaults(func=dev)
 
 
@@ -53,19 +93,26 @@ async def dev(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(str(exc), USAGE) from None
     stop = threading.Event()
+
+    def on_signal() -> None:
+        stop.set()
+        cluster.abort()  # a start still waiting gives up and stops what it started
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await asyncio.to_thread(cluster.start, lambda line: print(line, flush=True))
         print(cluster.table())
-        print(f"state: {cluster.state_dir}/cluster.json")
+        print(f"cluster.json: {cluster.state_file}")
         print("ready", flush=True)
         reported: set[str] = set()
         while not await asyncio.to_thread(stop.wait, 1.0):
             for line in set(cluster.dead()) - reported:
                 print(f"warning: {line}", file=sys.stderr, flush=True)
                 reported.add(line)
+    except StartAborted:
+        pass  # asked to stop during startup: not a failure
     except (RuntimeError, OSError) as exc:
         raise CommandError(str(exc)) from None
     finally:

@@ -16,12 +16,21 @@ from discovery.cli._common import (
     CommandError,
     add_client_flags,
     add_verb,
+    bounded_int,
     channel,
     print_json,
     print_table,
     rpc_error,
 )
-from discovery.cli._render import INSTANCE_HEADER, endpoint_dict, instance_row, watch_dict, watch_lines
+from discovery.cli._render import (
+    INSTANCE_HEADER,
+    endpoint_dict,
+    instance_row,
+    region_dict,
+    region_line,
+    watch_dict,
+    watch_lines,
+)
 from discovery.retry import RetryPolicy
 from discovery_pb.v1 import lookup_pb2 as pb
 from discovery_pb.v1.lookup_pb2_grpc import LookupStub
@@ -33,6 +42,8 @@ STATUSES = {"serving": Status.SERVING, "draining": Status.DRAINING, "not_serving
 RESOLVE_EXAMPLES = """examples:
   discovery resolve web
   discovery resolve web --scope failover --json
+  discovery resolve web --scope failover --min-healthy 3   # add nearer regions until 3 serving
+  discovery resolve web --scope all         # every region, replicas marked stale when out of contact
   discovery resolve web --tag canary --zone us-east-1a --status serving --status draining
   discovery resolve web --min-revision 1234     # wait until the server has seen revision 1234"""
 
@@ -52,6 +63,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     r.add_argument("service")
     r.add_argument("--scope", choices=sorted(SCOPES), default="local", help="regions to include (default: local)")
+    r.add_argument(
+        "--min-healthy",
+        type=bounded_int(1, 10_000),
+        default=1,
+        metavar="N",
+        help="failover: add regions, nearest first, until N serving endpoints (default 1)",
+    )
     r.add_argument("--min-revision", type=REVISION, default=0, metavar="N", help="wait until the view has reached N")
     r.add_argument("--status", action="append", choices=sorted(STATUSES), default=[], help="default: serving")
     r.add_argument("--tag", action="append", default=[], help="require this tag; repeatable")
@@ -80,6 +98,7 @@ async def resolve(args: argparse.Namespace) -> int:
         statuses=[STATUSES[s] for s in args.status],
         tags=args.tag,
         zone=args.zone,
+        min_healthy=args.min_healthy,
     )
     async with channel(args) as ch:
         try:
@@ -93,12 +112,15 @@ async def resolve(args: argparse.Namespace) -> int:
                 "revision": resp.revision,
                 "stale": resp.stale,
                 "endpoints": [endpoint_dict(ep) for ep in resp.endpoints],
+                "regions": [region_dict(r) for r in resp.regions],
             }
         )
         return OK
     print_table(INSTANCE_HEADER, [instance_row(ep.instance, ep.stale) for ep in resp.endpoints])
     note = f", stale for {resp.stale_seconds:.1f}s" if resp.stale else ""
     print(f"# {len(resp.endpoints)} endpoints of {resp.service} at revision {resp.revision}{note}")
+    for r in resp.regions:
+        print(f"# {region_line(r)}")
     return OK
 
 

@@ -7,7 +7,8 @@ import argparse
 import grpc
 import grpc.aio
 
-from discovery.cli._common import OK, add_client_flags, add_verb, channel, print_json, rpc_error
+from discovery.cli._common import OK, add_client_flags, add_verb, channel, print_json, print_table, rpc_error
+from discovery.cli._render import ORIGIN_HEADER, origin_dict, origin_row
 from discovery_pb.v1 import admin_pb2 as pb
 from discovery_pb.v1.admin_pb2_grpc import AdminStub
 
@@ -16,7 +17,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     s = add_verb(
         sub,
         "status",
-        help="the server's region, revision, instance count and etcd health",
+        help="the server's region, revision, instances, etcd health and replication from each peer region",
         epilog="examples:\n  discovery status\n  discovery status --server 127.0.0.1:7401 --json",
     )
     add_client_flags(s)
@@ -46,6 +47,7 @@ async def status(args: argparse.Namespace) -> int:
                 "etcd": etcd,
                 "server_version": resp.server_version,
                 "uptime_seconds": round(resp.uptime_seconds, 1),
+                "origins": [origin_dict(o) for o in resp.origins],
             }
         )
         return OK
@@ -55,4 +57,7 @@ async def status(args: argparse.Namespace) -> int:
     health = "healthy" if resp.etcd.healthy else f"UNHEALTHY: {resp.etcd.error}"
     print(f"etcd       {','.join(resp.etcd.endpoints)}  {health}")
     print(f"server     {resp.server_version}, up {resp.uptime_seconds:.0f}s")
+    if resp.origins:
+        print()
+        print_table(ORIGIN_HEADER, [origin_row(o) for o in resp.origins])
     return OK

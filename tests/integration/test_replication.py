@@ -203,3 +203,28 @@ async def test_a_peer_named_for_the_wrong_region_is_refused(regions, region_etcd
         await call.read()
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert types_pb2.SERVING  # the feed never carries third-region replicas: see test_feed
+
+
+async def test_cli_shows_origins_and_contributing_regions(regions, region_etcds, connect) -> None:
+    import json
+
+    from tests.integration.test_cli import run
+
+    await regions.start({r: region_etcds[r] for r in "ab"})
+    await register(connect(regions["a"][0]), "web", "10.0.0.1:80")
+    await eventually(lambda: _count(connect(regions["b"][0]), 1), timeout=2.0)
+    b = ("--server", regions["b"][0].address)
+
+    async def status_connected() -> dict | None:
+        code, out, _ = await run("status", *b, "--json")
+        data = json.loads(out)
+        return data if code == 0 and data["origins"] and data["origins"][0]["connected"] else None
+
+    data = await eventually(status_connected, timeout=5.0)
+    assert data["origins"][0]["origin"] == "a" and data["origins"][0]["replicas"] == 1
+    code, out, _ = await run("status", *b)
+    assert code == 0 and "ORIGIN" in out and "connected" in out
+    code, out, _ = await run("resolve", "web", "--scope", "failover", *b)
+    assert code == 0 and "10.0.0.1:80" in out and "# a: 1 endpoints (replica, fresh)" in out
+    code, out, _ = await run("resolve", "web", "--scope", "failover", "--min-healthy", "0", *b)
+    assert code == 2 and "min-healthy" in out + _
