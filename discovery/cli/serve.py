@@ -57,6 +57,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     p.add_argument("--advertise", metavar="HOST:PORT", help="how Status and peers name this server")
     p.add_argument(
+        "--stale-after",
+        type=float,
+        dest="stale_after_seconds",
+        metavar="SECONDS",
+        help="serve a peer region's replicas marked stale once it is silent this long (default 3)",
+    )
+    p.add_argument(
         "--max-staleness",
         type=float,
         dest="max_staleness_seconds",
@@ -84,6 +91,7 @@ async def serve(args: argparse.Namespace) -> int:
             "peers": tuple(args.peers) if args.peers else None,
             "advertise": args.advertise,
             "max_staleness_seconds": args.max_staleness_seconds,
+            "stale_after_seconds": args.stale_after_seconds,
             "resume_grace_seconds": args.resume_grace_seconds,
         },
     )
