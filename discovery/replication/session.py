@@ -36,13 +36,17 @@ class Session:
         self.lease_id = 0
         self.lost = asyncio.Event()
         self._refreshed = 0.0
+        self._granting = asyncio.Lock()
 
     async def lease(self) -> int:
-        if not self.lease_id:
-            self.lease_id = await self._store.grant(self.ttl)
-            self._refreshed = time.monotonic()
-            self.lost = asyncio.Event()
-        return self.lease_id
+        # Elections start together: without the lock each would grant a lease of its own,
+        # and all but the last would expire unrefreshed, deposing their leaders.
+        async with self._granting:
+            if not self.lease_id:
+                self.lease_id = await self._store.grant(self.ttl)
+                self._refreshed = time.monotonic()
+                self.lost = asyncio.Event()
+            return self.lease_id
 
     async def run(self) -> None:
         """Refresh the lease three times per TTL."""

@@ -228,3 +228,18 @@ async def test_cli_shows_origins_and_contributing_regions(regions, region_etcds,
     assert code == 0 and "10.0.0.1:80" in out and "# a: 1 endpoints (replica, fresh)" in out
     code, out, _ = await run("resolve", "web", "--scope", "failover", "--min-healthy", "0", *b)
     assert code == 2 and "min-healthy" in out + _
+
+
+async def test_a_servers_elections_share_the_one_lease_it_keeps_alive(regions, region_etcds) -> None:
+    # Elections start together; each granting its own lease left all but one unrefreshed,
+    # and their leaders were deposed after the TTL (found by the replication benchmark).
+    await regions.start(region_etcds)
+    server = regions["a"][0]
+
+    async def both_leading() -> bool:
+        return all(e.leading for e in server.elections.values())
+
+    await eventually(both_leading, timeout=5.0)
+    for origin in ("b", "c"):
+        held = await server.store.get(server.keys.election(origin))
+        assert held is not None and held.lease == server.session.lease_id
