@@ -176,6 +176,7 @@ class Server:
             ],
         )
         instruments = telemetry.Instruments()
+        instruments.observe_replication(self.states.origins)
         self._registry_api = RegistryServicer(self.registry, instruments)
         registry_pb2_grpc.add_RegistryServicer_to_server(self._registry_api, server)
         self._lookup = LookupServicer(

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from opentelemetry import metrics, trace
 
@@ -88,6 +89,43 @@ class Instruments:
     @staticmethod
     def timed(counter: metrics.Counter, histogram: metrics.Histogram) -> Timed:
         return Timed(counter, histogram)
+
+    def observe_replication(self, origins: Callable[[], Sequence[OriginLike]]) -> None:
+        """Per-origin replication gauges, read from ``origins()`` (Status's own figures)
+        whenever the exporter collects."""
+
+        def gauge(name: str, unit: str, description: str, value: Callable[[OriginLike], float]) -> None:
+            def observe(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+                return [metrics.Observation(value(o), {"origin": o.origin}) for o in origins()]
+
+            self.meter.create_observable_gauge(name, [observe], unit=unit, description=description)
+
+        gauge("discovery.replication.lag", "s", "how far behind the origin the replicas are", lambda o: o.lag_seconds)
+        gauge(
+            "discovery.replication.lag_revisions",
+            "{revision}",
+            "origin revisions not yet applied",
+            lambda o: float(o.lag_revisions),
+        )
+        gauge(
+            "discovery.replication.last_contact",
+            "s",
+            "seconds since the origin was last heard from",
+            lambda o: o.last_contact_seconds,
+        )
+        gauge("discovery.replication.connected", "1", "1 while in contact with the origin", _connected)
+
+
+def _connected(origin: OriginLike) -> float:
+    return 1.0 if origin.connected else 0.0
+
+
+class OriginLike(Protocol):
+    origin: str
+    connected: bool
+    lag_seconds: float
+    lag_revisions: int
+    last_contact_seconds: float
 
 
 class Timed:

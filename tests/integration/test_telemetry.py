@@ -19,6 +19,7 @@ async def test_console_exporters_show_spans_and_metrics(private_etcd: EtcdProces
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "discovery", "serve", "--region", "us-east",
         "--listen", f"127.0.0.1:{port}", "--etcd", private_etcd.endpoint,
+        "--peer", f"eu-west=127.0.0.1:{free_port()}",  # unreachable: its gauges say so
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
     )  # fmt: skip
     try:
@@ -38,6 +39,7 @@ async def test_console_exporters_show_spans_and_metrics(private_etcd: EtcdProces
         assert "/discovery.v1.Lookup/Resolve" in text and "/discovery.v1.Registry/Register" in text
         assert "discovery.lookups" in text and "discovery.registrations" in text
         assert "discovery.resolve.duration" in text
+        assert "discovery.replication.connected" in text and '"origin": "eu-west"' in text
     finally:
         if proc.returncode is None:
             proc.kill()
