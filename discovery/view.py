@@ -1,4 +1,8 @@
-"""The in-memory view of the region's instances: list at revision R, watch from R+1.
+"""The in-memory view of the region's keys: list at revision R, watch from R+1.
+
+One watch covers the whole prefix: instances (the region's own and its replicas of other
+regions), and the replication checkpoints and election keys, which every server reads from
+here to say how fresh each region's records are (``discovery.replication.state``).
 
 Resolve and Watch are served from here and never read etcd per request. When etcd goes away
 the view keeps its last state, marked stale, and reconnects by itself; when its revision has
