@@ -243,3 +243,52 @@ async def test_a_servers_elections_share_the_one_lease_it_keeps_alive(regions, r
     for origin in ("b", "c"):
         held = await server.store.get(server.keys.election(origin))
         assert held is not None and held.lease == server.session.lease_id
+
+
+async def test_the_replicator_rotates_to_another_server_of_the_origin(regions, region_etcds, connect) -> None:
+    await regions.start({r: region_etcds[r] for r in "ab"}, servers=2)
+    b = connect(regions["b"][0])
+    await register(connect(regions["a"][0]), "web", "10.0.0.1:80")
+    await eventually(lambda: _count(b, 1), timeout=2.0)
+    source = next(o.source for o in (await b.admin.Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)).origins)
+    doomed = next(s for s in regions["a"] if s.address == source)
+    survivor = next(s for s in regions["a"] if s is not doomed)
+    await regions.stop_server(doomed)
+    await register(connect(survivor), "web", "10.0.0.2:80")
+    await eventually(lambda: _count(b, 2), timeout=5.0)
+
+    async def streams_from_survivor() -> bool:
+        status = await b.admin.Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)
+        return status.origins[0].source == survivor.address
+
+    await eventually(streams_from_survivor, timeout=3.0)
+
+
+async def test_a_rebuilt_origin_is_resynced_by_snapshot(regions, servers, connect, tmp_path: Path) -> None:
+    etcds = {r: EtcdProcess(tmp_path / r).start() for r in "ab"}
+    rebuilt = EtcdProcess(tmp_path / "a-rebuilt")
+    try:
+        await regions.start(etcds)
+        a = connect(regions["a"][0])
+        for i in range(1, 20):  # move the old cluster's revision well past the new one's
+            await register(a, "web", f"10.0.0.{i}:80")
+        b_server = regions["b"][0]
+        b = connect(b_server)
+        await eventually(lambda: _count(b, 19), timeout=3.0)
+        # Region a is rebuilt from nothing: a new etcd cluster (new id, revision back to 1).
+        await regions.stop_server(regions["a"][0])
+        etcds["a"].stop()
+        regions.etcd["a"] = rebuilt.start()
+        await regions.start_server("a", 0)
+        await register(connect(regions["a"][0]), "web", "10.0.9.9:80")
+
+        async def resynced() -> bool:
+            got = await resolve(b, "web", scope=lookup_pb2.ALL)
+            return set(addresses(got)) == {"10.0.9.9:80"}
+
+        # Its deletions are held for the resume grace (2 s here), then applied.
+        await eventually(resynced, timeout=8.0)
+        assert b_server.replicators["a"].snapshots >= 2
+    finally:
+        for member in (*etcds.values(), rebuilt):
+            member.stop()
