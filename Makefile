@@ -16,8 +16,8 @@ dev: install  ## etcd and a discovery server per region on 127.0.0.1, in the for
 	$(BIN)/discovery dev $(ARGS)
 
 lint: install
-	$(BIN)/ruff check discovery tests scripts bench
-	$(BIN)/ruff format --check discovery tests scripts bench
+	$(BIN)/ruff check discovery tests scripts bench clients
+	$(BIN)/ruff format --check discovery tests scripts bench clients
 	$(BIN)/mypy
 
 test: lint  ## lint, types, then the whole suite against real etcd processes

@@ -1,0 +1,50 @@
+"""discovery_client: the Python client of the multi-region discovery service.
+
+Resolve from a local cache fed by Watch, fail over between servers and regions, keep
+answering (stale) when every server is gone, register and drain, and gRPC channels that
+follow a service's endpoints. Needs grpcio and protobuf only. See clients/README.md.
+"""
+
+from discovery_client.channel import AioServiceChannel, SyncServiceChannel
+from discovery_client.client import DiscoveryClient
+from discovery_client.config import ClientConfig, RegionServers
+from discovery_client.errors import (
+    ConfigError,
+    DiscoveryClientError,
+    InvalidArgument,
+    NoEndpoints,
+    NotFound,
+    ServerError,
+    Unavailable,
+)
+from discovery_client.guard import GuardPolicy
+from discovery_client.model import Endpoint, Resolution, Scope, Status
+from discovery_client.picker import Strategy
+from discovery_client.registration import Registration
+from discovery_client.retry import RetryPolicy
+from discovery_client.sync import SyncDiscoveryClient, SyncRegistration
+
+__all__ = [
+    "AioServiceChannel",
+    "ClientConfig",
+    "ConfigError",
+    "DiscoveryClient",
+    "DiscoveryClientError",
+    "Endpoint",
+    "GuardPolicy",
+    "InvalidArgument",
+    "NoEndpoints",
+    "NotFound",
+    "RegionServers",
+    "Registration",
+    "Resolution",
+    "RetryPolicy",
+    "Scope",
+    "ServerError",
+    "Status",
+    "Strategy",
+    "SyncDiscoveryClient",
+    "SyncRegistration",
+    "SyncServiceChannel",
+    "Unavailable",
+]
