@@ -28,7 +28,8 @@ DEV_EXAMPLES = """examples:
 
 It prints a line per process it starts, then a table of every endpoint (region, role,
 address, pid, log file), then the line `ready`: from then on every server answers and every
-etcd is healthy. The same endpoints, as JSON, are in STATE_DIR/cluster.json:
+etcd is healthy. The same endpoints, as JSON, are in STATE_DIR/cluster.json (the line
+`cluster.json: PATH` just before `ready` says where):
   {"regions": {"us-east": {"servers": [{"address": "127.0.0.1:7400", "pid": 4242}],
                            "etcd": [{"address": "127.0.0.1:40213", "pid": 4240}]}, ...},
    "state_dir": "..."}
@@ -53,7 +54,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="comma-separated, nearest first (default: %(default)s)",
     )
     p.add_argument(
-        "--servers-per-region", type=bounded_int(1, 16), default=1, metavar="N", help="(default: %(default)s)"
+        "--servers-per-region",
+        type=bounded_int(1, 16),
+        default=1,
+        metavar="N",
+        help="discovery servers in each region (default: %(default)s)",
     )
     p.add_argument(
         "--etcd-members",

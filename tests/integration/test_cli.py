@@ -41,14 +41,6 @@ async def read_line(proc: asyncio.subprocess.Process, timeout: float = 20.0) -> 
     return line.decode()
 
 
-async def wait_line(proc: asyncio.subprocess.Process, text: str, timeout: float = 30.0) -> list[str]:
-    lines: list[str] = []
-    async with asyncio.timeout(timeout):
-        while not lines or text not in lines[-1]:
-            lines.append(await read_line(proc, timeout))
-    return lines
-
-
 @pytest.fixture
 async def server_addr(etcd, servers) -> str:
     server = await servers.start(etcd)
@@ -232,39 +224,6 @@ async def test_serve_rejects_bad_config(tmp_path: Path) -> None:
     bad.write_text('region = "us-east"\nlisen = "typo"\n')
     code, _, err = await run("serve", "--config", str(bad))
     assert code == 2 and "lisen" in err
-
-
-async def test_dev_starts_a_cluster_and_leaves_nothing_behind(tmp_path: Path) -> None:
-    base = free_port()
-    state = tmp_path / "state"
-    proc = await start("dev", "--regions", "us-east,eu-west", "--base-port", str(base), "--state-dir", str(state))
-    try:
-        await wait_line(proc, "ready", timeout=60)
-        cluster = json.loads((state / "cluster.json").read_text())
-        pids = []
-        for name, region in cluster["regions"].items():
-            (server,) = region["servers"]
-            code, out, _ = await run("status", "--json", "--server", server["address"])
-            assert code == 0 and json.loads(out)["region"] == name
-            pids += [server["pid"], region["etcd"][0]["pid"]]
-        assert all(_alive(pid) for pid in pids)
-        proc.send_signal(signal.SIGTERM)
-        async with asyncio.timeout(30):
-            await proc.communicate()
-        assert proc.returncode == 0
-        assert not [pid for pid in pids if _alive(pid)]
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def test_serve_stops_cleanly_on_sigterm_while_waiting_for_etcd() -> None:

@@ -1,0 +1,350 @@
+"""`discovery dev` and the DevCluster API: real etcd and server processes on 127.0.0.1.
+
+Few cluster starts, many assertions each: a start costs one to three seconds of a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+
+from discovery.dev import DevCluster
+from discovery.etcd_process import EtcdProcess
+from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, registry_pb2, registry_pb2_grpc
+from tests.helpers import CALL_TIMEOUT, eventually, instance
+
+CLI = [sys.executable, "-m", "discovery"]
+REGIONS = ["us-east", "eu-west", "ap-south"]
+ADDRESS = re.compile(r"127\.0\.0\.1:\d+")
+STARTED = re.compile(r"^started (\S+) (\S+) pid (\d+) on (\S+)$")
+
+
+# --- process helpers ---------------------------------------------------------------------------
+
+
+def cmdline(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().rstrip("\0").split("\0")
+
+
+def state(pid: int) -> str:
+    """The kernel's one-letter state (R, S, T stopped, Z zombie...), or "" once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return ""
+    return stat.rpartition(")")[2].split()[0]  # the name in parentheses may hold spaces
+
+
+def alive(pid: int) -> bool:
+    return state(pid) not in ("", "Z", "X")
+
+
+def gone(pids: list[int]) -> bool:
+    return not [pid for pid in pids if alive(pid)]
+
+
+def is_etcd(pid: int, address: str) -> bool:
+    argv = cmdline(pid)
+    return Path(argv[0]).name == "etcd" and f"--listen-client-urls=http://{address}" in argv
+
+
+def is_server(pid: int, region: str, address: str) -> bool:
+    argv = cmdline(pid)
+    return (
+        argv[1:4] == ["-m", "discovery", "serve"]
+        and _flag(argv, "--region") == region
+        and (_flag(argv, "--listen") == _flag(argv, "--advertise") == address)
+    )
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    return argv[argv.index(name) + 1] if name in argv else None
+
+
+def peer_flags(pid: int) -> list[str]:
+    return [a for a in cmdline(pid) if a.startswith("--peer")]
+
+
+def expected_peers(cluster: dict[str, Any], region: str) -> list[str]:
+    """Every other region, in the order of the cluster (the order of --regions), with all its servers."""
+    return [
+        f"--peer={name}={','.join(s['address'] for s in r['servers'])}"
+        for name, r in cluster["regions"].items()
+        if name != region
+    ]
+
+
+def all_pids(cluster: dict[str, Any]) -> list[int]:
+    return [p["pid"] for r in cluster["regions"].values() for role in ("servers", "etcd") for p in r[role]]
+
+
+async def status_region(address: str) -> str:
+    async with grpc.aio.insecure_channel(address) as channel:
+        response = await admin_pb2_grpc.AdminStub(channel).Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)
+        return str(response.region)
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+
+async def start(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+
+async def read_until(proc: asyncio.subprocess.Process, done: Callable[[str], bool], timeout: float) -> list[str]:
+    """Lines of stdout up to and including the first for which ``done`` holds."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    async with asyncio.timeout(timeout):
+        while not lines or not done(lines[-1]):
+            line = await proc.stdout.readline()
+            assert line, f"output ended before the expected line; so far: {lines}"
+            lines.append(line.decode().rstrip("\n"))
+    return lines
+
+
+async def finish(proc: asyncio.subprocess.Process, timeout: float = 30.0) -> tuple[str, str]:
+    async with asyncio.timeout(timeout):
+        out, err = await proc.communicate()
+    return out.decode(), err.decode()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[list[asyncio.subprocess.Process]]:
+    """`discovery dev` processes of a test, killed at teardown if the test left them running."""
+    started: list[asyncio.subprocess.Process] = []
+    yield started
+    for proc in started:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)  # SIGTERM, not SIGKILL: it must take its children along
+            await finish(proc)
+
+
+async def test_dev_default_regions_cluster_json_pids_peers_then_sigterm_leaves_nothing(
+    tmp_path: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    state_dir = tmp_path / "state"
+    proc = await start("dev", "--base-port", "0", "--state-dir", str(state_dir))
+    processes.append(proc)
+    lines = await read_until(proc, lambda line: line == "ready", timeout=60)
+
+    cluster = json.loads((state_dir / "cluster.json").read_text())
+    assert set(cluster) == {"regions", "state_dir"} and Path(cluster["state_dir"]) == state_dir.resolve()
+    assert list(cluster["regions"]) == REGIONS
+    for name, region in cluster["regions"].items():
+        assert set(region) == {"servers", "etcd"} and len(region["servers"]) == len(region["etcd"]) == 1
+        for entry in region["servers"] + region["etcd"]:
+            assert set(entry) == {"address", "pid"} and ADDRESS.fullmatch(entry["address"]), entry
+            assert isinstance(entry["pid"], int)
+        (server,), (member,) = region["servers"], region["etcd"]
+        assert is_server(server["pid"], name, server["address"]), cmdline(server["pid"])
+        assert is_etcd(member["pid"], member["address"]), cmdline(member["pid"])
+        assert peer_flags(server["pid"]) == expected_peers(cluster, name)
+        assert _flag(cmdline(server["pid"]), "--etcd") == member["address"]
+        assert await status_region(server["address"]) == name
+    assert len({e["address"] for e in _entries(cluster)}) == 6, "every process has a port of its own"
+
+    pids = all_pids(cluster)
+    started = [int(m.group(3)) for line in lines if (m := STARTED.match(line))]
+    assert sorted(started) == sorted(pids), lines
+    assert f"cluster.json: {state_dir.resolve() / 'cluster.json'}" in lines
+    table = "\n".join(lines)
+    assert all(str(pid) in table for pid in pids) and all(e["address"] in table for e in _entries(cluster))
+
+    proc.send_signal(signal.SIGTERM)
+    out, err = await finish(proc)
+    assert proc.returncode == 0, err
+    assert out == "stopping\n" and err == ""
+    assert gone(pids), [(pid, state(pid)) for pid in pids]
+    assert not state_dir.exists(), "the state dir goes unless --keep"
+
+
+def _entries(cluster: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for r in cluster["regions"].values() for role in ("servers", "etcd") for e in r[role]]
+
+
+async def test_dev_sigterm_during_startup_stops_everything_started(
+    tmp_path: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    state_dir = tmp_path / "state"
+    proc = await start("dev", "--base-port", "0", "--etcd-members", "3", "--state-dir", str(state_dir))
+    processes.append(proc)
+    first = await read_until(proc, lambda line: line.startswith("started"), timeout=30)
+    proc.send_signal(signal.SIGTERM)
+    out, err = await finish(proc)
+    assert proc.returncode == 0, err
+    lines = first + out.splitlines()
+    assert "ready" not in lines and lines[-1] == "stopping", lines
+    # Every process is announced as it starts, so these are all the pids there were.
+    pids = [int(m.group(3)) for line in lines if (m := STARTED.match(line))]
+    assert pids and gone(pids), [(pid, state(pid)) for pid in pids]
+    assert not state_dir.exists()
+
+
+async def test_dev_refuses_bad_flags_and_a_busy_port(tmp_path: Path) -> None:
+    async def run(*args: str) -> tuple[int | None, str]:
+        proc = await start("dev", *args)
+        _, err = await finish(proc, timeout=20)
+        return proc.returncode, err
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        results = await asyncio.gather(
+            run("--etcd-members", "2"),
+            run("--regions", "us-east,us-east"),
+            run("--regions", "us-east", "--base-port", str(port), "--state-dir", str(tmp_path / "s")),
+        )
+    (members_code, members_err), (twice_code, twice_err), (busy_code, busy_err) = results
+    assert members_code == 2 and "--etcd-members" in members_err
+    assert twice_code == 2 and "named twice" in twice_err
+    assert busy_code == 1 and f"port {port}" in busy_err and "in use" in busy_err, busy_err
+    assert not (tmp_path / "s").exists(), "nothing is left of a start that failed"
+
+
+# --- the API the drills use --------------------------------------------------------------------
+
+
+@pytest.fixture
+async def clusters() -> AsyncIterator[list[DevCluster]]:
+    running: list[DevCluster] = []
+    yield running
+    for cluster in running:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_api_three_member_etcd_leader_kill_server_restart_pause_and_keep(
+    tmp_path: Path, clusters: list[DevCluster]
+) -> None:
+    state_dir = tmp_path / "kept"
+    cluster = DevCluster(
+        regions=("eu-west", "us-east"),
+        servers_per_region=2,
+        etcd_members=3,
+        state_dir=state_dir,
+        keep=True,
+        server_args=("--resume-grace", "2"),
+        # The seam for a fault proxy: eu-west dials us-east by another name for the same place.
+        peer_via=lambda src, dst, address: address.replace("127.0.0.1", "localhost") if src == "eu-west" else address,
+    )
+    clusters.append(cluster)
+    async with asyncio.timeout(60):
+        await asyncio.to_thread(cluster.start, lambda line: None)
+    described = json.loads(cluster.state_file.read_text())
+    assert described == cluster.describe() and list(described["regions"]) == ["eu-west", "us-east"]
+
+    # Three members per region, one cluster per region: same cluster id and leader within it.
+    cluster_ids = set()
+    for name in ("eu-west", "us-east"):
+        region = described["regions"][name]
+        assert len(region["etcd"]) == 3 and len(region["servers"]) == 2
+        for i, member in enumerate(region["etcd"]):
+            assert is_etcd(member["pid"], member["address"])
+            assert "--initial-cluster-state=new" in cmdline(member["pid"])
+            assert cmdline(member["pid"]).count(f"--name=etcd-{i}") == 1
+        statuses = [m.status() for m in cluster.region(name).etcd.members]
+        assert len({s["header"]["cluster_id"] for s in statuses}) == 1
+        assert len({s["leader"] for s in statuses}) == 1
+        cluster_ids.add(statuses[0]["header"]["cluster_id"])
+        for server in region["servers"]:
+            argv = cmdline(server["pid"])
+            assert is_server(server["pid"], name, server["address"]) and argv[-2:] == ["--resume-grace", "2"]
+            assert _flag(argv, "--etcd") == ",".join(m["address"] for m in region["etcd"])
+    assert len(cluster_ids) == 2, "each region has an etcd cluster of its own"
+    east, west = (",".join(s["address"] for s in described["regions"][r]["servers"]) for r in ("us-east", "eu-west"))
+    for server in described["regions"]["us-east"]["servers"]:
+        assert peer_flags(server["pid"]) == [f"--peer=eu-west={west}"]
+    for server in described["regions"]["eu-west"]["servers"]:
+        assert peer_flags(server["pid"]) == [f"--peer=us-east={east.replace('127.0.0.1', 'localhost')}"]
+
+    await _writes_survive_the_etcd_leader_dying(cluster)
+    await _a_killed_server_restarts_on_its_address(cluster)
+    await _a_paused_region_is_stopped_then_resumed(cluster)
+
+    pids = [pid for region in cluster.running for pid in region.pids()]
+    await asyncio.to_thread(cluster.stop)
+    assert gone(pids), [(pid, state(pid)) for pid in pids]
+    assert (state_dir / "cluster.json").is_file() and (state_dir / "us-east" / "etcd-0.log").is_file(), "kept"
+
+
+async def _writes_survive_the_etcd_leader_dying(cluster: DevCluster) -> None:
+    region = cluster.region("us-east")
+    leader = await asyncio.to_thread(cluster.etcd_leader, "us-east")
+    old_pid = region.etcd.members[leader].pid
+    async with grpc.aio.insecure_channel(region.servers[0].address) as channel:
+        registry = registry_pb2_grpc.RegistryStub(channel)
+        await registry.Register(_register("before"), timeout=CALL_TIMEOUT)
+        cluster.kill_etcd_member("us-east", leader)
+        assert not alive(old_pid)
+
+        async def write() -> bool:
+            try:
+                await registry.Register(_register("after"), timeout=3)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED), exc
+                return False
+            return True
+
+        await eventually(write, timeout=20, interval=0.1)
+    new_leader = await asyncio.to_thread(cluster.etcd_leader, "us-east")
+    assert new_leader != leader
+    new_pid = await asyncio.to_thread(cluster.restart_etcd_member, "us-east", leader)
+    assert new_pid != old_pid and is_etcd(new_pid, region.etcd.members[leader].endpoint)
+    assert json.loads(cluster.state_file.read_text())["regions"]["us-east"]["etcd"][leader]["pid"] == new_pid
+
+
+def _register(instance_id: str) -> registry_pb2.RegisterRequest:
+    return registry_pb2.RegisterRequest(instance=instance("web", "10.0.0.2:80", instance_id=instance_id))
+
+
+async def _a_killed_server_restarts_on_its_address(cluster: DevCluster) -> None:
+    server = cluster.region("eu-west").servers[1]
+    old_pid = server.pid
+    cluster.kill_server("eu-west", 1)
+    assert not alive(old_pid)
+    new_pid = await asyncio.to_thread(cluster.restart_server, "eu-west", 1)
+    assert new_pid != old_pid and is_server(new_pid, "eu-west", server.address)
+    assert await status_region(server.address) == "eu-west"
+    assert json.loads(cluster.state_file.read_text())["regions"]["eu-west"]["servers"][1]["pid"] == new_pid
+
+
+async def _a_paused_region_is_stopped_then_resumed(cluster: DevCluster) -> None:
+    paused, other = cluster.region("eu-west").pids(), cluster.region("us-east").pids()
+    assert len(paused) == 5
+    cluster.pause_region("eu-west")
+    try:
+        # pause_region returns once every thread has stopped: no wait here.
+        assert [state(pid) for pid in paused] == ["T"] * 5 and "T" not in [state(pid) for pid in other]
+    finally:
+        cluster.resume_region("eu-west")
+    assert "T" not in [state(pid) for pid in paused]
+    assert await status_region(cluster.region("eu-west").servers[0].address) == "eu-west"
+
+
+def test_etcd_process_alone_keeps_its_single_member_flags(tmp_path: Path) -> None:
+    """The fixtures' EtcdProcess: a single-member cluster, no bootstrap token, same flags as ever."""
+    member = EtcdProcess(tmp_path / "etcd").start()
+    try:
+        argv = cmdline(member.pid)
+        assert f"--initial-cluster=etcd={member.peer_url}" in argv
+        for flag in ("--grpc-keepalive-min-time=500ms", "--unsafe-no-fsync"):
+            assert flag in argv
+        assert not [a for a in argv if a.startswith("--initial-cluster-")]
+        assert member.is_leader() and os.getsid(member.pid) == member.pid  # its own session
+    finally:
+        member.stop()
