@@ -4,13 +4,17 @@ the grace period (Watch and Heartbeat streams otherwise last as long as their cl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class OpenStreams:
@@ -25,6 +29,19 @@ class OpenStreams:
         assert task is not None
         self._streams[task] = context
         return task
+
+    async def follow(
+        self, context: grpc.aio.ServicerContext, body: Callable[[asyncio.Task[Any]], AsyncGenerator[T, None]]
+    ) -> AsyncIterator[T]:
+        """What ``body(task)`` yields, with the stream registered meanwhile so ``end_all`` can
+        end it; ``body`` checks ``ended(task)`` before sending a status of its own."""
+        task = self.add(context)
+        try:
+            async with contextlib.aclosing(body(task)) as messages:
+                async for message in messages:
+                    yield message
+        finally:
+            self.discard(task)
 
     def discard(self, task: asyncio.Task[Any]) -> None:
         self._streams.pop(task, None)

@@ -117,13 +117,10 @@ class LookupServicer(_Base):
     async def Watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.WatchResponse]:
-        task = self.streams.add(context)
-        try:
-            async with contextlib.aclosing(self._watch(request, context, task)) as messages:
-                async for message in messages:
-                    yield message
-        finally:
-            self.streams.discard(task)
+        body = self.streams.follow(context, lambda task: self._watch(request, context, task))
+        async with contextlib.aclosing(body) as messages:
+            async for message in messages:
+                yield message
 
     async def _watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext, task: asyncio.Task[Any]

@@ -39,13 +39,10 @@ class ReplicationServicer(_Base):
     async def Stream(
         self, request: pb.StreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.StreamResponse]:
-        task = self.streams.add(context)
-        try:
-            async with contextlib.aclosing(self._stream(request, context, task)) as messages:
-                async for message in messages:
-                    yield message
-        finally:
-            self.streams.discard(task)
+        body = self.streams.follow(context, lambda task: self._stream(request, context, task))
+        async with contextlib.aclosing(body) as messages:
+            async for message in messages:
+                yield message
 
     async def _stream(
         self, request: pb.StreamRequest, context: grpc.aio.ServicerContext, task: asyncio.Task[Any]
