@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -32,7 +32,7 @@ class OpenStreams:
 
     async def follow(
         self, context: grpc.aio.ServicerContext, body: Callable[[asyncio.Task[Any]], AsyncGenerator[T, None]]
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         """What ``body(task)`` yields, with the stream registered meanwhile so ``end_all`` can
         end it; ``body`` checks ``ended(task)`` before sending a status of its own."""
         task = self.add(context)
