@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from discovery.cli import dev, instances, lookup, serve, status
-from discovery.cli._common import EXIT_CODES_HELP, FAILED, UNAVAILABLE, USAGE, CommandError
+from discovery.cli._common import EXIT_CODES_HELP, FAILED, OK, UNAVAILABLE, USAGE, CommandError
 from discovery.errors import DiscoveryError, InvalidArgument, StoreUnavailable
 
 DESCRIPTION = """Multi-region service discovery: regional gRPC servers on etcd.
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         return FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`discovery watch web | head`): not a failure of ours. Point
+        # stdout at /dev/null so the interpreter's final flush does not complain either.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return OK
     except Exception as exc:  # a bug: still one line, and the details for whoever debugs it
         logging.getLogger("discovery").debug("unexpected failure", exc_info=True)
         print(

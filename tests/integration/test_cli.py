@@ -265,3 +265,17 @@ async def test_out_of_range_numbers_are_usage_errors() -> None:
                  ("resolve", "web", "--min-revision", "99999999999999999999")):  # fmt: skip
         code, _, err = await run(*args)
         assert code == 2 and "is not within" in err and "Traceback" not in err
+
+
+async def test_output_into_a_closed_pipe_is_not_an_error(etcd, servers, connect) -> None:
+    from tests.helpers import register
+
+    server = await servers.start(etcd)
+    stubs = connect(server)
+    for i in range(300):  # enough output to outrun the pipe once head has gone
+        await register(stubs, "web", f"10.0.{i // 250}.{i % 250}:80")
+    shell = f"{' '.join(CLI)} resolve web --server 127.0.0.1:{server.port} | head -n 1"
+    proc = await asyncio.create_subprocess_shell(shell, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(20):
+        out, err = await proc.communicate()
+    assert out.decode().startswith("ID") and not err.decode(), err.decode()
