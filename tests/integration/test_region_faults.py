@@ -15,7 +15,7 @@ import grpc.aio
 import pytest
 
 from discovery.dev import DevCluster
-from discovery_pb.v1 import lookup_pb2, registry_pb2, types_pb2
+from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
 from tests.conftest import Stubs
 from tests.helpers import CALL_TIMEOUT, eventually, instance, watch
 
@@ -84,7 +84,8 @@ class Keeper:
 
 
 class Load:
-    """Registrations and resolves against one region, each timed and checked."""
+    """Registrations, resolves, status calls and new watches against one region, each timed
+    and checked."""
 
     def __init__(self, stubs: Stubs, region: str) -> None:
         self.stubs, self.region = stubs, region
@@ -99,7 +100,7 @@ class Load:
         n = 0
         while True:
             n += 1
-            for call in (self._register(n), self._resolve()):
+            for call in (self._register(n), self._resolve(), self._status(), self._watch()):
                 start = time.perf_counter()
                 try:
                     await call
@@ -117,6 +118,18 @@ class Load:
 
     async def _resolve(self) -> None:
         await self.stubs.lookup.Resolve(lookup_pb2.ResolveRequest(service="load"), timeout=CALL_TIMEOUT)
+
+    async def _status(self) -> None:
+        await self.stubs.admin.Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)
+
+    async def _watch(self) -> None:
+        """Open a Watch and read its snapshot: a new watcher must not wait on anyone either."""
+        call = self.stubs.lookup.Watch(lookup_pb2.WatchRequest(service="load"), timeout=CALL_TIMEOUT)
+        try:
+            while (await call.read()).more:
+                pass
+        finally:
+            call.cancel()
 
     async def close(self) -> None:
         self._task.cancel()
@@ -219,8 +232,6 @@ async def test_a_hung_region_blocks_no_one_and_converges_without_loss_or_flap(cl
 
 
 async def test_killing_the_replicator_leader_hands_over_without_loss_or_duplicates(tmp_path: Path) -> None:
-    from discovery_pb.v1 import admin_pb2
-
     dev = DevCluster(
         regions=("a", "b"), servers_per_region=2, state_dir=tmp_path / "dev", server_args=("--stale-after", "1.5")
     )

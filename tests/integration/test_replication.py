@@ -292,3 +292,20 @@ async def test_a_rebuilt_origin_is_resynced_by_snapshot(regions, servers, connec
     finally:
         for member in (*etcds.values(), rebuilt):
             member.stop()
+
+
+async def test_max_staleness_drops_a_silent_regions_replicas(regions, region_etcds, connect) -> None:
+    await regions.start({r: region_etcds[r] for r in "ab"}, max_staleness_seconds=2.0)
+    a = connect(regions["a"][0])
+    await register(connect(regions["b"][0]), "web", "10.1.0.1:80")
+    await eventually(lambda: _count(a, 1), timeout=2.0)
+    await regions.stop_server(regions["b"][0])  # b falls silent
+
+    async def served_stale() -> bool:
+        got = await resolve(a, "web", scope=lookup_pb2.ALL)
+        return len(got.endpoints) == 1 and got.endpoints[0].stale
+
+    await eventually(served_stale, timeout=4.0)  # stale after 1.5 s, still served up to 2 s
+    await eventually(lambda: _count(a, 0), timeout=4.0)  # then dropped
+    got = await resolve(a, "web", scope=lookup_pb2.ALL)
+    assert not got.regions

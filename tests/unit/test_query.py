@@ -109,3 +109,18 @@ def test_filters_apply_before_failover() -> None:
 
 def test_select_on_nothing() -> None:
     assert select([], Query("web", scope=Scope.ALL), "us") == []
+
+
+def test_regions_past_the_maximum_staleness_are_left_out_but_never_the_local_one() -> None:
+    query = Query("web", scope=Scope.ALL)
+    too_old = {"eu", "us"}  # "us" is local: its own records are always served
+    got = select(FLEET, query, "us", ("eu", "ap"), servable=lambda region: region not in too_old)
+    assert ids(got) == ["us-1", "ap-1"]
+    failover = select(
+        [rec("eu-1", region="eu"), rec("ap-1", region="ap")],
+        Query("web", scope=Scope.FAILOVER),
+        "us",
+        ("eu", "ap"),
+        servable=lambda region: region != "eu",
+    )
+    assert ids(failover) == ["ap-1"]  # the nearest region is too stale: the next one serves
