@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -191,7 +190,7 @@ class Server:
             AdminServicer(self.view, self.states, list(self.config.etcd), lambda: self.etcd_health, VERSION),
             server,
         )
-        self._replication = ReplicationServicer(self.view, self.config.region)
+        self._replication = ReplicationServicer(self.view, self.config.region, self.store.health)
         replication_pb2_grpc.add_ReplicationServicer_to_server(self._replication, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -219,8 +218,12 @@ class Server:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # one broken task must not leave the lease and etcd client open
+                log.exception("server task %s failed", task.get_name())
         self._tasks.clear()
         await self.session.close()
         await self.store.close()

@@ -162,14 +162,15 @@ class Store:
         return self._channel
 
     @contextlib.asynccontextmanager
-    async def _call(self, what: str) -> AsyncIterator[None]:
+    async def _call(self, what: str, timeout: float | None = None) -> AsyncIterator[None]:
         """Bound an operation by the op timeout and turn every etcd failure into StoreUnavailable."""
+        limit = timeout or self._op_timeout
         try:
-            async with asyncio.timeout(self._op_timeout):
+            async with asyncio.timeout(limit):
                 yield
         except TimeoutError:
             raise StoreUnavailable(
-                f"etcd at {','.join(self.endpoints)} did not answer {what} within {self._op_timeout:g}s"
+                f"etcd at {','.join(self.endpoints)} did not answer {what} within {limit:g}s"
             ) from None
         except (EtcdError, grpc.aio.AioRpcError) as exc:
             raise StoreUnavailable(f"etcd at {','.join(self.endpoints)} failed {what}: {_describe(exc)}") from None
@@ -208,10 +209,10 @@ class Store:
             with contextlib.suppress(EtcdError, grpc.aio.AioRpcError):  # already gone is fine
                 await self._lease.revoke(lease_id, timeout=self._op_timeout)
 
-    async def keep_alive(self, lease_id: int) -> int:
+    async def keep_alive(self, lease_id: int, timeout: float | None = None) -> int:
         """Refresh a lease once; returns its remaining TTL. NotFound when it has expired."""
         try:
-            async with self._call("a lease keep-alive"):
+            async with self._call("a lease keep-alive", timeout):
                 ttl = await self._keepalive.refresh(lease_id)
         except StoreUnavailable:
             # A hung stream would swallow every later refresh: the next one opens a new stream.

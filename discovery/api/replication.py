@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc.aio
 
 from discovery.api._streams import OpenStreams
 from discovery.api.errors import abort
-from discovery.errors import DiscoveryError, InvalidArgument, RevisionNotReached, ShuttingDown
+from discovery.errors import DiscoveryError, InvalidArgument, RevisionNotReached, ShuttingDown, StoreUnavailable
+from discovery.store import StoreHealth
 from discovery.view import View
 from discovery_pb.v1 import replication_pb2 as pb
 from discovery_pb.v1.replication_pb2_grpc import ReplicationServicer as _Base
@@ -27,12 +28,21 @@ SNAPSHOT_CHUNK = 500
 HEARTBEAT_SECONDS = 1.0
 CATCH_UP_SECONDS = 2.0  # a receiver ahead of this server's view waits this long before a snapshot
 _SHUTTING_DOWN = "the server is shutting down; replicate from another server of this region"
+_STALE = "this server has lost contact with its etcd; replicate from another server of this region"
 
 
 class ReplicationServicer(_Base):
-    def __init__(self, view: View, region: str, *, heartbeat: float = HEARTBEAT_SECONDS) -> None:
+    def __init__(
+        self,
+        view: View,
+        region: str,
+        etcd_health: Callable[[], Awaitable[StoreHealth]],
+        *,
+        heartbeat: float = HEARTBEAT_SECONDS,
+    ) -> None:
         self._view = view
         self._region = region
+        self._etcd_health = etcd_health
         self._heartbeat = heartbeat
         self.streams = OpenStreams(_SHUTTING_DOWN)
 
@@ -72,6 +82,8 @@ class ReplicationServicer(_Base):
                     if self.streams.ended(task):
                         return
                     await abort(context, ShuttingDown(_SHUTTING_DOWN))
+                if view.stale:  # what follows could not be vouched for: let the receiver move on
+                    await abort(context, StoreUnavailable(_STALE))
                 changes = sub.take()
                 kind = pb.StreamResponse.CHANGES if changes else pb.StreamResponse.HEARTBEAT
                 yield self._message(kind, view.revision, changes=changes)
@@ -87,14 +99,26 @@ class ReplicationServicer(_Base):
             raise InvalidArgument("origin", f"this server is region {self._region!r}, not {request.origin!r}")
         if since < 0:
             raise InvalidArgument("since_revision", "must be >= 0")
+        if view.stale:
+            raise StoreUnavailable(_STALE)
         if request.cluster_id and request.cluster_id != view.cluster_id:
             return 0  # the checkpoint is from another etcd cluster: its revisions mean nothing here
         if since > view.revision:
-            # Another server of ours may have been ahead of this one; a bounded wait beats a
-            # needless snapshot. A checkpoint still ahead is from a rebuilt cluster.
+            # Another server of ours may have been ahead of this one: a bounded wait beats a
+            # needless snapshot.
             with contextlib.suppress(RevisionNotReached):
                 await view.wait_for(since, CATCH_UP_SECONDS)
             if since > view.revision:
+                # Only etcd itself behind the checkpoint means a rebuilt cluster (snapshot);
+                # a view that is merely behind would roll the receiver's replicas back.
+                health = await self._etcd_health()
+                if not health.healthy:
+                    raise StoreUnavailable(_STALE)
+                if health.revision >= since:
+                    raise StoreUnavailable(
+                        f"this server's view is at revision {view.revision}, behind {since}; "
+                        "replicate from another server of this region"
+                    )
                 return 0
         return since
 

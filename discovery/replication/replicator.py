@@ -23,7 +23,7 @@ import grpc.aio
 
 from discovery.errors import StoreUnavailable
 from discovery.keys import KeySchema
-from discovery.replication.session import Fence
+from discovery.replication.session import Fence, Resign
 from discovery.replication.writer import ReplicaWriter, now_ms
 from discovery.retry import RetryPolicy
 from discovery.store import Store
@@ -47,13 +47,21 @@ class _Restart(Exception):
     """Reconnect, from ``since`` (0: take a snapshot)."""
 
 
+class StepDown(Resign):
+    """This leader has not reached the origin for a long while: another server of the region
+    may reach what this one cannot (a partial network fault)."""
+
+
+HOLD_AFTER_SECONDS = 2.0  # a gap this long may have let the origin's shortest leases expire
+
+
 @dataclass(frozen=True, slots=True)
 class ReplicationSettings:
     region: str  # the local region
     identity: str  # this server, as Status shows the leader
     silence: float = 3.0  # no message from the origin for this long: it is out of contact
     resume_grace: float = 10.0
-    connect_timeout: float = 2.0
+    step_down_after: float = 0.0  # no contact for this long while leading: resign (0: 4 x silence)
 
 
 class Replicator:
@@ -78,15 +86,26 @@ class Replicator:
         self.writer: ReplicaWriter | None = None
         self.snapshots = 0
         self._contact = pb.Checkpoint(leader=settings.identity)
-        self._recovering_until = 0.0
+        self._hold_until = 0.0  # time.monotonic(): deletions arriving before then are held
+        self._last_message = 0.0  # time.monotonic() of the last message on the current stream
+        self._connected_at = 0.0  # time.monotonic() of the current stream's first message
+        self._heard = 0.0  # time.monotonic() of the last word from the origin while leading
+        self._step_down_after = settings.step_down_after or 4 * settings.silence
 
     # --- leading ----------------------------------------------------------------------
 
     async def lead(self, fence: Fence) -> None:
-        """Run while this server leads the origin's election (cancelled when it stops)."""
-        stored = await self._store.get(self._keys.checkpoint(self.origin))
-        checkpoint = pb.Checkpoint.FromString(stored.value) if stored else pb.Checkpoint(origin=self.origin)
-        self._contact = pb.Checkpoint(leader=self._s.identity, last_contact_ms=checkpoint.last_contact_ms)
+        """Run while this server leads the origin's election (cancelled when it stops).
+        Raises StepDown when the origin stays out of reach from here."""
+        checkpoint = await self._load_checkpoint()
+        self._contact = pb.Checkpoint(
+            leader=self._s.identity,
+            last_contact_ms=checkpoint.last_contact_ms,
+            hold_until_ms=checkpoint.hold_until_ms,
+        )
+        # A hold the previous leader started still runs: the grace is the origin's, not ours.
+        left = (checkpoint.hold_until_ms - now_ms()) / 1000
+        self._hold_until = time.monotonic() + left if left > 0 else 0.0
         writer = self.writer = ReplicaWriter(self._store, self._keys, self.origin, fence, checkpoint)
         log.info(
             "replicator %s: leading; resuming after revision %d%s",
@@ -94,31 +113,46 @@ class Replicator:
             checkpoint.revision,
             "" if checkpoint.revision else " (snapshot)",
         )
+        self._heard = time.monotonic()
         failures = 0
         try:
             while True:
                 endpoint = self.endpoints[self._next_endpoint % len(self.endpoints)]
+                self._last_message = 0.0
                 try:
                     await self._follow(endpoint, writer)
                 except _Restart as exc:
                     log.info("replicator %s: %s", self.origin, exc)
                     continue
                 except (grpc.aio.AioRpcError, TimeoutError, ConnectionError) as exc:
-                    log.warning("replicator %s: lost %s (%s)", self.origin, endpoint, _why(exc, self._s.silence))
+                    # Once per outage at warning level; the retries that follow at debug.
+                    level = logging.WARNING if self.source or not failures else logging.DEBUG
+                    log.log(level, "replicator %s: lost %s (%s)", self.origin, endpoint, _why(exc, self._s.silence))
                 except StoreUnavailable as exc:
                     # Our own etcd failed mid-batch: restart from what it has durably.
                     log.warning("replicator %s: local etcd: %s", self.origin, exc)
                     writer.applied = writer.checkpoint.revision
                     writer.held.clear()
+                if self._last_message and self._last_message - self._connected_at >= 1.0:
+                    failures = 0  # it was working: retry at once, on the next server
                 self.source = ""
                 self._next_endpoint += 1
-                if self._contact.last_contact_ms and now_ms() - self._contact.last_contact_ms < 1000:
-                    failures = 0  # it was working: retry at once, on the next server
+                if time.monotonic() - self._heard > self._step_down_after:
+                    raise StepDown(f"no word from {self.origin} for {self._step_down_after:g}s")
                 await asyncio.sleep(self._retry.delay(failures))
                 failures += 1
         finally:
             self.writer = None
             self.source = ""
+
+    async def _load_checkpoint(self) -> pb.Checkpoint:
+        stored = await self._store.get(self._keys.checkpoint(self.origin))
+        if stored is not None:
+            try:
+                return pb.Checkpoint.FromString(stored.value)
+            except Exception:  # unreadable (a newer or broken writer): start over by snapshot
+                log.warning("replicator %s: unreadable checkpoint; taking a snapshot", self.origin)
+        return pb.Checkpoint(origin=self.origin)
 
     async def _follow(self, endpoint: str, writer: ReplicaWriter) -> None:
         since = writer.applied
@@ -131,31 +165,47 @@ class Replicator:
         async with grpc.aio.insecure_channel(endpoint, options=_PEER_CHANNEL_OPTIONS) as channel:
             call = ReplicationStub(channel).Stream(request)
             try:
-                first = True
                 parts: list[Instance] = []
                 async for msg in _messages(call, self._s.silence):
                     if msg.origin != self.origin:
                         raise ConnectionError(f"{endpoint} is region {msg.origin!r}, not {self.origin!r}: check --peer")
-                    if first:
+                    if msg.stale:
+                        # That server has lost its own etcd: nothing it says is fresh. Another may not have.
+                        raise ConnectionError("it has lost contact with its etcd")
+                    if not self._last_message:
                         self._connected(endpoint)
-                        first = False
+                    self._note_gap()
                     await self._handle(msg, writer, parts)
             finally:
                 call.cancel()
 
     def _connected(self, endpoint: str) -> None:
-        silent_ms = now_ms() - self._contact.last_contact_ms if self._contact.last_contact_ms else 0
-        if silent_ms >= self._s.silence * 1000 and self._s.resume_grace > 0:
-            self._recovering_until = time.monotonic() + self._s.resume_grace
-            log.warning(
-                "replicator %s: back after %.1fs of silence; its deletions wait %gs for re-registrations",
-                self.origin,
-                silent_ms / 1000,
-                self._s.resume_grace,
-            )
+        self._connected_at = time.monotonic()
         self.source = endpoint
         self._contact.source = endpoint
         log.info("replicator %s: streaming from %s", self.origin, endpoint)
+
+    def _note_gap(self) -> None:
+        """After a silence long enough for the origin's leases to have expired (it may have
+        been frozen), hold its deletions for the resume grace: see ``writer``."""
+        now = time.monotonic()
+        if self._last_message:
+            gap = now - self._last_message
+        elif self._contact.last_contact_ms:
+            gap = (now_ms() - self._contact.last_contact_ms) / 1000
+        else:
+            gap = 0.0  # never heard from: nothing of ours to protect
+        self._last_message = self._heard = now
+        if gap >= min(HOLD_AFTER_SECONDS, self._s.silence) and self._s.resume_grace > 0:
+            if now >= self._hold_until:
+                log.warning(
+                    "replicator %s: back after %.1fs of silence; its deletions wait up to %gs for re-registrations",
+                    self.origin,
+                    gap,
+                    self._s.resume_grace,
+                )
+            self._hold_until = now + self._s.resume_grace
+            self._contact.hold_until_ms = now_ms() + int(self._s.resume_grace * 1000)
 
     async def _handle(self, msg: pb.StreamResponse, writer: ReplicaWriter, parts: list[Instance]) -> None:
         cp = writer.checkpoint
@@ -166,10 +216,9 @@ class Replicator:
         if not snapshot and msg.revision < writer.applied:
             was, writer.applied = writer.applied, 0
             raise _Restart(f"origin went back from revision {was} to {msg.revision} (rebuilt?): snapshot")
-        if not msg.stale:  # a server cut off from its own etcd has nothing fresh to vouch for
-            self._contact.last_contact_ms = now_ms()
+        self._contact.last_contact_ms = now_ms()
         self._contact.head_revision = max(msg.revision, 0)
-        hold = time.monotonic() < self._recovering_until
+        hold = time.monotonic() < self._hold_until
         if snapshot:
             parts.extend(msg.instances)
             if msg.more:
@@ -188,9 +237,11 @@ class Replicator:
         else:
             self._contact.caught_up_ms = msg.time_ms
             await writer.heartbeat(msg.revision, self._contact)
-        if writer.held and not hold:
-            released = await writer.release(self._contact)
-            log.info("replicator %s: resume grace over; applied %d held deletions", self.origin, released)
+        if writer.held:
+            # Each deletion waits the grace at most, however often the origin comes and goes.
+            released = await writer.release(self._contact, held_for=self._s.resume_grace)
+            if released:
+                log.info("replicator %s: applied %d held deletions nobody re-registered", self.origin, released)
 
 
 async def _messages(call: grpc.aio.UnaryStreamCall, silence: float) -> AsyncIterator[pb.StreamResponse]:

@@ -66,7 +66,8 @@ class RegionStates:
         age = max(0.0, time.time() - cp.last_contact_ms / 1000)
         if view.stale:  # our own etcd is gone: we do not even know what the replicator heard
             age = max(age, own)
-        return Freshness(view.stale or age > self._stale_after, age if age > self._stale_after else 0.0)
+        stale = view.stale or age > self._stale_after
+        return Freshness(stale, age if stale else 0.0)
 
     def servable(self, region: str) -> bool:
         """Whether records of ``region`` may be served (``--max-staleness``)."""

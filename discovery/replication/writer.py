@@ -10,7 +10,8 @@ the resume grace: a region frozen longer than its lease TTLs loses its leases wh
 Applying those deletions would flap every instance of that region out and back in
 everywhere else; holding them lets the re-registration supersede the deletion. A held
 deletion is never lost: the durable checkpoint does not move past it until it is applied, so
-a restart replays it.
+a restart replays it. Each one is held for the grace at most, however often the origin
+comes and goes meanwhile.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ class ReplicaWriter:
         self._fence = fence
         self.checkpoint = checkpoint  # as last committed
         self.applied = checkpoint.revision  # stream position (ahead of the checkpoint while deletions are held)
-        self.held: dict[bytes, int] = {}  # key -> the checkpoint that is safe while it is held
+        # key -> (the checkpoint that is safe while it is held, time.monotonic() it was held at)
+        self.held: dict[bytes, tuple[int, float]] = {}
         self.totals = Applied()
         self._written_at = 0.0
 
@@ -61,7 +63,8 @@ class ReplicaWriter:
         cp.CopyFrom(self.checkpoint)
         for name, value in fields.items():
             setattr(cp, name, value)
-        cp.revision = min(self.held.values()) if self.held else self.applied
+        floors = [floor for floor, _ in self.held.values()]
+        cp.revision = min(self.applied, *floors) if floors else self.applied
         return cp
 
     async def _commit(self, writes: Sequence[Write], checkpoint: Checkpoint) -> None:
@@ -81,18 +84,24 @@ class ReplicaWriter:
 
     async def changes(self, changes: Sequence[Change], revision: int, *, hold: bool, contact: Checkpoint) -> None:
         """Apply the origin's changes up to ``revision`` (its whole state up to there)."""
-        writes: list[Write] = []
-        floor = self.applied
+        # The last change per key, in revision order: a resumed batch may hold several changes
+        # of one instance, and etcd refuses a transaction that names a key twice.
+        latest: dict[bytes, Change] = {}
         for change in changes:
             if change.region != self._origin:
                 continue  # never another region's records (the origin must not send them)
             key = self._key(change.service, change.instance_id)
+            latest.pop(key, None)
+            latest[key] = change
+        writes: list[Write] = []
+        floor, now = self.applied, time.monotonic()
+        for key, change in latest.items():
             if change.kind == Change.PUT:
                 self.held.pop(key, None)  # a re-registration supersedes a held deletion
                 writes.append(Write(key, change.instance.SerializeToString()))
                 self.totals.puts += 1
             elif hold:
-                self.held.setdefault(key, floor)
+                self.held.setdefault(key, (floor, now))
                 self.totals.held += 1
             else:
                 self.held.pop(key, None)
@@ -110,6 +119,7 @@ class ReplicaWriter:
         writes: list[Write] = []
         done = Applied()
         wanted: set[bytes] = set()
+        now = time.monotonic()
         for inst in instances:
             if inst.region != self._origin:
                 continue
@@ -122,13 +132,15 @@ class ReplicaWriter:
                 done.puts += 1
         for key in have.keys() - wanted:
             if hold:
-                # Revision 0: a restart must take a new snapshot to learn about this deletion.
-                self.held.setdefault(key, 0)
+                self.held.setdefault(key, (0, now))
                 done.held += 1
             else:
                 self.held.pop(key, None)
                 writes.append(Write(key, None))
                 done.deletes += 1
+        # The stream starts again at the snapshot: a deletion still held is only safe behind a
+        # new snapshot now (revision 0), whatever point of the old stream it was held at.
+        self.held = {key: (0, since) for key, (_, since) in self.held.items()}
         self.applied = revision
         await self._commit(writes, self._next(cluster_id=cluster_id, **_contact(contact)))
         self.totals.puts += done.puts
@@ -136,13 +148,17 @@ class ReplicaWriter:
         self.totals.held += done.held
         return done
 
-    async def release(self, contact: Checkpoint) -> int:
-        """Apply every held deletion now (the resume grace is over)."""
-        keys = list(self.held)
-        self.held.clear()
-        await self._commit([Write(k, None) for k in keys], self._next(**_contact(contact)))
-        self.totals.deletes += len(keys)
-        return len(keys)
+    async def release(self, contact: Checkpoint, *, held_for: float = 0.0) -> int:
+        """Apply the held deletions held for ``held_for`` seconds or more (the grace is over)."""
+        now = time.monotonic()
+        due = [key for key, (_, since) in self.held.items() if now - since >= held_for]
+        if not due:
+            return 0
+        for key in due:
+            del self.held[key]
+        await self._commit([Write(k, None) for k in due], self._next(**_contact(contact)))
+        self.totals.deletes += len(due)
+        return len(due)
 
     async def heartbeat(self, revision: int, contact: Checkpoint, *, every: float = 1.0) -> None:
         """The origin is at ``revision`` with nothing more for us: move the checkpoint (at
@@ -160,4 +176,5 @@ def _contact(contact: Checkpoint) -> dict[str, object]:
         "caught_up_ms": contact.caught_up_ms,
         "leader": contact.leader,
         "source": contact.source,
+        "hold_until_ms": contact.hold_until_ms,
     }

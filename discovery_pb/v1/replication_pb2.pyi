@@ -141,6 +141,7 @@ class Checkpoint(_message.Message):
     CAUGHT_UP_MS_FIELD_NUMBER: _builtins.int
     LEADER_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
+    HOLD_UNTIL_MS_FIELD_NUMBER: _builtins.int
     origin: _builtins.str
     cluster_id: _builtins.int
     revision: _builtins.int
@@ -155,6 +156,8 @@ class Checkpoint(_message.Message):
     """the replicator that wrote it"""
     source: _builtins.str
     """the origin server it streams from"""
+    hold_until_ms: _builtins.int
+    """receiver's clock: deletions are held until then (resume grace)"""
     def __init__(
         self,
         *,
@@ -166,10 +169,11 @@ class Checkpoint(_message.Message):
         caught_up_ms: _builtins.int = ...,
         leader: _builtins.str = ...,
         source: _builtins.str = ...,
+        hold_until_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up_ms", b"caught_up_ms", "cluster_id", b"cluster_id", "head_revision", b"head_revision", "last_contact_ms", b"last_contact_ms", "leader", b"leader", "origin", b"origin", "revision", b"revision", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up_ms", b"caught_up_ms", "cluster_id", b"cluster_id", "head_revision", b"head_revision", "hold_until_ms", b"hold_until_ms", "last_contact_ms", b"last_contact_ms", "leader", b"leader", "origin", b"origin", "revision", b"revision", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 
 from discovery.keys import KeySchema
-from discovery.replication import ReplicaWriter, Session
+from discovery.replication import Election, ReplicaWriter, Session
+from discovery.replication.replicator import StepDown
 from discovery.store import Fenced, Store
 from discovery_pb.v1.replication_pb2 import Checkpoint
 from discovery_pb.v1.types_pb2 import Change, Instance
+from tests.helpers import eventually
 
 ORIGIN = "eu"
 
@@ -131,6 +134,77 @@ async def test_session_reports_a_lost_lease_and_grants_a_new_one(store) -> None:
             await session.lost.wait()
         assert session.lease_id == 0
         assert await session.lease() not in (0, lease)
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        await session.close()
+
+
+async def test_a_resumed_batch_with_several_changes_of_one_instance_applies_the_last(store, keys) -> None:
+    # Replayed history is not coalesced: re-registered then drained (PUT, PUT), or deleted
+    # then re-registered (DELETE, PUT). etcd refuses a transaction naming a key twice.
+    _, fence = await win(store, keys, "me")
+    writer = ReplicaWriter(store, keys, ORIGIN, fence, Checkpoint(origin=ORIGIN))
+    drained = put("x", 2)
+    drained.instance.status = 2  # DRAINING
+    await writer.changes([put("x", 1), drained, delete("y", 3), put("y", 4)], 4, hold=False, contact=Checkpoint())
+    kv = await store.get(keys.instance(ORIGIN, "web", "x"))
+    assert kv is not None and Instance.FromString(kv.value).status == 2
+    assert await replicas(store, keys) == {"x", "y"}
+    await writer.changes([put("z", 5), delete("z", 6)], 6, hold=False, contact=Checkpoint())
+    assert await replicas(store, keys) == {"x", "y"}
+    assert (await checkpoint(store, keys)).revision == 6
+
+
+async def test_a_snapshot_during_a_hold_keeps_the_checkpoint_behind_a_new_snapshot(store, keys) -> None:
+    _, fence = await win(store, keys, "me")
+    writer = ReplicaWriter(store, keys, ORIGIN, fence, Checkpoint(origin=ORIGIN))
+    await writer.changes([put("a", 1), put("b", 2)], 300, hold=False, contact=Checkpoint())
+    await writer.changes([delete("b", 290)], 310, hold=True, contact=Checkpoint())
+    assert (await checkpoint(store, keys)).revision == 300
+    # A snapshot at a lower revision (a rebuilt origin): b is still missing, still held. Its
+    # old floor (300) is no resume point in the new stream: only a new snapshot is.
+    await writer.snapshot([put("a", 1).instance], 200, cluster_id=9, hold=True, contact=Checkpoint())
+    assert (await checkpoint(store, keys)).revision == 0
+    assert await replicas(store, keys) == {"a", "b"}
+
+
+async def test_each_held_deletion_waits_the_grace_at_most(store, keys) -> None:
+    _, fence = await win(store, keys, "me")
+    writer = ReplicaWriter(store, keys, ORIGIN, fence, Checkpoint(origin=ORIGIN))
+    await writer.changes([put("a", 1), put("b", 2)], 2, hold=False, contact=Checkpoint())
+    await writer.changes([delete("a", 3)], 3, hold=True, contact=Checkpoint())
+    assert await writer.release(Checkpoint(), held_for=60) == 0  # not yet due
+    await writer.changes([delete("b", 4)], 4, hold=True, contact=Checkpoint())
+    writer.held[keys.instance(ORIGIN, "web", "a")] = (2, time.monotonic() - 61)  # a held for 61 s
+    assert await writer.release(Checkpoint(), held_for=60) == 1
+    assert await replicas(store, keys) == {"b"}
+    assert (await checkpoint(store, keys)).revision == 3  # still behind b's held deletion
+
+
+async def test_a_leader_that_resigns_deletes_its_key_and_waits(store, keys) -> None:
+    session = Session(store, ttl=3)
+    election = Election(store, session, keys.election(ORIGIN), "me", poll=0.05, resign_pause=30)
+    led = asyncio.Event()
+
+    async def lead(fence: tuple[bytes, int]) -> None:
+        led.set()
+        raise StepDown("cannot reach the origin from here")
+
+    runner = asyncio.create_task(election.run(lead))
+    try:
+        async with asyncio.timeout(5):
+            await led.wait()
+
+        async def key_gone() -> bool:
+            return await store.get(keys.election(ORIGIN)) is None
+
+        await eventually(key_gone, timeout=5)
+        # A standby can win now; the resigned server stays out for its pause.
+        lease = await store.grant(5)
+        created, _ = await store.create(keys.election(ORIGIN), b"standby", lease)
+        assert created
     finally:
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):

@@ -309,3 +309,26 @@ async def test_max_staleness_drops_a_silent_regions_replicas(regions, region_etc
     await eventually(lambda: _count(a, 0), timeout=4.0)  # then dropped
     got = await resolve(a, "web", scope=lookup_pb2.ALL)
     assert not got.regions
+
+
+async def test_a_server_cut_off_from_its_etcd_refuses_to_feed_replicas(private_etcd, servers, connect) -> None:
+    from discovery_pb.v1 import replication_pb2, replication_pb2_grpc
+
+    server = await servers.start(private_etcd, region="a", stale_after_seconds=1.5)
+    stub = replication_pb2_grpc.ReplicationStub(connect(server).channel)
+    feed = stub.Stream(replication_pb2.StreamRequest(origin="a"), timeout=30)
+    assert (await feed.read()).kind == replication_pb2.StreamResponse.SNAPSHOT
+    private_etcd.pause()
+    try:
+        # An open stream ends (so the receiver moves to another server of the region) ...
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            while True:
+                await feed.read()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "etcd" in (err.value.details() or "")
+        # ... and a new one is refused: stale records would roll the receiver's replicas back.
+        call = stub.Stream(replication_pb2.StreamRequest(origin="a", since_revision=1), timeout=CALL_TIMEOUT)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call.read()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        private_etcd.resume()
