@@ -89,7 +89,10 @@ class Replicator:
         self._hold_until = 0.0  # time.monotonic(): deletions arriving before then are held
         self._last_message = 0.0  # time.monotonic() of the last message on the current stream
         self._connected_at = 0.0  # time.monotonic() of the current stream's first message
-        self._heard = 0.0  # time.monotonic() of the last word from the origin while leading
+        # time.monotonic() of the first failed attempt since the origin last answered; counted
+        # from an attempt, not from the last word, so time this process spent frozen (SIGSTOP,
+        # a paused VM) does not look like a failure to reach the origin.
+        self._failing_since = 0.0
         self._step_down_after = settings.step_down_after or 4 * settings.silence
 
     # --- leading ----------------------------------------------------------------------
@@ -113,7 +116,7 @@ class Replicator:
             checkpoint.revision,
             "" if checkpoint.revision else " (snapshot)",
         )
-        self._heard = time.monotonic()
+        self._failing_since = 0.0
         failures = 0
         try:
             while True:
@@ -137,7 +140,9 @@ class Replicator:
                     failures = 0  # it was working: retry at once, on the next server
                 self.source = ""
                 self._next_endpoint += 1
-                if time.monotonic() - self._heard > self._step_down_after:
+                now = time.monotonic()
+                self._failing_since = self._failing_since or now
+                if now - self._failing_since > self._step_down_after:
                     raise StepDown(f"no word from {self.origin} for {self._step_down_after:g}s")
                 await asyncio.sleep(self._retry.delay(failures))
                 failures += 1
@@ -195,7 +200,7 @@ class Replicator:
             gap = (now_ms() - self._contact.last_contact_ms) / 1000
         else:
             gap = 0.0  # never heard from: nothing of ours to protect
-        self._last_message = self._heard = now
+        self._last_message, self._failing_since = now, 0.0
         if gap >= min(HOLD_AFTER_SECONDS, self._s.silence) and self._s.resume_grace > 0:
             if now >= self._hold_until:
                 log.warning(
