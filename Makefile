@@ -8,6 +8,10 @@ BIN := $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# xds-protos ships an old copy of opentelemetry/proto over opentelemetry-proto's (grpc/grpc#42926),
+	@# which breaks the OTLP exporters; put the real one back (tests/xds/test_packaging.py checks).
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+		"opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 	touch $@
 
 install: $(BIN)/.installed

@@ -27,6 +27,8 @@ from discovery.registry import Registry
 from discovery.replication import Election, RegionStates, ReplicationSettings, Replicator, Session
 from discovery.store import Store, StoreHealth
 from discovery.view import View
+from discovery.xds import SERVICE_NAMES as XDS_SERVICE_NAMES
+from discovery.xds import AdsServicer, CsdsServicer, XdsHub, add_ads_to_server, add_csds_to_server
 from discovery_pb.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -44,6 +46,7 @@ SERVICE_NAMES = (
     lookup_pb2.DESCRIPTOR.services_by_name["Lookup"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name,
+    *XDS_SERVICE_NAMES,
 )
 HEALTH_PROBE_SECONDS = 2.0
 _MAX_MESSAGE = 1024 * 1024
@@ -56,13 +59,14 @@ except PackageNotFoundError:  # running from a source tree
 
 class Server:
     """A regional discovery server: Registry, Lookup, Admin and Replication over one etcd
-    view, plus a replicator per peer region (running only where this server wins its election).
+    view, plus a replicator per peer region (running only where this server wins its election),
+    and xDS (ADS and CSDS) for stock gRPC clients from the same view.
 
     ``async with Server(config) as server`` returns once the view is loaded and the port
     listens (``server.port``). Leaving the block stops it, in this order:
 
     1. health turns NOT_SERVING, so balancers stop sending new calls;
-    2. Watch and Replication streams end at once (UNAVAILABLE, so clients resume elsewhere),
+    2. Watch, Replication and ADS streams end at once (UNAVAILABLE, so clients resume elsewhere),
        as do reads waiting for a revision; the port stops accepting; unary calls get
        ``grace_seconds``;
     3. the replicators stop and the election lease is revoked, so another server of the
@@ -97,6 +101,8 @@ class Server:
         self._tasks: list[asyncio.Task[Any]] = []
         self._lookup: LookupServicer | None = None
         self._registry_api: RegistryServicer | None = None
+        self.xds = XdsHub(self.view, self.states, control_plane=f"discovery {VERSION} region {config.region}")
+        self._ads: AdsServicer | None = None
         self.port = 0
 
     async def __aenter__(self) -> Server:
@@ -122,6 +128,7 @@ class Server:
                 f"{self._startup_timeout:g}s: {self.view.last_error or 'no answer'}"
             ) from None
         self._tasks.append(asyncio.create_task(self._probe_etcd(), name="etcd-probe"))
+        self._tasks.append(asyncio.create_task(self.xds.run(), name="xds"))
         self._grpc = self._build_grpc()
         try:
             self.port = self._grpc.add_insecure_port(self.config.listen)
@@ -192,6 +199,9 @@ class Server:
         )
         self._replication = ReplicationServicer(self.view, self.config.region, self.store.health)
         replication_pb2_grpc.add_ReplicationServicer_to_server(self._replication, server)
+        self._ads = AdsServicer(self.xds)
+        add_ads_to_server(self._ads, server)
+        add_csds_to_server(CsdsServicer(self.xds), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         return server
@@ -209,7 +219,7 @@ class Server:
         """Shut down in the documented order; safe to call twice."""
         if self._grpc is not None:
             await self._health.enter_graceful_shutdown()
-            for api in (self._lookup, self._registry_api, self._replication):
+            for api in (self._lookup, self._registry_api, self._replication, self._ads):
                 if api is not None:
                     await api.streams.end_all()
             self.view.end_subscriptions()  # reads waiting for a revision end now

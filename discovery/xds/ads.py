@@ -1,0 +1,81 @@
+"""The Aggregated Discovery Service (state of the world) on the server's gRPC port: a thin
+adapter between a gRPC stream and its ``StreamState``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+import grpc.aio
+from envoy.service.discovery.v3 import ads_pb2
+from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+
+from discovery.api._streams import OpenStreams
+from discovery.xds.hub import XdsHub
+from discovery.xds.stream import StreamState
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name
+_SHUTTING_DOWN = "the discovery server is shutting down; reconnect to another server"
+
+
+class AdsServicer:
+    """``StreamAggregatedResources``: one reader task applies requests to the stream's state,
+    the handler writes whatever the state says is due, whenever it is woken (by a request that
+    changes the subscription, or by the hub)."""
+
+    def __init__(self, hub: XdsHub) -> None:
+        self.hub = hub
+        self.streams = OpenStreams(_SHUTTING_DOWN)
+
+    async def StreamAggregatedResources(
+        self, requests: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        task = self.streams.add(context)
+        state = StreamState(self.hub, context.peer() or "")
+        reader = asyncio.create_task(self._read(requests, state), name=f"xds-reader-{state.id}")
+        try:
+            if self.streams.closing:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, _SHUTTING_DOWN)
+            while True:
+                await state.wake.wait()
+                if reader.done():
+                    reader.result()  # a bad request ends the stream with its error
+                    return  # the client closed its side
+                for response in state.take():
+                    await context.write(response)  # pre-serialized: see add_to_server
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            state.close()
+            self.streams.discard(task)
+
+    async def _read(self, requests: AsyncIterator[DiscoveryRequest], state: StreamState) -> None:
+        try:
+            async for request in requests:
+                state.handle(request)
+        finally:
+            state.wake.set()
+
+
+def add_to_server(servicer: AdsServicer, server: grpc.aio.Server) -> None:
+    """Register ADS as the generated code would, except that responses are written already
+    encoded (a push to many streams is encoded once)."""
+    handlers = {
+        "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+            servicer.StreamAggregatedResources,
+            request_deserializer=DiscoveryRequest.FromString,
+            response_serializer=_passthrough,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
+def _passthrough(data: bytes) -> bytes:
+    return data
