@@ -4,7 +4,6 @@ adapter between a gRPC stream and its ``StreamState``."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -49,11 +48,14 @@ class AdsServicer:
                 for response in state.take():
                     await context.write(response)  # pre-serialized: see add_to_server
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
-            state.close()
-            self.streams.discard(task)
+            try:
+                reader.cancel()
+                # Whatever ended the reader (a malformed request, an abort at shutdown), the
+                # stream must leave the hub: a raise here used to skip the lines below.
+                await asyncio.gather(reader, return_exceptions=True)
+            finally:
+                state.close()
+                self.streams.discard(task)
 
     async def _read(self, requests: AsyncIterator[DiscoveryRequest], state: StreamState) -> None:
         try:

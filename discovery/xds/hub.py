@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -66,7 +67,8 @@ class Builder:
         self.view = view
         self.states = states
         self.epoch = 0  # moves when some region turns stale, fresh, or unservable
-        self._cache: dict[tuple[str, str, str], tuple[int, int, Built | None]] = {}
+        # Least recently used first: entries per (type, name, client region) come and go.
+        self._cache: OrderedDict[tuple[str, str, str], tuple[int, int, Built | None]] = OrderedDict()
         self._warned: set[tuple[str, str, str]] = set()
 
     def get(self, type_url: str, name: str, perspective: str) -> Built | None:
@@ -78,11 +80,16 @@ class Builder:
         key = (type_url, name, perspective)
         hit = self._cache.get(key)
         if hit is not None and hit[0] == generation and hit[1] == epoch:
+            self._cache.move_to_end(key)
             return hit[2]
         built = self._build(type_url, name, perspective)
-        if len(self._cache) > 4 * self.view.service_count + 4096:  # names come and go
-            self._cache.clear()
         self._cache[key] = (generation, epoch, built)
+        self._cache.move_to_end(key)
+        # Room for every type of every service seen from a few client regions; past that the
+        # least recently used go one by one (clearing all at once rebuilt everything, often).
+        limit = 8 * self.view.service_count + 4096
+        while len(self._cache) > limit:
+            self._cache.popitem(last=False)
         return built
 
     @staticmethod
@@ -182,15 +189,18 @@ class XdsHub:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._interval):
                         await sub.ready.wait()
-                changed = {change.service for change in sub.take()}
-                if changed:
-                    self.notify(changed)
-                now = self.builder.freshness_signature()
-                if now != signature:
-                    log.info("xds: region freshness changed (%s); re-evaluating every stream", _describe(now))
-                    signature = now
-                    self.builder.epoch += 1
-                    self.notify_all()
+                try:
+                    changed = {change.service for change in sub.take()}
+                    if changed:
+                        self.notify(changed)
+                    now = self.builder.freshness_signature()
+                    if now != signature:
+                        log.info("xds: region freshness changed (%s); re-evaluating every stream", _describe(now))
+                        signature = now
+                        self.builder.epoch += 1
+                        self.notify_all()
+                except Exception:  # a bug must not end every push for good
+                    log.exception("xds: failed to notify streams of a change")
         finally:
             self.view.unsubscribe(sub)
 

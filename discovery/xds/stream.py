@@ -112,8 +112,17 @@ class StreamState:
 
     def _answer(self, request: DiscoveryRequest, state: TypeState) -> None:
         sent = state.outstanding.pop(request.response_nonce, None)
-        if sent is None:
-            return  # a nonce from a previous stream, or one answered already
+        if sent is None:  # a nonce from a previous stream, or one answered or superseded already
+            if request.HasField("error_detail"):
+                log.warning(
+                    "xds: client %s (%s) NACKed %s with an unknown nonce %s: %s",
+                    self.node.id or "?",
+                    self.peer,
+                    rs.SHORT_NAMES[request.type_url],
+                    request.response_nonce,
+                    request.error_detail.message,
+                )
+            return
         if request.HasField("error_detail"):
             details = request.error_detail.message
             for name, resource in sent.resources.items():
@@ -130,8 +139,9 @@ class StreamState:
             )
             return
         for name, resource in sent.resources.items():
-            state.acked[name] = (sent.version, resource, time.time())
-            state.nacked.pop(name, None)
+            if name in state.names:  # an ACK may come after the name was unsubscribed
+                state.acked[name] = (sent.version, resource, time.time())
+                state.nacked.pop(name, None)
 
     def _subscribe(self, type_url: str, state: TypeState, names: frozenset[str]) -> None:
         for gone in state.names - names:
@@ -155,14 +165,13 @@ class StreamState:
     # --- pushes -----------------------------------------------------------------------
 
     def touch(self, services: Iterable[str] | None) -> None:
-        """Called by the hub: these services (None: all) may have changed."""
-        woken = False
-        for state in self.types.values():
-            names = state.names if services is None else state.names.intersection(services)
-            if names:
-                state.dirty.update(names)
-                woken = True
-        if woken:
+        """Called by the hub: these services' endpoints (None: all) may have changed. Only
+        endpoints depend on the view; the other types change with the subscription alone,
+        and re-checking a full Listener and Cluster set per push cost O(names) per stream."""
+        state = self.types[rs.ENDPOINTS]
+        names = state.names if services is None else state.names.intersection(services)
+        if names:
+            state.dirty.update(names)
             self.wake.set()
 
     def take(self) -> list[bytes]:

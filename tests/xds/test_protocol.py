@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 
 from discovery.etcd_process import free_port
 from discovery.xds import ENDPOINTS, Builder
-from tests.helpers import CALL_TIMEOUT, register
+from tests.helpers import CALL_TIMEOUT, eventually, register
 from tests.xds.ads_client import AdsClient
 
 
@@ -133,3 +133,29 @@ async def test_a_hundred_streams_each_get_every_change(etcd, servers, connect, b
             await c.close()
         for channel in channels:
             await channel.close()
+
+
+async def test_a_stream_that_sends_garbage_leaves_no_trace_in_the_hub(server, connect) -> None:
+    # A malformed request ends the stream with an error; the stream's state must still leave
+    # the hub (it used to stay forever, marked dirty on every change, listed by CSDS).
+    channel = connect(server).channel
+    call = channel.stream_stream(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+        request_serializer=lambda b: b,
+        response_deserializer=lambda b: b,
+    )(timeout=CALL_TIMEOUT)
+    from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
+
+    await call.write(DiscoveryRequest(type_url=ENDPOINTS, resource_names=["junk"]).SerializeToString())
+    await call.write(b"\xff\xff\xff\xff")
+    try:
+        async with asyncio.timeout(CALL_TIMEOUT):
+            while await call.read() is not grpc.aio.EOF:
+                pass
+    except grpc.aio.AioRpcError:
+        pass  # the decode error ends the call
+
+    async def cleaned_up() -> bool:  # the handler's cleanup runs as it ends, after the status
+        return not server.xds.streams and not server.xds._watchers
+
+    await eventually(cleaned_up, timeout=CALL_TIMEOUT)

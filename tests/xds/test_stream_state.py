@@ -139,3 +139,20 @@ def test_close_leaves_nothing_behind() -> None:
     assert hub.streams == {state}
     state.close()
     assert not hub.streams and not hub._watchers
+
+
+def test_a_change_in_the_view_touches_endpoints_only_and_late_acks_leave_no_record() -> None:
+    state, builder, _ = stream()
+    for type_url in (LISTENER, CLUSTER, ENDPOINTS):
+        state.handle(DiscoveryRequest(type_url=type_url, resource_names=["web", "api"]))
+    first = {r.type_url: r for r in responses(state)}
+    assert set(first) == {LISTENER, CLUSTER, ENDPOINTS}
+    builder.generation["web"] = 1
+    state.touch(["web"])
+    # Listener and Cluster depend on the name alone: only the changed endpoints go out.
+    pushed = responses(state)
+    assert [(r.type_url, len(r.resources)) for r in pushed] == [(ENDPOINTS, 1)]
+    # The client drops "api", then ACKs the response that still carried it.
+    state.handle(DiscoveryRequest(type_url=ENDPOINTS, resource_names=["web"], response_nonce=pushed[0].nonce))
+    state.handle(ack(first[ENDPOINTS], ["web"]))
+    assert set(state.types[ENDPOINTS].acked) <= {"web"}
