@@ -45,6 +45,17 @@ def private_etcd(tmp_path: Path) -> Iterator[EtcdProcess]:
     member.stop()
 
 
+@pytest.fixture(scope="module")
+def region_etcds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, EtcdProcess]]:
+    """One etcd per region ("a", "b", "c") for a test module; tests stay apart by key prefix."""
+    _require_etcd()
+    base = tmp_path_factory.mktemp("regions")
+    members = {name: EtcdProcess(base / name).start() for name in ("a", "b", "c")}
+    yield members
+    for member in members.values():
+        member.stop()
+
+
 @pytest.fixture
 def key_prefix() -> str:
     return f"/t{next(_prefixes)}-{id(object())}/discovery/v1/"
@@ -106,3 +117,11 @@ async def connect() -> AsyncIterator[Callable[[Server], Stubs]]:
     yield _connect
     for channel in channels:
         await channel.close()
+
+
+@pytest.fixture
+async def regions(servers: Servers) -> AsyncIterator[Any]:
+    """Several regions in this process, peered (tests/multiregion.py)."""
+    from tests.multiregion import Regions
+
+    yield Regions(servers)

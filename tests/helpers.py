@@ -32,6 +32,33 @@ async def eventually(probe: Callable[[], Awaitable[T]], timeout: float = 5.0, in
         await asyncio.sleep(interval)
 
 
+async def until_progress(
+    check: Callable[[], object],
+    progress: asyncio.Event,
+    ended: Callable[[], str | None],
+    summary: Callable[[], str],
+    timeout: float,
+) -> float:
+    """Re-check ``check()`` each time ``progress`` is set (the reader sets it per message)
+    until it holds; returns the seconds it took. AssertionError after ``timeout``, or as soon
+    as ``ended()`` says why no progress can come."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while True:
+        progress.clear()
+        if check():
+            return time.monotonic() - start
+        why = ended()
+        if why:
+            raise AssertionError(f"{why} before the condition held; {summary()}")
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"condition not met within {timeout}s; {summary()}")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(remaining):
+                await progress.wait()
+
+
 # --- gRPC call helpers (every call has a deadline) ---------------------------------------
 
 CALL_TIMEOUT = 5.0  # seconds: the deadline of every test's gRPC call
@@ -125,19 +152,11 @@ class Watcher:
 
     async def until(self, predicate: Callable[[Watcher], object], timeout: float = 10.0) -> None:
         """Wait until ``predicate(self)`` holds; AssertionError after ``timeout`` or at stream end."""
-        deadline = time.monotonic() + timeout
-        while True:
-            self._progress.clear()
-            if predicate(self):
-                return
-            if self.ended.is_set():
-                raise AssertionError(f"the watch ended ({self.error!r}) before the condition held; {self.summary()}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"condition not met within {timeout}s; {self.summary()}")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._progress.wait()
+
+        def ended() -> str | None:
+            return f"the watch ended ({self.error!r})" if self.ended.is_set() else None
+
+        await until_progress(lambda: predicate(self), self._progress, ended, self.summary, timeout)
 
     def summary(self) -> str:
         kinds = [lookup_pb2.WatchResponse.Kind.Name(m.kind) for m in self.messages[-5:]]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -11,24 +10,8 @@ import pytest
 
 from discovery.etcd_process import EtcdProcess
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
-from tests.conftest import Servers
 from tests.helpers import CALL_TIMEOUT, eventually, register, resolve
 from tests.multiregion import Regions
-
-
-@pytest.fixture(scope="module")
-def region_etcds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, EtcdProcess]]:
-    """One etcd per region for the module; tests stay apart by key prefix."""
-    base = tmp_path_factory.mktemp("regions")
-    members = {name: EtcdProcess(base / name).start() for name in ("a", "b", "c")}
-    yield members
-    for member in members.values():
-        member.stop()
-
-
-@pytest.fixture
-async def regions(servers: Servers) -> AsyncIterator[Regions]:
-    yield Regions(servers)
 
 
 def addresses(response: lookup_pb2.ResolveResponse) -> dict[str, str]:

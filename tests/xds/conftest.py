@@ -8,9 +8,8 @@ import contextlib
 import json
 import os
 import sys
-import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from discovery.etcd_process import EtcdProcess
 from discovery.server import Server
 from discovery.xds import bootstrap
 from tests.conftest import Servers
-from tests.multiregion import Regions
+from tests.helpers import until_progress
 
 CLIENT_SCRIPT = Path(__file__).with_name("stock_client.py")
 
@@ -109,20 +108,11 @@ class StockClient:
 
     async def until(self, predicate: Callable[[StockClient], object], timeout: float = 10.0) -> float:
         """Wait until ``predicate(self)`` holds; returns the seconds it took."""
-        start = time.monotonic()
-        deadline = start + timeout
-        while True:
-            self._progress.clear()
-            if predicate(self):
-                return time.monotonic() - start
-            if self._task.done():
-                raise AssertionError(f"the client exited; {self.summary()}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"condition not met within {timeout}s; {self.summary()}")
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
-                    await self._progress.wait()
+
+        def ended() -> str | None:
+            return "the client exited" if self._task.done() else None
+
+        return await until_progress(lambda: predicate(self), self._progress, ended, self.summary, timeout)
 
     async def next_answers(self, count: int, timeout: float = 10.0) -> list[str]:
         mark = self.mark()
@@ -192,18 +182,3 @@ async def stock_clients(tmp_path: Path) -> AsyncIterator[StockClients]:
 async def server(etcd: EtcdProcess, servers: Servers) -> Server:
     """One region's server on the shared etcd."""
     return await servers.start(etcd)
-
-
-@pytest.fixture(scope="module")
-def region_etcds(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, EtcdProcess]]:
-    """One etcd per region for the module; tests stay apart by key prefix."""
-    base = tmp_path_factory.mktemp("xds-regions")
-    members = {name: EtcdProcess(base / name).start() for name in ("a", "b")}
-    yield members
-    for member in members.values():
-        member.stop()
-
-
-@pytest.fixture
-async def regions(servers: Servers) -> AsyncIterator[Regions]:
-    yield Regions(servers)

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sys
 
 from tests.helpers import register
-
-CLI = [sys.executable, "-m", "discovery"]
-
-
-async def run(*args: str, timeout: float = 20.0) -> tuple[int, str, str]:
-    proc = await asyncio.create_subprocess_exec(
-        *CLI, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    async with asyncio.timeout(timeout):
-        out, err = await proc.communicate()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+from tests.integration.test_cli import run
 
 
 async def test_a_stock_client_runs_on_the_printed_bootstrap_and_shows_in_xds_clients(
