@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -100,10 +101,12 @@ class Load:
         n = 0
         while True:
             n += 1
-            for call in (self._register(n), self._resolve(), self._status(), self._watch()):
+            # Coroutines made one at a time: made up front, those left when close() cancels
+            # the loop would never be awaited.
+            for call in (functools.partial(self._register, n), self._resolve, self._status, self._watch):
                 start = time.perf_counter()
                 try:
-                    await call
+                    await call()
                 except grpc.aio.AioRpcError as exc:
                     self.errors.append(f"{self.phase}: {exc.code().name} {exc.details()}")
                 self.by_phase.setdefault(self.phase, []).append(time.perf_counter() - start)
