@@ -24,7 +24,7 @@ from discovery.config import ServerConfig
 from discovery.errors import InvalidArgument, StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.registry import Registry
-from discovery.replication import Election, RegionStates, ReplicationSettings, Replicator, Session
+from discovery.replication import Election, RegionStates, ReplicationSettings, Replicator, Session, StallMonitor
 from discovery.store import Store, StoreHealth
 from discovery.view import View
 from discovery.xds import SERVICE_NAMES as XDS_SERVICE_NAMES
@@ -152,8 +152,12 @@ class Server:
             resume_grace=self.config.resume_grace_seconds,
         )
         self._tasks.append(asyncio.create_task(self.session.run(), name="election-session"))
+        stalls = StallMonitor()
+        self._tasks.append(asyncio.create_task(stalls.run(), name="stall-monitor"))
         for origin, endpoints in peers.items():
-            replicator = Replicator(origin, endpoints, store=self.store, keys=self.keys, settings=settings)
+            replicator = Replicator(
+                origin, endpoints, store=self.store, keys=self.keys, settings=settings, stalls=stalls
+            )
             election = Election(self.store, self.session, self.keys.election(origin), identity)
             self.replicators[origin], self.elections[origin] = replicator, election
             self._tasks.append(asyncio.create_task(election.run(replicator.lead), name=f"replicator {origin}"))

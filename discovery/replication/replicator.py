@@ -24,6 +24,7 @@ import grpc.aio
 from discovery.errors import StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.replication.session import Fence, Resign
+from discovery.replication.stalls import StallMonitor
 from discovery.replication.writer import ReplicaWriter, now_ms
 from discovery.retry import RetryPolicy
 from discovery.store import Store
@@ -74,8 +75,10 @@ class Replicator:
         keys: KeySchema,
         settings: ReplicationSettings,
         retry: RetryPolicy | None = None,
+        stalls: StallMonitor | None = None,
     ) -> None:
         self.origin = origin
+        self._stalls = stalls
         self.endpoints = list(endpoints)
         self._store = store
         self._keys = keys
@@ -200,6 +203,9 @@ class Replicator:
             gap = (now_ms() - self._contact.last_contact_ms) / 1000
         else:
             gap = 0.0  # never heard from: nothing of ours to protect
+        if self._stalls is not None and gap > 0:
+            # Silence while this process was frozen was ours, not the origin's.
+            gap -= self._stalls.stalled_within(now - gap, now)
         self._last_message, self._failing_since = now, 0.0
         if gap >= min(HOLD_AFTER_SECONDS, self._s.silence) and self._s.resume_grace > 0:
             if now >= self._hold_until:
