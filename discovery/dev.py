@@ -30,7 +30,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from discovery.devcontrol import ControlServer
 from discovery.etcd_process import EtcdCluster, StartAborted, free_ports
+from discovery.faultproxy import FaultProxy
 from discovery.model import validate_region
 
 DEFAULT_REGIONS = ("us-east", "eu-west", "ap-south")
@@ -134,6 +136,11 @@ class DevCluster:
     ``discovery serve`` after the generated flags, so they win (e.g. ``("--resume-grace", "2")``).
     ``peer_via(from_region, to_region, address)`` returns the address a server of
     ``from_region`` is told for that server of ``to_region``: a drill puts a fault proxy there.
+
+    ``fault_proxy`` routes every peer connection through a ``FaultProxy`` of this cluster
+    (``self.proxy``), unless ``peer_via`` routes them already; ``control`` serves a
+    ``ControlServer`` (``self.control_address``, also in cluster.json) through which another
+    process injects faults.
     """
 
     regions: Sequence[str] = DEFAULT_REGIONS
@@ -145,7 +152,12 @@ class DevCluster:
     server_args: tuple[str, ...] = ()
     peer_via: PeerRoute | None = None
     start_timeout: float = 30.0
+    fault_proxy: bool = False
+    control: bool = False
     running: list[Region] = field(default_factory=list, init=False)
+    proxy: FaultProxy | None = field(default=None, init=False)
+    control_address: str | None = field(default=None, init=False)
+    _control: ControlServer | None = field(default=None, init=False, repr=False)
     _abort: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _created: list[Path] = field(default_factory=list, init=False, repr=False)  # removed by stop()
     _progress_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
@@ -175,7 +187,11 @@ class DevCluster:
         if self.running:
             raise RuntimeError("this cluster was started already")
         try:
-            self._prepare()
+            if self.fault_proxy:
+                self.proxy = FaultProxy()
+            self._prepare()  # binds the proxy's routes
+            if self.proxy is not None:
+                self.proxy.start()
             with ThreadPoolExecutor(len(self.running), thread_name_prefix="dev-region") as pool:
                 try:
                     futures = [pool.submit(self._start_region, r, progress) for r in self.running]
@@ -191,6 +207,9 @@ class DevCluster:
             if errors:
                 # A real failure explains more than the aborts it caused elsewhere.
                 raise next((e for e in errors if not isinstance(e, StartAborted)), errors[0])
+            if self.control:
+                self._control = ControlServer(self, self.proxy)
+                self.control_address = self._control.start()
             self.write_state()
         except BaseException:
             self.stop()
@@ -259,7 +278,7 @@ class DevCluster:
     def _server_command(self, region: Region, address: str, addresses: dict[str, list[str]]) -> list[str]:
         """``discovery serve`` for one server. Every other region is a peer, nearest first in
         the order of ``regions``, so FAILOVER and replication follow that order."""
-        route = self.peer_via or (lambda _from, _to, peer: peer)
+        route = self.peer_via or (self.proxy.route if self.proxy is not None else lambda _from, _to, peer: peer)
         peers = [
             f"--peer={name}={','.join(route(region.name, name, peer) for peer in addresses[name])}"
             for name in self.regions
@@ -352,8 +371,9 @@ class DevCluster:
         return self.state_dir / STATE_FILE
 
     def describe(self) -> dict[str, Any]:
-        """What cluster.json holds: per region its servers and etcd members, address and pid."""
-        return {
+        """What cluster.json holds: per region its servers and etcd members, address and pid;
+        the control server's address and the fault proxy's routes when they run."""
+        described: dict[str, Any] = {
             "regions": {
                 r.name: {
                     "servers": [{"address": s.address, "pid": s.pid} for s in r.servers],
@@ -363,6 +383,11 @@ class DevCluster:
             },
             "state_dir": str(self.state_dir),
         }
+        if self.control_address is not None:
+            described["control"] = self.control_address
+        if self.proxy is not None:
+            described["routes"] = self.proxy.routes()
+        return described
 
     def write_state(self) -> None:
         # Written aside and renamed, so a reader never sees half a file.
@@ -399,18 +424,27 @@ class DevCluster:
     def stop(self) -> None:
         """Stop everything, in this order:
 
-        1. SIGCONT to every process, since a drill may have paused a region;
-        2. SIGTERM to every server together, and wait for each (they drain; SIGKILL after 15 s);
-        3. stop every region's etcd;
-        4. remove what this cluster created in the state dir, unless ``keep``.
+        1. the control server, so no fault lands while stopping;
+        2. SIGCONT to every process, since a drill may have paused a region, and heal every link;
+        3. SIGTERM to every server together, and wait for each (they drain; SIGKILL after 15 s);
+        4. the fault proxy, once no server uses it;
+        5. stop every region's etcd;
+        6. remove what this cluster created in the state dir, unless ``keep``.
         """
+        control, self._control = self._control, None
+        if control is not None:
+            control.stop()
         for region in self.running:
             _signal_all(region.pids(), signal.SIGCONT)
+        if self.proxy is not None:
+            self.proxy.heal()  # draining servers reach their peers as usual
         for region in self.running:
             _signal_all([s.pid for s in region.servers if s.running()], signal.SIGTERM)
         for region in self.running:
             for server in region.servers:
                 _reap(server)
+        if self.proxy is not None:
+            self.proxy.stop()
         for region in self.running:
             region.etcd.stop()
         self.running.clear()

@@ -17,7 +17,11 @@ DEV_DESCRIPTION = """Run a whole local cluster in the foreground, like `consul a
 
 Each region gets its own etcd (1 or 3 members) and its discovery servers, all on 127.0.0.1.
 Every region is peered with all the others, nearest first in the order of --regions: that
-order is what FAILOVER follows. For trying and testing, never production."""
+order is what FAILOVER follows. For trying and testing, never production.
+
+Servers reach the other regions through a userspace fault proxy, and a control endpoint takes
+faults from `discovery drill` (pause a region, kill a server or etcd member, partition or
+slow a link between regions), without root."""
 
 DEV_EXAMPLES = """examples:
   discovery dev                                  # us-east, eu-west, ap-south; servers on 7400, 7401, 7402
@@ -25,15 +29,21 @@ DEV_EXAMPLES = """examples:
   discovery dev --regions us-east,eu-west --servers-per-region 2 --etcd-members 3
   discovery dev --base-port 0                    # free ports, to run beside another cluster
   discovery dev --state-dir /tmp/dc --keep       # keep data, logs and cluster.json after exit
+  discovery dev --no-fault-proxy                 # servers dial the other regions directly
 
 It prints a line per process it starts, then a table of every endpoint (region, role,
-address, pid, log file), then the line `ready`: from then on every server answers and every
-etcd is healthy. The same endpoints, as JSON, are in STATE_DIR/cluster.json (the line
-`cluster.json: PATH` just before `ready` says where):
+address, pid, log file), the line `control: ADDRESS` (the control endpoint), then the line
+`ready`: from then on every server answers and every etcd is healthy. The same endpoints, as
+JSON, are in STATE_DIR/cluster.json (the line `cluster.json: PATH` just before `ready` says
+where):
   {"regions": {"us-east": {"servers": [{"address": "127.0.0.1:7400", "pid": 4242}],
                            "etcd": [{"address": "127.0.0.1:40213", "pid": 4240}]}, ...},
-   "state_dir": "..."}
+   "state_dir": "...",
+   "control": "127.0.0.1:39145",
+   "routes": {"us-east": {"eu-west": ["127.0.0.1:41877"], ...}, ...}}
 Every pid is the process itself (etcd, the server's Python): a signal sent to it reaches it.
+`routes` gives, per region and peer region, the proxy address its servers dial for each of
+that peer's servers (absent with --no-fault-proxy).
 
 Ctrl-C or SIGTERM, also during startup, stops everything it started and exits 0. If a process
 fails to start, the rest is stopped and the error names that process and its log file."""
@@ -81,6 +91,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="data, logs and cluster.json (default: a new temp dir); what it creates there is removed on exit",
     )
     p.add_argument("--keep", action="store_true", help="keep what was created in the state dir on exit")
+    p.add_argument(
+        "--no-fault-proxy",
+        dest="fault_proxy",
+        action="store_false",
+        help="inter-region traffic goes through a userspace fault proxy so `discovery drill` can partition or "
+        "slow links without root; this flag connects regions directly",
+    )
     p.set_defaults(func=dev)
 
 
@@ -92,6 +109,8 @@ async def dev(args: argparse.Namespace) -> int:
         base_port=args.base_port,
         state_dir=args.state_dir,
         keep=args.keep,
+        fault_proxy=args.fault_proxy,
+        control=True,
     )
     try:
         cluster.validate()
@@ -109,6 +128,7 @@ async def dev(args: argparse.Namespace) -> int:
     try:
         await asyncio.to_thread(cluster.start, lambda line: print(line, flush=True))
         print(cluster.table())
+        print(f"control: {cluster.control_address}")
         print(f"cluster.json: {cluster.state_file}")
         print("ready", flush=True)
         reported: set[str] = set()

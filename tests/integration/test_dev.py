@@ -78,9 +78,11 @@ def peer_flags(pid: int) -> list[str]:
 
 
 def expected_peers(cluster: dict[str, Any], region: str) -> list[str]:
-    """Every other region, in the order of the cluster (the order of --regions), with all its servers."""
+    """Every other region, in the order of the cluster (the order of --regions), with all its
+    servers: through the fault proxy's routes when the cluster has them."""
+    routes = cluster.get("routes")
     return [
-        f"--peer={name}={','.join(s['address'] for s in r['servers'])}"
+        f"--peer={name}={','.join(routes[region][name] if routes else (s['address'] for s in r['servers']))}"
         for name, r in cluster["regions"].items()
         if name != region
     ]
@@ -143,7 +145,9 @@ async def test_dev_default_regions_cluster_json_pids_peers_then_sigterm_leaves_n
     lines = await read_until(proc, lambda line: line == "ready", timeout=60)
 
     cluster = json.loads((state_dir / "cluster.json").read_text())
-    assert set(cluster) == {"regions", "state_dir"} and Path(cluster["state_dir"]) == state_dir.resolve()
+    assert set(cluster) == {"regions", "state_dir", "control", "routes"}
+    assert Path(cluster["state_dir"]) == state_dir.resolve() and ADDRESS.fullmatch(cluster["control"])
+    assert f"control: {cluster['control']}" in lines
     assert list(cluster["regions"]) == REGIONS
     for name, region in cluster["regions"].items():
         assert set(region) == {"servers", "etcd"} and len(region["servers"]) == len(region["etcd"]) == 1
@@ -157,6 +161,8 @@ async def test_dev_default_regions_cluster_json_pids_peers_then_sigterm_leaves_n
         assert _flag(cmdline(server["pid"]), "--etcd") == member["address"]
         assert await status_region(server["address"]) == name
     assert len({e["address"] for e in _entries(cluster)}) == 6, "every process has a port of its own"
+    routes = [a for targets in cluster["routes"].values() for addresses in targets.values() for a in addresses]
+    assert len(routes) == 6 and not set(routes) & {e["address"] for e in _entries(cluster)}
 
     pids = all_pids(cluster)
     started = [int(m.group(3)) for line in lines if (m := STARTED.match(line))]
