@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from discovery.cli import dev, instances, lookup, serve, status, xds
+from discovery.cli import dev, drill, instances, lookup, serve, status, xds
 from discovery.cli._common import EXIT_CODES_HELP, FAILED, OK, UNAVAILABLE, USAGE, CommandError
 from discovery.errors import DiscoveryError, InvalidArgument, StoreUnavailable
 
@@ -20,6 +20,7 @@ Examples (try them on this machine):
   discovery resolve web --server 127.0.0.1:7400
   discovery status
   discovery xds-bootstrap > bootstrap.json   # for stock gRPC clients: GRPC_XDS_BOOTSTRAP, xds:///web
+  discovery drill region-hang --cluster STATE_DIR/cluster.json   # a region-failure drill
 
 Client commands take --server HOST:PORT (default $DISCOVERY_SERVER or 127.0.0.1:7400) and --json."""
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, dev, instances, lookup, status, xds):
+    for module in (serve, dev, instances, lookup, status, xds, drill):
         module.add_parsers(sub)
     return parser
 

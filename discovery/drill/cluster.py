@@ -1,0 +1,138 @@
+"""The cluster a drill runs against, as ``cluster.json`` describes it.
+
+``discovery dev`` writes the file; for a real deployment, write one by hand with the same
+keys (see docs/drills.md): per region, in proximity order, its servers and etcd endpoints.
+``control`` (the dev cluster's fault endpoint) and ``routes`` (the fault proxy's address of
+each peer server, per pair of regions) are optional: without them, faults come from
+``--inject``/``--heal`` commands.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from discovery.devcontrol import ControlClient, ControlError
+
+
+class ClusterFileError(ValueError):
+    """The cluster file is missing, unreadable or does not describe a cluster."""
+
+
+@dataclass(frozen=True)
+class ClusterRegion:
+    name: str
+    servers: tuple[str, ...]
+    etcd: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ClusterFile:
+    path: Path
+    regions: tuple[ClusterRegion, ...]  # file order: nearest first, as the servers are peered
+    control: str | None = None
+    routes: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> ClusterFile:
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ClusterFileError(f"{path}: no such file (start `discovery dev` and pass its cluster.json)") from None
+        except (OSError, ValueError) as exc:
+            raise ClusterFileError(f"{path}: cannot read it as JSON: {exc}") from None
+        return cls.parse(path, raw)
+
+    @classmethod
+    def parse(cls, path: Path, raw: Any) -> ClusterFile:
+        if not isinstance(raw, dict) or not isinstance(raw.get("regions"), dict) or not raw["regions"]:
+            raise ClusterFileError(f"{path}: expected an object with a non-empty 'regions' object")
+        regions = []
+        for name, body in raw["regions"].items():
+            servers = _addresses(path, body, name, "servers")
+            if not servers:
+                raise ClusterFileError(f"{path}: region {name!r} lists no servers")
+            regions.append(ClusterRegion(name, servers, _addresses(path, body, name, "etcd")))
+        if len(regions) < 2:
+            raise ClusterFileError(f"{path}: a drill needs at least two regions, the file has {len(regions)}")
+        routes: dict[str, dict[str, tuple[str, ...]]] = {}
+        for src, targets in (raw.get("routes") or {}).items():
+            routes[src] = {dst: tuple(addrs) for dst, addrs in targets.items()}
+        control = raw.get("control")
+        return cls(path, tuple(regions), control if isinstance(control, str) and control else None, routes)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.regions)
+
+    def region(self, name: str) -> ClusterRegion:
+        for region in self.regions:
+            if region.name == name:
+                return region
+        raise ClusterFileError(f"no region {name!r} in {self.path} (regions: {', '.join(self.names)})")
+
+    def servers_seen_from(self, src: str, dst: str) -> tuple[str, ...]:
+        """The addresses a client in ``src`` dials for ``dst``'s servers: through the fault
+        proxy when the cluster has one, so a cut-off region's clients are cut off too."""
+        return self.routes.get(src, {}).get(dst) or self.region(dst).servers
+
+
+def _addresses(path: Path, body: Any, region: str, key: str) -> tuple[str, ...]:
+    items = body.get(key, []) if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise ClusterFileError(f"{path}: regions.{region}.{key} must be a list")
+    out = []
+    for item in items:
+        address = item.get("address") if isinstance(item, dict) else item
+        if not isinstance(address, str) or ":" not in address:
+            raise ClusterFileError(f"{path}: regions.{region}.{key}: {item!r} is not host:port or {{'address': ...}}")
+        out.append(address)
+    return tuple(out)
+
+
+class FaultError(RuntimeError):
+    """A fault could not be injected or healed."""
+
+
+class Control:
+    """The dev cluster's control endpoint, awaited without blocking the drill's load."""
+
+    def __init__(self, cluster: ClusterFile, timeout: float = 60.0) -> None:
+        self.cluster = cluster
+        self._client = ControlClient(cluster.control, timeout) if cluster.control else None
+
+    @property
+    def available(self) -> bool:
+        return self._client is not None
+
+    async def call(self, op: str, **args: Any) -> Any:
+        if self._client is None:
+            raise FaultError(
+                f"{self.cluster.path} names no control endpoint (only `discovery dev` has one): "
+                "give the fault as --inject and --heal commands"
+            )
+        try:
+            return await asyncio.to_thread(self._client.call, op, **args)
+        except ControlError as exc:
+            raise FaultError(f"{op}: {exc}") from None
+
+
+async def run_hook(command: str, what: str, timeout: float = 120.0) -> str:
+    """An operator's own fault command (``--inject``/``--heal``), through the shell."""
+    proc = await asyncio.create_subprocess_shell(
+        command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise FaultError(f"{what} command did not finish within {timeout:g}s: {shlex.quote(command)}") from None
+    text = out.decode(errors="replace").strip()
+    if proc.returncode != 0:
+        raise FaultError(f"{what} command exited with {proc.returncode}: {text[-300:] or '(no output)'}")
+    return text

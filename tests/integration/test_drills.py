@@ -1,0 +1,183 @@
+"""Every drill scenario in a short form against a small `discovery dev` cluster (real etcd
+and server processes, the fault proxy between regions), plus the drill failing when a
+guarantee does break.
+
+Each test asserts the report's verdict and also that the fault really happened (a drill
+that injected nothing would pass too): the hung region's writes failed, the cut-off region's
+lag grew, the slow link's lag reached its delay, the compaction passed the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from discovery.dev import DevCluster
+from discovery.drill import Bounds, ClusterFile, DrillError, DrillSettings, LoadSettings, Report, run_drill
+
+pytestmark = pytest.mark.slow
+
+LEASE_TTL = 2
+# Gentle on two cores; a lease TTL below every hold, so a frozen region's leases expire.
+LOAD = LoadSettings(register_rate=8, resolve_rate=15, leased=3, lease_ttl=LEASE_TTL, op_timeout=1.0)
+# A blocked call takes the op timeout (1 s): a floor of 150 ms over the baseline p99 still
+# catches that, without failing on a shared machine's scheduling noise.
+BOUNDS = Bounds(slowdown_floor_ms=150, converge_within=8)
+SERVER_ARGS = ("--stale-after", "1.5", "--resume-grace", "2")
+
+
+def _cluster(tmp: Path, **kwargs: object) -> Iterator[ClusterFile]:
+    dev = DevCluster(
+        state_dir=tmp / "dev",
+        fault_proxy=True,
+        control=True,
+        server_args=SERVER_ARGS,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    dev.start(lambda line: None)
+    try:
+        yield ClusterFile.load(dev.state_file)
+    finally:
+        dev.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFile]:
+    yield from _cluster(tmp_path_factory.mktemp("drills"), regions=("a", "b", "c"), servers_per_region=2)
+
+
+@pytest.fixture(scope="module")
+def three_member_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFile]:
+    yield from _cluster(tmp_path_factory.mktemp("drills3"), regions=("a", "b"), etcd_members=3)
+
+
+async def drill(cluster: ClusterFile, scenario: str, hold: float, **overrides: object) -> Report:
+    settings = DrillSettings(
+        scenario=scenario,
+        hold=hold,
+        baseline=2.0,
+        after=3.0,
+        load=LOAD,
+        bounds=BOUNDS,
+        **overrides,  # type: ignore[arg-type]
+    )
+    report = await run_drill(cluster, settings)
+    print(report.table())
+    return report
+
+
+def held(report: Report) -> None:
+    """The guarantees every scenario must keep."""
+    assert report.passed, report.broken
+    v = report.verdict
+    assert v.lost == [] and v.resurrected == []
+    assert v.convergence_s is not None and v.convergence_s <= BOUNDS.converge_within
+    assert v.acknowledged > 50
+    for region in report.judged:
+        for phase in ("before", "during", "after"):
+            fig = report.figures[region][phase]
+            assert fig.register.total > 0 and fig.resolve.total > 0, (region, phase)
+
+
+async def test_region_hang(cluster: ClusterFile) -> None:
+    report = await drill(cluster, "region-hang", hold=LEASE_TTL + 2.5)
+    held(report)
+    assert report.judged == ("a", "b")
+    during = report.figures["c"]["during"]
+    assert during.register.success is not None and during.register.success < 0.5, "c was not hung"
+    # The frozen region's leases expired on waking and were registered again: its own view
+    # saw them flap; the other regions held the deletions and saw nothing.
+    assert report.verdict.flapped["a"] == 0 and report.verdict.flapped["b"] == 0
+
+
+async def test_region_partition(cluster: ClusterFile) -> None:
+    report = await drill(cluster, "region-partition", hold=4.0)
+    held(report)
+    lag = report.figures["c"]["during"].lag_p99_ms
+    assert lag is not None and lag > 1000, "nothing reached c late: it was not cut off"
+    # c's own clients kept working inside c.
+    assert report.figures["c"]["during"].register.success == 1.0
+
+
+async def test_slow_link(cluster: ClusterFile) -> None:
+    report = await drill(cluster, "slow-link", hold=4.0)
+    held(report)
+    assert report.judged == ("a", "b", "c")  # a slow link blocks no region
+    lag = report.figures["c"]["during"].lag_p50_ms
+    assert lag is not None and lag >= 100, f"lag into c {lag} ms: the link was not slowed"
+    assert report.notes["link"] == {"delay_ms": 150.0, "jitter_ms": 50.0, "loss": 0.05}
+
+
+async def test_server_kill(cluster: ClusterFile) -> None:
+    report = await drill(cluster, "server-kill", hold=4.0)
+    held(report)
+    assert report.notes["server"] in (0, 1)
+    assert any("restarted" in what for _, what in report.events)
+
+
+async def test_compaction_during_outage(cluster: ClusterFile) -> None:
+    report = await drill(cluster, "compaction-during-outage", hold=5.0)
+    held(report)
+    compacted, checkpoints = report.notes["compacted"], report.notes["checkpoints"]
+    assert set(compacted) == {"a", "b"}
+    for origin, revision in compacted.items():
+        assert checkpoints[origin] < revision, "the compaction did not pass c's checkpoint"
+    assert report.verdict.deleted > 10  # deletions made during the outage had to survive the snapshot
+
+
+async def test_etcd_leader_kill(three_member_cluster: ClusterFile) -> None:
+    report = await drill(three_member_cluster, "etcd-leader-kill", hold=3.0)
+    held(report)
+    assert report.notes["etcd_member"] in (0, 1, 2)
+
+
+async def test_a_broken_guarantee_fails_the_drill(cluster: ClusterFile) -> None:
+    """The fault hits a region the drill holds to its bounds (a's processes are frozen by
+    the --inject command while the drill believes c is the target): the report must fail."""
+    control = f"from discovery.devcontrol import ControlClient; ControlClient({cluster.control!r}).call"
+    report = await drill(
+        cluster,
+        "region-hang",
+        hold=2.0,
+        inject_command=f"{sys.executable} -c \"{control}('pause_region', region='a')\"",
+        heal_command=f"{sys.executable} -c \"{control}('resume_region', region='a')\"",
+    )
+    assert not report.passed
+    assert any(line.startswith("a during: registrations") for line in report.broken), report.broken
+
+
+async def test_scenarios_that_cannot_run_say_why(cluster: ClusterFile, tmp_path: Path) -> None:
+    with pytest.raises(DrillError, match="etcd-members 3") as info:
+        await run_drill(cluster, DrillSettings("etcd-leader-kill"))
+    assert info.value.usage
+    with pytest.raises(DrillError, match="no region 'mars'"):
+        await run_drill(cluster, DrillSettings("region-hang", target="mars"))
+    no_control = tmp_path / "cluster.json"
+    raw = json.loads(cluster.path.read_text())
+    del raw["control"]
+    no_control.write_text(json.dumps(raw))
+    with pytest.raises(DrillError, match="--inject and --heal"):
+        await run_drill(ClusterFile.load(no_control), DrillSettings("region-hang"))
+
+
+def test_the_command_prints_json_and_exits_zero(cluster: ClusterFile) -> None:
+    cmd = [
+        sys.executable, "-m", "discovery", "drill", "slow-link",
+        "--cluster", str(cluster.path), "--region", "b", "--json",
+        "--baseline", "1.5", "--duration", "2", "--after", "2",
+        "--register-rate", "5", "--resolve-rate", "10", "--leased", "1",
+        "--slowdown-floor-ms", "150", "--converge-within", "8",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["passed"] is True and report["target"] == "b"
+    assert report["lost"] == [] and report["resurrected"] == []
+    assert set(report["regions"]) == {"a", "b", "c"}
+    assert report["regions"]["a"]["during"]["register"]["ok"] > 0
+    assert "links of b slowed" in done.stderr  # progress goes to stderr, the JSON alone to stdout
