@@ -92,6 +92,7 @@ class Server:
             max_staleness=config.max_staleness_seconds,
         )
         self.session = Session(self.store, config.election_ttl_seconds)
+        self.stalls = StallMonitor()
         self.replicators: dict[str, Replicator] = {}
         self.elections: dict[str, Election] = {}
         self._replication: ReplicationServicer | None = None
@@ -128,6 +129,7 @@ class Server:
                 f"{self._startup_timeout:g}s: {self.view.last_error or 'no answer'}"
             ) from None
         self._tasks.append(asyncio.create_task(self._probe_etcd(), name="etcd-probe"))
+        self._tasks.append(asyncio.create_task(self.stalls.run(), name="stall-monitor"))
         self._tasks.append(asyncio.create_task(self.xds.run(), name="xds"))
         self._grpc = self._build_grpc()
         try:
@@ -152,15 +154,15 @@ class Server:
             resume_grace=self.config.resume_grace_seconds,
         )
         self._tasks.append(asyncio.create_task(self.session.run(), name="election-session"))
-        stalls = StallMonitor()
-        self._tasks.append(asyncio.create_task(stalls.run(), name="stall-monitor"))
         for origin, endpoints in peers.items():
-            replicator = Replicator(
-                origin, endpoints, store=self.store, keys=self.keys, settings=settings, stalls=stalls
-            )
+            replicator = Replicator(origin, endpoints, store=self.store, keys=self.keys, settings=settings)
             election = Election(self.store, self.session, self.keys.election(origin), identity)
             self.replicators[origin], self.elections[origin] = replicator, election
             self._tasks.append(asyncio.create_task(election.run(replicator.lead), name=f"replicator {origin}"))
+
+    def _recovered_at_ms(self) -> int:
+        """When this server last came back from being impaired: frozen, or its etcd lost."""
+        return max(self.stalls.last_recovery_ms(), self.view.recovered_ms)
 
     @property
     def address(self) -> str:
@@ -201,7 +203,9 @@ class Server:
             AdminServicer(self.view, self.states, list(self.config.etcd), lambda: self.etcd_health, VERSION),
             server,
         )
-        self._replication = ReplicationServicer(self.view, self.config.region, self.store.health)
+        self._replication = ReplicationServicer(
+            self.view, self.config.region, self.store.health, recovered_at_ms=self._recovered_at_ms
+        )
         replication_pb2_grpc.add_ReplicationServicer_to_server(self._replication, server)
         self._ads = AdsServicer(self.xds)
         add_ads_to_server(self._ads, server)

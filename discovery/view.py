@@ -98,6 +98,7 @@ class View:
         self.ready = asyncio.Event()
         self.watching = False
         self.last_contact = 0.0  # time.monotonic() of the last word from etcd
+        self.recovered_ms = 0  # wall clock (ms) when the watch came back after losing etcd; 0: never lost
         self.last_error = ""
         self.reloads = 0
         self.closing = False  # set by end_subscriptions: no new watchers or waits
@@ -264,6 +265,8 @@ class View:
         async for batch in batches:
             if not self.watching:
                 log.info("view: watching etcd from revision %d", self._resume + 1)
+                if self.last_error:  # back after losing etcd, not the first start
+                    self.recovered_ms = int(time.time() * 1000)
             self.watching, self.last_contact, self._failures = True, time.monotonic(), 0
             if batch.created:
                 continue

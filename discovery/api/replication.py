@@ -39,8 +39,10 @@ class ReplicationServicer(_Base):
         etcd_health: Callable[[], Awaitable[StoreHealth]],
         *,
         heartbeat: float = HEARTBEAT_SECONDS,
+        recovered_at_ms: Callable[[], int] = lambda: 0,
     ) -> None:
         self._view = view
+        self._recovered_at_ms = recovered_at_ms
         self._region = region
         self._etcd_health = etcd_health
         self._heartbeat = heartbeat
@@ -142,6 +144,7 @@ class ReplicationServicer(_Base):
             instances=instances,
             more=more,
             stale=view.stale,
+            recovered_at_ms=self._recovered_at_ms(),
         )
 
     def _snapshot(self, instances: list[Instance], revision: int) -> list[pb.StreamResponse]:

@@ -24,7 +24,6 @@ import grpc.aio
 from discovery.errors import StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.replication.session import Fence, Resign
-from discovery.replication.stalls import StallMonitor
 from discovery.replication.writer import ReplicaWriter, now_ms
 from discovery.retry import RetryPolicy
 from discovery.store import Store
@@ -53,9 +52,6 @@ class StepDown(Resign):
     may reach what this one cannot (a partial network fault)."""
 
 
-HOLD_AFTER_SECONDS = 2.0  # a gap this long may have let the origin's shortest leases expire
-
-
 @dataclass(frozen=True, slots=True)
 class ReplicationSettings:
     region: str  # the local region
@@ -75,10 +71,8 @@ class Replicator:
         keys: KeySchema,
         settings: ReplicationSettings,
         retry: RetryPolicy | None = None,
-        stalls: StallMonitor | None = None,
     ) -> None:
         self.origin = origin
-        self._stalls = stalls
         self.endpoints = list(endpoints)
         self._store = store
         self._keys = keys
@@ -182,7 +176,8 @@ class Replicator:
                         raise ConnectionError("it has lost contact with its etcd")
                     if not self._last_message:
                         self._connected(endpoint)
-                    self._note_gap()
+                    self._last_message, self._failing_since = time.monotonic(), 0.0
+                    self._note_recovery(msg)
                     await self._handle(msg, writer, parts)
             finally:
                 call.cancel()
@@ -193,30 +188,27 @@ class Replicator:
         self._contact.source = endpoint
         log.info("replicator %s: streaming from %s", self.origin, endpoint)
 
-    def _note_gap(self) -> None:
-        """After a silence long enough for the origin's leases to have expired (it may have
-        been frozen), hold its deletions for the resume grace: see ``writer``."""
+    def _note_recovery(self, msg: pb.StreamResponse) -> None:
+        """When the origin says it came back from being impaired itself (frozen, its etcd lost,
+        restarted) less than the resume grace ago, hold its deletions until the grace has
+        passed since then: they may be its leases expiring on waking (see ``writer``). The
+        age is measured on the origin's clock alone, so clock skew does not matter."""
+        if not msg.recovered_at_ms or self._s.resume_grace <= 0:
+            return
+        left = self._s.resume_grace - (msg.time_ms - msg.recovered_at_ms) / 1000
+        if left <= 0:
+            return
         now = time.monotonic()
-        if self._last_message:
-            gap = now - self._last_message
-        elif self._contact.last_contact_ms:
-            gap = (now_ms() - self._contact.last_contact_ms) / 1000
-        else:
-            gap = 0.0  # never heard from: nothing of ours to protect
-        if self._stalls is not None and gap > 0:
-            # Silence while this process was frozen was ours, not the origin's.
-            gap -= self._stalls.stalled_within(now - gap, now)
-        self._last_message, self._failing_since = now, 0.0
-        if gap >= min(HOLD_AFTER_SECONDS, self._s.silence) and self._s.resume_grace > 0:
-            if now >= self._hold_until:
-                log.warning(
-                    "replicator %s: back after %.1fs of silence; its deletions wait up to %gs for re-registrations",
-                    self.origin,
-                    gap,
-                    self._s.resume_grace,
-                )
-            self._hold_until = now + self._s.resume_grace
-            self._contact.hold_until_ms = now_ms() + int(self._s.resume_grace * 1000)
+        if now >= self._hold_until:
+            log.warning(
+                "replicator %s: the origin came back %.1fs ago (frozen, its etcd lost, or restarted); "
+                "its deletions wait up to %.1fs for re-registrations",
+                self.origin,
+                self._s.resume_grace - left,
+                left,
+            )
+        self._hold_until = max(self._hold_until, now + left)
+        self._contact.hold_until_ms = max(self._contact.hold_until_ms, now_ms() + int(left * 1000))
 
     async def _handle(self, msg: pb.StreamResponse, writer: ReplicaWriter, parts: list[Instance]) -> None:
         cp = writer.checkpoint

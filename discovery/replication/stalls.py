@@ -1,38 +1,45 @@
-"""When this process did not run: SIGSTOP, a paused VM, a host that stalled.
+"""When this process last came back from not running: SIGSTOP, a paused VM, a host that
+stalled.
 
-A replicator that hears nothing from its origin for a while holds the origin's deletions
-for the resume grace, since the origin may have been frozen and its leases expired on
-waking. When the silence was this process's own (the region that froze is the receiver),
-the origin's deletions are genuine: holding them only delays convergence. The monitor tells
-the two apart by watching its own event loop: a tick that arrives much later than asked
-means the loop, and so the process, did not run in between.
+A region frozen longer than its lease TTLs wakes to find its leases expired: the deletions
+that follow are artifacts of the freeze, and the instances register again within moments.
+The origin region is the one that knows it was frozen, so its feed says so (``StreamResponse
+.recovered_at_ms``) and receivers hold its deletions for their resume grace. A receiver that
+was frozen itself, or merely cut off, holds nothing: the origin's deletions are genuine.
+
+The monitor watches its own event loop: a tick that comes much later than asked means the
+loop, and so the process, did not run in between.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 
 
 class StallMonitor:
-    """Records intervals (``time.monotonic()``) in which the event loop did not run for at
-    least ``threshold`` seconds; keeps the last ``keep`` of them."""
+    """Ticks every ``tick`` seconds; a tick ``threshold`` seconds late is a stall."""
 
-    def __init__(self, tick: float = 0.1, threshold: float = 0.5, keep: int = 64) -> None:
+    def __init__(self, tick: float = 0.1, threshold: float = 0.5) -> None:
         self.tick = tick
         self.threshold = threshold
-        self.stalls: deque[tuple[float, float]] = deque(maxlen=keep)
+        self.stalls = 0
+        self.recovered_ms = 0  # wall clock (ms) of the end of the last stall; 0: none seen
+        self._last = time.monotonic()
 
     async def run(self) -> None:
-        last = time.monotonic()
+        self._last = time.monotonic()
         while True:
             await asyncio.sleep(self.tick)
             now = time.monotonic()
-            if now - last - self.tick >= self.threshold:
-                self.stalls.append((last + self.tick, now))
-            last = now
+            if now - self._last - self.tick >= self.threshold:
+                self.stalls += 1
+                self.recovered_ms = int(time.time() * 1000)
+            self._last = now
 
-    def stalled_within(self, start: float, end: float) -> float:
-        """Seconds of ``[start, end]`` this process spent stalled."""
-        return sum(max(0.0, min(end, b) - max(start, a)) for a, b in self.stalls)
+    def last_recovery_ms(self) -> int:
+        """The end of the last stall; now if the loop is behind right now, so a message sent in
+        the first moments after waking (before the overdue tick ran) says so too."""
+        if time.monotonic() - self._last - self.tick >= self.threshold:
+            return int(time.time() * 1000)
+        return self.recovered_ms

@@ -89,6 +89,7 @@ class StreamResponse(_message.Message):
     CHANGES_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
+    RECOVERED_AT_MS_FIELD_NUMBER: _builtins.int
     kind: Global___StreamResponse.Kind.ValueType
     origin: _builtins.str
     cluster_id: _builtins.int
@@ -100,6 +101,12 @@ class StreamResponse(_message.Message):
     more: _builtins.bool
     stale: _builtins.bool
     """the origin server has lost its own etcd: revision is its last"""
+    recovered_at_ms: _builtins.int
+    """The origin server's clock when it last came back from being impaired itself: its own
+    process frozen (SIGSTOP, a paused VM), its etcd lost, or its start. Lease expiries soon
+    after may be artifacts of that (the region's leases expire on waking), so receivers hold
+    deletions until `time_ms - recovered_at_ms` passes their resume grace. 0: never.
+    """
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Instance]: ...
     @_builtins.property
@@ -116,10 +123,11 @@ class StreamResponse(_message.Message):
         changes: _abc.Iterable[_types_pb2.Change] | None = ...,
         more: _builtins.bool = ...,
         stale: _builtins.bool = ...,
+        recovered_at_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "cluster_id", b"cluster_id", "instances", b"instances", "kind", b"kind", "more", b"more", "origin", b"origin", "revision", b"revision", "stale", b"stale", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "cluster_id", b"cluster_id", "instances", b"instances", "kind", b"kind", "more", b"more", "origin", b"origin", "recovered_at_ms", b"recovered_at_ms", "revision", b"revision", "stale", b"stale", "time_ms", b"time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
