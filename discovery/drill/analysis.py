@@ -42,7 +42,7 @@ class Bounds:
 
 @dataclass(frozen=True)
 class PhaseFigures:
-    register: OpStats
+    writes: OpStats  # registrations and deregistrations
     resolve: OpStats
     lag_p50_ms: float | None  # acknowledged elsewhere -> in this region's view
     lag_p99_ms: float | None
@@ -50,7 +50,7 @@ class PhaseFigures:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "register": self.register.to_json(),
+            "writes": self.writes.to_json(),
             "resolve": self.resolve.to_json(),
             "replication_lag_ms": {"p50": _r(self.lag_p50_ms), "p99": _r(self.lag_p99_ms), "changes": self.lag_count},
         }
@@ -110,7 +110,9 @@ def phase_figures(
                 lags[timeline.phase(op.completed)].append(max(0.0, seen[0][0] - op.completed) * 1000)
         out[region] = {
             phase: PhaseFigures(
-                OpStats.of(history.select(kind="register", region=region, phase=phase, timeline=timeline)),
+                OpStats.of(
+                    history.select(kind=("register", "deregister"), region=region, phase=phase, timeline=timeline)
+                ),
                 OpStats.of(history.select(kind="resolve", region=region, phase=phase, timeline=timeline)),
                 percentile(lags[phase], 50),
                 percentile(lags[phase], 99),
@@ -139,7 +141,7 @@ def verdict(
             label = f"{region}: {key[0]}/{key[1]}"
             if present and key not in final:
                 v.lost.append(label)
-            elif not present and (key in final or _came_back(changes)):
+            elif not present and (key in final or _came_back(changes, after=acked_at[key])):
                 v.resurrected.append(label)
             if heal_at is not None and acked_at[key] < heal_at:
                 reached = _reached(changes, present)
@@ -147,12 +149,26 @@ def verdict(
                     v.unconverged.append(label)
                 else:
                     latest = max(latest, reached - heal_at)
-        v.flapped[region] = sum(
-            _flapped(changes) for key, changes in presence.changes.items() if key[1].startswith(LEASED) or fate.get(key)
-        )
+        v.flapped[region] = sum(_flapped(key, changes, fate, acked_at) for key, changes in presence.changes.items())
     if heal_at is not None and not v.unconverged:
         v.convergence_s = max(0.0, latest)
     return v
+
+
+def _flapped(
+    key: InstanceKey,
+    changes: Sequence[tuple[float, bool]],
+    fate: Mapping[InstanceKey, bool],
+    acked: Mapping[InstanceKey, float],
+) -> bool:
+    """Left and came back with no call of ours in between. For an instance the drill deleted,
+    a return before the deletion was a flap (one after it, a resurrection); an instance whose
+    fate is unknown is neither."""
+    if key[1].startswith(LEASED) or fate.get(key) is True:
+        return _came_back(changes)
+    if key in fate:
+        return any(not a[1] and b[1] and b[0] <= acked[key] for a, b in itertools.pairwise(changes))
+    return False
 
 
 def _reached(changes: Sequence[tuple[float, bool]], present: bool) -> float | None:
@@ -163,13 +179,9 @@ def _reached(changes: Sequence[tuple[float, bool]], present: bool) -> float | No
     return changes[-1][0] if changes else 0.0
 
 
-def _came_back(changes: Sequence[tuple[float, bool]]) -> bool:
-    states = [present for _, present in changes]
-    return any(not a and b for a, b in itertools.pairwise(states))
-
-
-def _flapped(changes: Sequence[tuple[float, bool]]) -> bool:
-    return _came_back(changes)
+def _came_back(changes: Sequence[tuple[float, bool]], after: float = float("-inf")) -> bool:
+    """Whether the instance went and then appeared again, the appearance after ``after``."""
+    return any(not a[1] and b[1] and b[0] > after for a, b in itertools.pairwise(changes))
 
 
 def judge(
@@ -186,7 +198,7 @@ def judge(
         for phase in (DURING, AFTER):
             fig = figures[region][phase]
             for kind, stats, before in (
-                ("registrations", fig.register, base.register),
+                ("writes", fig.writes, base.writes),
                 ("resolves", fig.resolve, base.resolve),
             ):
                 if stats.success is not None and stats.success < bounds.min_success:

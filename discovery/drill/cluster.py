@@ -10,8 +10,13 @@ each peer server, per pair of regions) are optional: without them, faults come f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import shlex
+import signal
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,8 +65,13 @@ class ClusterFile:
         if len(regions) < 2:
             raise ClusterFileError(f"{path}: a drill needs at least two regions, the file has {len(regions)}")
         routes: dict[str, dict[str, tuple[str, ...]]] = {}
-        for src, targets in (raw.get("routes") or {}).items():
-            routes[src] = {dst: tuple(addrs) for dst, addrs in targets.items()}
+        raw_routes = raw.get("routes") or {}
+        if not isinstance(raw_routes, dict) or not all(isinstance(t, dict) for t in raw_routes.values()):
+            raise ClusterFileError(f"{path}: 'routes' must be an object of objects: {{from: {{to: [host:port]}}}}")
+        for src, targets in raw_routes.items():
+            routes[src] = {
+                dst: _addresses(path, {"routes": addrs}, f"{src}->{dst}", "routes") for dst, addrs in targets.items()
+            }
         control = raw.get("control")
         return cls(path, tuple(regions), control if isinstance(control, str) and control else None, routes)
 
@@ -122,17 +132,25 @@ class Control:
 
 
 async def run_hook(command: str, what: str, timeout: float = 120.0) -> str:
-    """An operator's own fault command (``--inject``/``--heal``), through the shell."""
-    proc = await asyncio.create_subprocess_shell(
-        command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise FaultError(f"{what} command did not finish within {timeout:g}s: {shlex.quote(command)}") from None
-    text = out.decode(errors="replace").strip()
+    """An operator's own fault command (``--inject``/``--heal``), through the shell, in its
+    own process group: a timeout or a cancel (Ctrl-C) kills the whole group, so an inject
+    can never finish after the heal. Output goes to a file, so a background child that keeps
+    it open does not hold the drill."""
+    with tempfile.TemporaryFile() as out:
+        proc = await asyncio.create_subprocess_shell(
+            command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        try:
+            await asyncio.wait_for(proc.wait(), timeout)
+        except TimeoutError:
+            raise FaultError(f"{what} command did not finish within {timeout:g}s: {shlex.quote(command)}") from None
+        finally:
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                await asyncio.shield(proc.wait())
+        out.seek(0)
+        text = out.read().decode(errors="replace").strip()
     if proc.returncode != 0:
         raise FaultError(f"{what} command exited with {proc.returncode}: {text[-300:] or '(no output)'}")
     return text

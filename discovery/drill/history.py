@@ -58,6 +58,15 @@ class Timeline:
             return DURING
         return AFTER
 
+    def of(self, op: Op) -> str:
+        """The phase of a call: when it was made, except that a call made before the fault
+        and answered after it went in belongs to the fault (it met it), so a baseline never
+        holds the fault's slow calls."""
+        phase = self.phase(op.invoked)
+        if phase == BEFORE and op.completed and self.phase(op.completed) != BEFORE:
+            return DURING
+        return phase
+
     def now(self) -> float:
         return time.monotonic() - self.started
 
@@ -76,12 +85,15 @@ class History:
         op.completed = time.monotonic()
         op.outcome, op.error, op.served_by = outcome, error, served_by
 
-    def select(self, *, kind: str, region: str, phase: str | None = None, timeline: Timeline | None = None) -> list[Op]:
-        """Completed ops of one kind and region, in one phase when asked."""
-        out = [o for o in self.ops if o.kind == kind and o.region == region and o.outcome is not None]
+    def select(
+        self, *, kind: str | tuple[str, ...], region: str, phase: str | None = None, timeline: Timeline | None = None
+    ) -> list[Op]:
+        """Completed ops of these kinds and region, in one phase when asked (see ``Timeline.of``)."""
+        kinds = (kind,) if isinstance(kind, str) else kind
+        out = [o for o in self.ops if o.kind in kinds and o.region == region and o.outcome is not None]
         if phase is not None:
             assert timeline is not None
-            out = [o for o in out if timeline.phase(o.invoked) == phase]
+            out = [o for o in out if timeline.of(o) == phase]
         return out
 
 

@@ -161,18 +161,24 @@ class RegionLoad:
         ]
 
     async def stop_calls(self) -> None:
-        """Stop making calls and wait for those in flight (each ends within the op timeout)."""
+        """Stop making calls and wait for those in flight (a tick makes at most two calls of
+        the op timeout each); any left are cancelled, their outcome unknown."""
         for task in self._loops:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         if self._in_flight:
-            await asyncio.wait(self._in_flight, timeout=self.settings.op_timeout + 1)
+            await asyncio.wait(self._in_flight, timeout=2 * self.settings.op_timeout + 1)
+        left = list(self._in_flight)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
 
     async def close(self) -> None:
+        """Each part on its own deadline, so one that hangs does not leak the others."""
         await self.stop_calls()
-        await self._leases.aclose()
-        await self._client.close()
-        await self._pool.close()
+        for part in (self._leases.aclose(), self._client.close(), self._pool.close()):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(part, self.settings.op_timeout + 5)
 
     async def _every(self, interval: float, make: Callable[[], Coroutine[Any, Any, None]]) -> None:
         # Ticks are scheduled on a fixed grid (with a random phase per region), so a slow call

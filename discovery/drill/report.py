@@ -76,7 +76,7 @@ class Report:
             f"after {self.after:g}s (service {self.service})",
             "",
         ]
-        header = ["REGION", "PHASE", "REGISTER OK", "P50/P99 MS", "RESOLVE OK", "P50/P99 MS", "LAG IN P50/P99 MS"]
+        header = ["REGION", "PHASE", "WRITES OK", "P50/P99 MS", "RESOLVE OK", "P50/P99 MS", "LAG IN P50/P99 MS"]
         rows = []
         for name in self.regions:
             label = name + ("" if name in self.judged else " *")
@@ -86,8 +86,8 @@ class Report:
                     [
                         label if phase == PHASES[0] else "",
                         phase,
-                        _success(fig.register),
-                        _latency(fig.register.p50_ms, fig.register.p99_ms),
+                        _success(fig.writes),
+                        _latency(fig.writes.p50_ms, fig.writes.p99_ms),
                         _success(fig.resolve),
                         _latency(fig.resolve.p50_ms, fig.resolve.p99_ms),
                         _latency(fig.lag_p50_ms, fig.lag_p99_ms) + (f" ({fig.lag_count})" if fig.lag_count else ""),

@@ -19,7 +19,8 @@ from discovery.drill.cluster import ClusterFile, Control, FaultError, run_hook
 from discovery.drill.history import AFTER, BEFORE, DURING, History, Op, Outcome, Timeline
 from discovery.drill.load import LoadSettings, Observer, Presence, RegionLoad, client_config
 from discovery.drill.report import Report
-from discovery.drill.scenarios import SCENARIOS, FaultContext, LinkSettings, Scenario
+from discovery.drill.scenarios import SCENARIOS, FaultContext, LinkSettings, Scenario, region_status
+from discovery.errors import StoreUnavailable
 from discovery_client import RegionServers
 from discovery_client.model import InstanceKey
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, types_pb2
@@ -132,18 +133,22 @@ class _Drill:
             await self._inject()
             await self._hold()
             healing = time.monotonic()
-            self.timeline.heal_at = healing
-            injected = False
             await self._heal()
-            self.heal_took = time.monotonic() - healing
+            injected = False
+            # The phase after, and convergence, start once the heal is done (a restarted
+            # server serves, a resumed region runs): the heal's own time belongs to the fault.
+            self.timeline.heal_at = time.monotonic()
+            self.heal_took = self.timeline.heal_at - healing
             self.event(f"after: {self.settings.after:g}s of load")
             await asyncio.sleep(self.settings.after)
             return await self._finish()
         finally:
             ticker.cancel()
             if injected:  # an error or Ctrl-C between inject and heal: never leave the fault in
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.shield(self._heal())
+                except BaseException as exc:  # the first error is the one raised
+                    self.progress.event(f"THE FAULT MAY STILL BE IN: {exc}")
             await self._close()
 
     async def _start(self) -> None:
@@ -153,6 +158,7 @@ class _Drill:
         )
         timeout = self.settings.start_timeout
         op_timeout = self.settings.load.op_timeout
+        await self._check_names()
         for region in regions:
             observer = Observer(region.name, region.servers, self.service, op_timeout)
             self.observers[region.name] = observer
@@ -184,6 +190,20 @@ class _Drill:
             except Exception as exc:
                 raise DrillError(f"cannot start the load in {region.name}: {exc!r}") from None
 
+    async def _check_names(self) -> None:
+        """Each region's servers must call themselves by the file's name: the checks match
+        instances to regions by it (a typo would make every registration look lost)."""
+        for region in self.cluster.regions:
+            answer = await region_status(region.servers, self.settings.start_timeout)
+            if isinstance(answer, str):
+                raise DrillError(f"{region.name}'s servers ({', '.join(region.servers)}) do not answer: {answer}")
+            if answer.region != region.name:
+                raise DrillError(
+                    f"{self.cluster.path}: region {region.name!r} lists {', '.join(region.servers)}, "
+                    f"which serve region {answer.region!r}",
+                    usage=True,
+                )
+
     async def _inject(self) -> None:
         self.event(f"fault: {self.scenario.summary}")
         try:
@@ -192,7 +212,7 @@ class _Drill:
                 self.event(f"--inject done{': ' + out[-200:] if out else ''}")
             else:
                 await self.scenario.inject(self.ctx)
-        except FaultError as exc:
+        except (FaultError, StoreUnavailable) as exc:
             raise DrillError(f"could not inject the fault: {exc}") from None
 
     async def _hold(self) -> None:
@@ -202,11 +222,13 @@ class _Drill:
             tasks.append(asyncio.create_task(self.scenario.during(self.ctx)))
         try:
             await asyncio.gather(*tasks)
-        except FaultError as exc:
+        except (FaultError, StoreUnavailable) as exc:
             raise DrillError(f"{self.scenario.name}: {exc}") from None
         finally:
             for task in tasks:
                 task.cancel()
+            # Nothing of the fault's work may still run when the heal goes in.
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _heal(self) -> None:
         try:
@@ -234,6 +256,11 @@ class _Drill:
         judged = [n for n in self.cluster.names if n != self.target or self.scenario.judge_target]
         broken = judge(figures, judged, v, self.settings.bounds, healed=True)
         broken += [f"could not read {name}'s final view: {why}" for name, why in unread.items()]
+        broken += [
+            f"{name}: {self.loads[name].skipped} calls not made, too many in flight (the region could not keep up)"
+            for name in judged
+            if self.loads[name].skipped
+        ]
         return Report(
             scenario=self.scenario.name,
             target=self.target,
@@ -297,7 +324,7 @@ class _Drill:
     async def _close(self) -> None:
         for load in self.loads.values():
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(load.close(), self.settings.load.op_timeout + 5)
+                await load.close()
         for observer in self.observers.values():
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(observer.close(), 5)

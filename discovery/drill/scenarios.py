@@ -117,8 +117,8 @@ def _needs_three_members(cluster: ClusterFile, target: str) -> str | None:
 
 async def _kill_etcd_leader(ctx: FaultContext) -> None:
     leader = (await ctx.control.call("etcd_leader", region=ctx.target))["index"]
+    ctx.notes["etcd_member"] = leader  # before the kill: a heal must find it whatever happens next
     await ctx.control.call("kill_etcd_member", region=ctx.target, index=leader)
-    ctx.notes["etcd_member"] = leader
     ctx.event(f"SIGKILL {ctx.target} etcd member {leader} (the leader)")
 
 
@@ -131,28 +131,37 @@ async def _restart_etcd_member(ctx: FaultContext) -> None:
 # --- server-kill ------------------------------------------------------------------------------
 
 
-async def replicator_leader(cluster: ClusterFile, region: str, timeout: float = 3.0) -> tuple[int, str]:
-    """The index and origin of a server of ``region`` that leads a replicator, from Status."""
-    servers = cluster.region(region).servers
+async def region_status(servers: tuple[str, ...], timeout: float = 3.0) -> admin_pb2.StatusResponse | str:
+    """Status from the first of ``servers`` that answers, or why none did."""
     errors = []
     for address in servers:
         async with grpc.aio.insecure_channel(address) as channel:
             try:
-                status = await admin_pb2_grpc.AdminStub(channel).Status(admin_pb2.StatusRequest(), timeout=timeout)
+                status: admin_pb2.StatusResponse = await admin_pb2_grpc.AdminStub(channel).Status(
+                    admin_pb2.StatusRequest(), timeout=timeout
+                )
+                return status
             except grpc.aio.AioRpcError as exc:
                 errors.append(f"{address}: {exc.code().name}")
-                continue
-        for origin in status.origins:
-            if origin.leader in servers:
-                return servers.index(origin.leader), origin.origin
-        errors.append(f"{address}: no replicator of {region} has a leader now")
-    raise FaultError(f"no leader of a replicator found in {region} ({'; '.join(errors)})")
+    return "; ".join(errors)
+
+
+async def replicator_leader(cluster: ClusterFile, region: str) -> tuple[int, str]:
+    """The index and origin of a server of ``region`` that leads a replicator, from Status."""
+    servers = cluster.region(region).servers
+    status = await region_status(servers)
+    if isinstance(status, str):
+        raise FaultError(f"no server of {region} answers Status: {status}")
+    for origin in status.origins:
+        if origin.leader in servers:
+            return servers.index(origin.leader), origin.origin
+    raise FaultError(f"no replicator of {region} has a leader now")
 
 
 async def _kill_server(ctx: FaultContext) -> None:
     index, origin = await replicator_leader(ctx.cluster, ctx.target)
+    ctx.notes["server"] = index  # before the kill: a heal must find it whatever happens next
     await ctx.control.call("kill_server", region=ctx.target, index=index)
-    ctx.notes["server"] = index
     ctx.event(f"SIGKILL {ctx.target} server-{index}, leader of the replicator from {origin}")
 
 
@@ -193,14 +202,8 @@ async def _compact_others(ctx: FaultContext) -> None:
 
 async def _checkpoints(cluster: ClusterFile, region: str) -> dict[str, int]:
     """How far ``region`` had replicated each origin, from its own servers' Status."""
-    for address in cluster.region(region).servers:
-        async with grpc.aio.insecure_channel(address) as channel:
-            try:
-                status = await admin_pb2_grpc.AdminStub(channel).Status(admin_pb2.StatusRequest(), timeout=3)
-            except grpc.aio.AioRpcError:
-                continue
-        return {o.origin: o.checkpoint_revision for o in status.origins}
-    return {}
+    status = await region_status(cluster.region(region).servers)
+    return {} if isinstance(status, str) else {o.origin: o.checkpoint_revision for o in status.origins}
 
 
 SCENARIOS: dict[str, Scenario] = {

@@ -81,7 +81,7 @@ def held(report: Report) -> None:
     for region in report.judged:
         for phase in ("before", "during", "after"):
             fig = report.figures[region][phase]
-            assert fig.register.total > 0 and fig.resolve.total > 0, (region, phase)
+            assert fig.writes.total > 0 and fig.resolve.total > 0, (region, phase)
 
 
 async def test_region_hang(cluster: ClusterFile) -> None:
@@ -89,7 +89,7 @@ async def test_region_hang(cluster: ClusterFile) -> None:
     held(report)
     assert report.judged == ("a", "b")
     during = report.figures["c"]["during"]
-    assert during.register.success is not None and during.register.success < 0.5, "c was not hung"
+    assert during.writes.success is not None and during.writes.success < 0.5, "c was not hung"
     # The frozen region's leases expired on waking and were registered again: its own view
     # saw them flap; the other regions held the deletions and saw nothing.
     assert report.verdict.flapped["a"] == 0 and report.verdict.flapped["b"] == 0
@@ -101,7 +101,7 @@ async def test_region_partition(cluster: ClusterFile) -> None:
     lag = report.figures["c"]["during"].lag_p99_ms
     assert lag is not None and lag > 1000, "nothing reached c late: it was not cut off"
     # c's own clients kept working inside c.
-    assert report.figures["c"]["during"].register.success == 1.0
+    assert report.figures["c"]["during"].writes.success == 1.0
 
 
 async def test_slow_link(cluster: ClusterFile) -> None:
@@ -148,7 +148,7 @@ async def test_a_broken_guarantee_fails_the_drill(cluster: ClusterFile) -> None:
         heal_command=f"{sys.executable} -c \"{control}('resume_region', region='a')\"",
     )
     assert not report.passed
-    assert any(line.startswith("a during: registrations") for line in report.broken), report.broken
+    assert any(line.startswith("a during: writes") for line in report.broken), report.broken
 
 
 async def test_scenarios_that_cannot_run_say_why(cluster: ClusterFile, tmp_path: Path) -> None:
@@ -179,5 +179,5 @@ def test_the_command_prints_json_and_exits_zero(cluster: ClusterFile) -> None:
     assert report["passed"] is True and report["target"] == "b"
     assert report["lost"] == [] and report["resurrected"] == []
     assert set(report["regions"]) == {"a", "b", "c"}
-    assert report["regions"]["a"]["during"]["register"]["ok"] > 0
+    assert report["regions"]["a"]["during"]["writes"]["ok"] > 0
     assert "links of b slowed" in done.stderr  # progress goes to stderr, the JSON alone to stdout

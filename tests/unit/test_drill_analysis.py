@@ -1,0 +1,616 @@
+"""The drill's history, figures, verdict and report, from hand-made operations and views."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from discovery.drill.analysis import Bounds, PhaseFigures, Verdict, expected_state, judge, phase_figures, verdict
+from discovery.drill.history import AFTER, BEFORE, DURING, History, Op, OpStats, Outcome, Timeline, percentile
+from discovery.drill.load import Presence
+from discovery.drill.report import Report
+
+OK, FAILED, UNKNOWN = Outcome.OK, Outcome.FAILED, Outcome.UNKNOWN
+
+
+def op(
+    kind: str,
+    region: str,
+    key: str = "",
+    *,
+    invoked: float = 0.0,
+    completed: float | None = None,
+    outcome: Outcome | None = OK,
+    error: str = "",
+) -> Op:
+    """A completed call (``outcome`` None: never answered); latency 0.01 s unless told."""
+    done = invoked + 0.01 if completed is None else completed
+    return Op(kind, region, key, invoked, done if outcome is not None else 0.0, outcome, error)
+
+
+def history(*ops: Op) -> History:
+    return History(list(ops))
+
+
+def presence(region: str, changes: dict[tuple[str, str], list[tuple[float, bool]]]) -> Presence:
+    p = Presence(region)
+    p.changes = changes
+    p.current = frozenset(k for k, c in changes.items() if c and c[-1][1])
+    return p
+
+
+def timeline(fault_at: float | None = 10.0, heal_at: float | None = 20.0) -> Timeline:
+    return Timeline(started=0.0, fault_at=fault_at, heal_at=heal_at)
+
+
+def stats(ok: int = 100, failed: int = 0, unknown: int = 0, p99_ms: float | None = 10.0) -> OpStats:
+    return OpStats(ok, failed, unknown, p99_ms, p99_ms)
+
+
+def figures_with(
+    during: OpStats | None = None, after: OpStats | None = None, base: OpStats | None = None
+) -> dict[str, PhaseFigures]:
+    def fig(s: OpStats | None) -> PhaseFigures:
+        s = s or stats()
+        return PhaseFigures(s, s, None, None, 0)
+
+    return {BEFORE: fig(base), DURING: fig(during), AFTER: fig(after)}
+
+
+A, B = "a", "b"
+K1, K2 = (A, "churn-1"), (A, "churn-2")
+
+
+# --- history ----------------------------------------------------------------------------------
+
+
+def test_percentile_of_nothing_is_none() -> None:
+    assert percentile([], 50) is None
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(100, 0, -1)]  # 100..1, unsorted on purpose
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 51) == 3.0
+
+
+def test_percentile_at_the_edges_stays_in_range() -> None:
+    assert percentile([3.0, 1.0, 2.0], 0) == 1.0
+    assert percentile([3.0, 1.0, 2.0], 100) == 3.0
+    assert percentile([7.0], 99) == 7.0
+
+
+def test_op_stats_counts_each_outcome() -> None:
+    s = OpStats.of(
+        [
+            op("register", A, invoked=0, outcome=OK),
+            op("register", A, invoked=0, outcome=OK),
+            op("register", A, invoked=0, outcome=FAILED, error="UNAVAILABLE"),
+            op("register", A, invoked=0, outcome=UNKNOWN, error="timeout"),
+        ]
+    )
+    assert (s.ok, s.failed, s.unknown, s.total) == (2, 1, 1, 4)
+    assert s.success == 0.5
+
+
+def test_op_stats_of_nothing_has_no_success_rate_or_latency() -> None:
+    s = OpStats.of([])
+    assert s.total == 0
+    assert s.success is None
+    assert s.p50_ms is None and s.p99_ms is None
+    assert s.errors == ()
+
+
+def test_op_stats_latency_is_only_of_ok_calls_in_ms() -> None:
+    s = OpStats.of(
+        [
+            op("resolve", A, invoked=1.0, completed=1.002),
+            op("resolve", A, invoked=1.0, completed=1.004),
+            op("resolve", A, invoked=1.0, completed=2.0, outcome=UNKNOWN, error="timeout"),
+            op("resolve", A, invoked=1.0, completed=1.9, outcome=FAILED, error="UNAVAILABLE"),
+        ]
+    )
+    assert s.p50_ms == pytest.approx(2.0)
+    assert s.p99_ms == pytest.approx(4.0)
+
+
+def test_op_stats_keeps_the_three_most_common_errors_most_common_first() -> None:
+    errors = ["timeout"] * 3 + ["UNAVAILABLE"] * 5 + ["NOT_FOUND"] * 2 + ["INVALID_ARGUMENT"]
+    ops = [op("register", A, outcome=UNKNOWN if e == "timeout" else FAILED, error=e) for e in errors]
+    ops.append(op("register", A))
+    assert OpStats.of(ops).errors == (("UNAVAILABLE", 5), ("timeout", 3), ("NOT_FOUND", 2))
+
+
+def test_op_stats_to_json_rounds_and_lists_errors() -> None:
+    s = OpStats.of([op("resolve", A, invoked=0, completed=0.0012346), op("resolve", A, outcome=FAILED, error="x")])
+    out = s.to_json()
+    assert out["ok"] == 1 and out["failed"] == 1 and out["unknown"] == 0 and out["success"] == 0.5
+    assert out["p50_ms"] == out["p99_ms"] == 1.235
+    assert out["errors"] == [{"error": "x", "count": 1}]
+
+
+def test_timeline_phases_are_cut_at_fault_and_heal() -> None:
+    t = timeline(fault_at=10.0, heal_at=20.0)
+    assert t.phase(9.999) == BEFORE
+    assert t.phase(10.0) == DURING
+    assert t.phase(19.999) == DURING
+    assert t.phase(20.0) == AFTER
+    assert t.phase(100.0) == AFTER
+
+
+def test_timeline_before_the_fault_everything_is_baseline() -> None:
+    t = timeline(fault_at=None, heal_at=None)
+    assert t.phase(1e9) == BEFORE
+
+
+def test_timeline_while_the_fault_is_held_later_calls_are_during() -> None:
+    t = timeline(fault_at=10.0, heal_at=None)
+    assert t.phase(1e9) == DURING
+
+
+def test_history_select_keeps_completed_ops_of_one_kind_region_and_phase() -> None:
+    h = history(
+        op("register", A, "churn-0", invoked=5.0),
+        op("register", A, "churn-1", invoked=15.0),
+        op("register", A, "churn-2", invoked=15.0, outcome=None),  # still in flight
+        op("register", B, "churn-0", invoked=15.0),
+        op("resolve", A, invoked=15.0),
+    )
+    during = h.select(kind="register", region=A, phase=DURING, timeline=timeline())
+    assert [o.key for o in during] == ["churn-1"]
+    assert [o.key for o in h.select(kind="register", region=A)] == ["churn-0", "churn-1"]
+
+
+# --- expected_state ---------------------------------------------------------------------------
+
+
+def test_an_acknowledged_registration_is_expected_present() -> None:
+    fate, acked_at, registered, deleted, undecided = expected_state(
+        history(op("register", A, "churn-1", invoked=1.0, completed=1.5))
+    )
+    assert fate == {K1: True}
+    assert acked_at == {K1: 1.5}
+    assert (registered, deleted, undecided) == (1, 0, 0)
+
+
+def test_registration_then_deregistration_both_acknowledged_is_expected_absent() -> None:
+    fate, acked_at, registered, deleted, undecided = expected_state(
+        history(
+            op("register", A, "churn-1", invoked=1.0, completed=1.5),
+            op("deregister", A, "churn-1", invoked=2.0, completed=2.5),
+        )
+    )
+    assert fate == {K1: False}
+    assert acked_at == {K1: 2.5}
+    assert (registered, deleted, undecided) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("outcome", [FAILED, UNKNOWN, None], ids=["failed", "unknown", "never-completed"])
+def test_a_registration_not_acknowledged_is_indeterminate(outcome: Outcome | None) -> None:
+    fate, acked_at, registered, _, undecided = expected_state(
+        history(op("register", A, "churn-1", outcome=outcome), op("register", A, "churn-2"))
+    )
+    assert fate == {K2: True}
+    assert K1 not in acked_at
+    assert registered == 1
+    assert undecided == 1
+
+
+@pytest.mark.parametrize("outcome", [FAILED, UNKNOWN, None], ids=["failed", "unknown", "never-completed"])
+def test_a_deregistration_not_acknowledged_makes_the_instance_indeterminate(outcome: Outcome | None) -> None:
+    fate, acked_at, registered, deleted, undecided = expected_state(
+        history(op("register", A, "churn-1", invoked=1.0), op("deregister", A, "churn-1", invoked=2.0, outcome=outcome))
+    )
+    assert fate == {}
+    assert acked_at == {}
+    assert (registered, deleted, undecided) == (1, 0, 1)
+
+
+def test_resolves_are_not_writes() -> None:
+    fate, _, registered, deleted, undecided = expected_state(history(op("resolve", A, outcome=UNKNOWN)))
+    assert fate == {} and (registered, deleted, undecided) == (0, 0, 0)
+
+
+def test_the_same_instance_id_in_two_regions_is_two_instances() -> None:
+    fate, *_ = expected_state(history(op("register", A, "churn-1"), op("register", B, "churn-1", outcome=FAILED)))
+    assert fate == {K1: True}
+
+
+# --- verdict: lost and resurrected ------------------------------------------------------------
+
+
+def test_an_acknowledged_registration_missing_from_a_final_view_is_lost() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0))
+    presences = {A: presence(A, {K1: [(1.1, True)]}), B: presence(B, {})}
+    v = verdict(h, presences, {A: frozenset({K1}), B: frozenset()}, heal_at=None)
+    assert v.lost == ["b: a/churn-1"]
+    assert v.resurrected == []
+
+
+def test_the_final_view_not_the_observer_decides_lost() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0))
+    presences = {A: presence(A, {K1: [(1.1, True)]}), B: presence(B, {K1: [(1.2, True)]})}
+    v = verdict(h, presences, {A: frozenset({K1}), B: frozenset()}, heal_at=None)
+    assert v.lost == ["b: a/churn-1"]
+
+
+def test_an_acknowledged_registration_present_everywhere_is_not_lost() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0))
+    presences = {A: presence(A, {K1: [(1.1, True)]}), B: presence(B, {K1: [(1.2, True)]})}
+    v = verdict(h, presences, {A: frozenset({K1}), B: frozenset({K1})}, heal_at=None)
+    assert v.lost == [] and v.resurrected == []
+    assert v.acknowledged == 1 and v.deleted == 0 and v.indeterminate == 0
+
+
+def test_an_acknowledged_deletion_present_in_a_final_view_is_resurrected() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0), op("deregister", A, "churn-1", invoked=2.0))
+    changes = {K1: [(1.1, True), (2.1, False)]}
+    presences = {A: presence(A, changes), B: presence(B, changes)}
+    v = verdict(h, presences, {A: frozenset(), B: frozenset({K1})}, heal_at=None)
+    assert v.resurrected == ["b: a/churn-1"]
+    assert v.lost == []
+
+
+def test_an_acknowledged_deletion_seen_coming_back_is_resurrected_even_if_gone_at_the_end() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0), op("deregister", A, "churn-1", invoked=2.0))
+    presences = {
+        A: presence(A, {K1: [(1.1, True), (2.1, False)]}),
+        B: presence(B, {K1: [(1.2, True), (2.2, False), (5.0, True), (6.0, False)]}),
+    }
+    v = verdict(h, presences, {A: frozenset(), B: frozenset()}, heal_at=None)
+    assert v.resurrected == ["b: a/churn-1"]
+
+
+def test_a_flap_before_the_deletion_was_acknowledged_is_not_a_resurrection() -> None:
+    h = history(
+        op("register", A, "churn-1", invoked=1.0, completed=1.05),
+        op("deregister", A, "churn-1", invoked=8.0, completed=8.05),
+    )
+    # b saw it leave and come back at 3..4 (while it still existed), then go for good at 9.
+    flapped_early = {K1: [(1.2, True), (3.0, False), (4.0, True), (9.0, False)]}
+    presences = {A: presence(A, {K1: [(1.1, True), (8.1, False)]}), B: presence(B, flapped_early)}
+    v = verdict(h, presences, {A: frozenset(), B: frozenset()}, heal_at=None)
+    assert v.resurrected == []
+
+
+@pytest.mark.parametrize("outcome", [FAILED, UNKNOWN, None], ids=["failed", "unknown", "never-completed"])
+def test_an_indeterminate_registration_is_never_lost(outcome: Outcome | None) -> None:
+    h = history(op("register", A, "churn-1", outcome=outcome))
+    presences = {A: presence(A, {}), B: presence(B, {})}
+    v = verdict(h, presences, {A: frozenset(), B: frozenset()}, heal_at=15.0)
+    assert v.lost == [] and v.unconverged == []
+    assert v.indeterminate == 1
+
+
+@pytest.mark.parametrize("outcome", [FAILED, UNKNOWN, None], ids=["failed", "unknown", "never-completed"])
+def test_an_indeterminate_deletion_is_never_resurrected(outcome: Outcome | None) -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0), op("deregister", A, "churn-1", invoked=2.0, outcome=outcome))
+    back = {K1: [(1.1, True), (2.1, False), (3.0, True)]}
+    presences = {A: presence(A, back), B: presence(B, back)}
+    v = verdict(h, presences, {A: frozenset({K1}), B: frozenset({K1})}, heal_at=15.0)
+    assert v.resurrected == [] and v.lost == [] and v.unconverged == []
+    assert v.indeterminate == 1
+
+
+# --- verdict: flapped -------------------------------------------------------------------------
+
+
+def test_a_leased_instance_that_left_and_came_back_flapped() -> None:
+    leased = (B, "leased-0")
+    presences = {A: presence(A, {leased: [(1.0, True), (5.0, False), (9.0, True)]}), B: presence(B, {})}
+    v = verdict(history(), presences, {A: frozenset({leased}), B: frozenset()}, heal_at=None)
+    assert v.flapped == {A: 1, B: 0}
+
+
+def test_an_expected_present_churn_instance_that_left_and_came_back_flapped() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0))
+    presences = {A: presence(A, {K1: [(1.1, True)]}), B: presence(B, {K1: [(1.2, True), (3.0, False), (4.0, True)]})}
+    v = verdict(h, presences, {A: frozenset({K1}), B: frozenset({K1})}, heal_at=None)
+    assert v.flapped == {A: 0, B: 1}
+    assert v.lost == [] and v.resurrected == []
+
+
+def test_leaving_once_is_not_a_flap() -> None:
+    leased = (A, "leased-0")
+    presences = {A: presence(A, {leased: [(1.0, True), (5.0, False)]}), B: presence(B, {})}
+    v = verdict(history(), presences, {A: frozenset(), B: frozenset()}, heal_at=None)
+    assert v.flapped == {A: 0, B: 0}
+
+
+def test_indeterminate_churn_instances_do_not_flap() -> None:
+    h = history(op("register", A, "churn-1", outcome=UNKNOWN))
+    presences = {A: presence(A, {K1: [(1.0, True), (2.0, False), (3.0, True)]}), B: presence(B, {})}
+    v = verdict(h, presences, {A: frozenset({K1}), B: frozenset()}, heal_at=None)
+    assert v.flapped == {A: 0, B: 0}
+
+
+# --- verdict: convergence ---------------------------------------------------------------------
+
+
+def test_convergence_is_the_last_transition_to_the_expected_state_after_the_heal() -> None:
+    h = history(
+        op("register", A, "churn-1", invoked=12.0, completed=12.1),  # during the fault
+        op("register", A, "churn-2", invoked=1.0, completed=1.1),
+        op("deregister", A, "churn-2", invoked=13.0, completed=13.1),
+    )
+    presences = {
+        A: presence(A, {K1: [(12.2, True)], K2: [(1.2, True), (13.2, False)]}),
+        B: presence(B, {K1: [(23.5, True)], K2: [(1.3, True), (26.0, False)]}),
+    }
+    v = verdict(h, presences, {A: frozenset({K1}), B: frozenset({K1})}, heal_at=20.0)
+    assert v.convergence_s == pytest.approx(6.0)
+    assert v.unconverged == []
+
+
+def test_convergence_is_zero_when_every_region_already_held_every_change() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0, completed=1.1))
+    presences = {A: presence(A, {K1: [(1.2, True)]}), B: presence(B, {K1: [(1.3, True)]})}
+    v = verdict(h, presences, {A: frozenset({K1}), B: frozenset({K1})}, heal_at=20.0)
+    assert v.convergence_s == 0.0
+
+
+def test_convergence_ignores_changes_acknowledged_after_the_heal() -> None:
+    h = history(op("register", A, "churn-1", invoked=25.0, completed=25.1))
+    presences = {A: presence(A, {K1: [(25.2, True)]}), B: presence(B, {K1: [(60.0, True)]})}
+    v = verdict(h, presences, {A: frozenset({K1}), B: frozenset({K1})}, heal_at=20.0)
+    assert v.convergence_s == 0.0
+
+
+def test_an_acknowledged_deletion_never_seen_by_a_region_is_converged_there() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0), op("deregister", A, "churn-1", invoked=12.0))
+    presences = {A: presence(A, {K1: [(1.1, True), (12.1, False)]}), B: presence(B, {})}
+    v = verdict(h, presences, {A: frozenset(), B: frozenset()}, heal_at=20.0)
+    assert v.convergence_s == 0.0
+    assert v.unconverged == [] and v.resurrected == []
+
+
+def test_a_region_not_in_the_expected_state_did_not_converge() -> None:
+    h = history(op("register", A, "churn-1", invoked=12.0, completed=12.1))
+    presences = {A: presence(A, {K1: [(12.2, True)]}), B: presence(B, {})}
+    v = verdict(h, presences, {A: frozenset({K1}), B: frozenset({K1})}, heal_at=20.0)
+    assert v.convergence_s is None
+    assert v.unconverged == ["b: a/churn-1"]
+
+
+def test_a_deletion_still_visible_did_not_converge() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0), op("deregister", A, "churn-1", invoked=12.0))
+    presences = {A: presence(A, {K1: [(1.1, True), (12.1, False)]}), B: presence(B, {K1: [(1.2, True)]})}
+    v = verdict(h, presences, {A: frozenset(), B: frozenset()}, heal_at=20.0)
+    assert v.convergence_s is None
+    assert v.unconverged == ["b: a/churn-1"]
+
+
+def test_without_a_heal_there_is_no_convergence_figure() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0))
+    presences = {A: presence(A, {K1: [(1.1, True)]}), B: presence(B, {})}
+    v = verdict(h, presences, {A: frozenset({K1}), B: frozenset({K1})}, heal_at=None)
+    assert v.convergence_s is None
+    assert v.unconverged == []
+
+
+# --- judge ------------------------------------------------------------------------------------
+
+
+def judged(figures: dict[str, PhaseFigures], v: Verdict | None = None, **bounds: float) -> list[str]:
+    v = v or Verdict(convergence_s=1.0)
+    return judge({A: figures}, [A], v, Bounds(**bounds), healed=True)
+
+
+def test_a_healthy_drill_breaks_nothing() -> None:
+    assert judged(figures_with()) == []
+
+
+def test_success_below_the_bound_in_a_judged_region_is_broken() -> None:
+    broken = judged(figures_with(during=stats(ok=98, failed=1, unknown=1)))
+    assert len(broken) == 2  # writes and resolves (the same stats here)
+    assert broken[0].startswith("a during: writes 98.0% ok, below 99.0%")
+    assert "(1 failed, 1 unknown)" in broken[0]
+
+
+def test_success_at_the_bound_is_not_broken() -> None:
+    assert judged(figures_with(after=stats(ok=99, failed=1))) == []
+
+
+def test_a_phase_without_calls_is_not_judged_on_success() -> None:
+    assert judged(figures_with(during=stats(ok=0, p99_ms=None))) == []
+
+
+def test_p99_past_ratio_times_baseline_is_broken() -> None:
+    fig = figures_with(base=stats(p99_ms=100.0), after=stats(p99_ms=301.0))
+    broken = judged(fig)
+    assert len(broken) == 2
+    assert "a after: writes p99 301.0 ms, past 300.0 ms" in broken[0]
+
+
+def test_p99_within_ratio_times_baseline_is_not_broken() -> None:
+    assert judged(figures_with(base=stats(p99_ms=100.0), during=stats(p99_ms=300.0))) == []
+
+
+def test_a_small_baseline_gets_the_floor_instead_of_the_ratio() -> None:
+    base = stats(p99_ms=2.0)
+    assert judged(figures_with(base=base, during=stats(p99_ms=27.0))) == []  # 2 + 25 ms
+    assert len(judged(figures_with(base=base, during=stats(p99_ms=27.1)))) == 2
+
+
+def test_no_baseline_latency_means_no_slowdown_check() -> None:
+    assert judged(figures_with(base=stats(ok=0, p99_ms=None), during=stats(p99_ms=10_000.0))) == []
+
+
+def test_regions_not_judged_are_ignored_for_availability_and_latency() -> None:
+    bad = figures_with(base=stats(p99_ms=1.0), during=stats(ok=1, failed=99, p99_ms=5000.0))
+    broken = judge({A: figures_with(), B: bad}, [A], Verdict(convergence_s=1.0), Bounds(), healed=True)
+    assert broken == []
+
+
+def test_lost_and_resurrected_are_broken_whatever_region() -> None:
+    v = Verdict(lost=["b: a/churn-1"], resurrected=["b: a/churn-2", "a: a/churn-2"], convergence_s=1.0)
+    broken = judge({A: figures_with()}, [A], v, Bounds(), healed=True)
+    assert broken == [
+        "1 acknowledged registrations lost: b: a/churn-1",
+        "2 acknowledged deletions came back: b: a/churn-2, a: a/churn-2",
+    ]
+
+
+def test_long_lists_are_cut_to_five() -> None:
+    v = Verdict(lost=[f"b: a/churn-{i}" for i in range(8)], convergence_s=1.0)
+    (line,) = judge({A: figures_with()}, [A], v, Bounds(), healed=True)
+    assert line.startswith("8 acknowledged registrations lost:")
+    assert line.endswith("b: a/churn-4 and 3 more")
+
+
+def test_not_converged_is_broken() -> None:
+    v = Verdict(convergence_s=None, unconverged=["b: a/churn-1"])
+    assert judged(figures_with(), v) == ["did not converge: 1 not in their final state: b: a/churn-1"]
+
+
+def test_convergence_past_the_bound_is_broken() -> None:
+    assert judged(figures_with(), Verdict(convergence_s=15.0)) == []
+    assert judged(figures_with(), Verdict(convergence_s=15.5)) == ["converged in 15.50 s, past the bound of 15 s"]
+
+
+def test_convergence_is_not_judged_without_a_heal() -> None:
+    assert judge({A: figures_with()}, [A], Verdict(convergence_s=None), Bounds(), healed=False) == []
+
+
+# --- phase_figures ----------------------------------------------------------------------------
+
+
+def test_lag_is_from_the_acknowledgement_elsewhere_to_the_first_appearance_here() -> None:
+    h = history(
+        op("register", A, "churn-1", invoked=1.0, completed=1.1),
+        op("register", A, "churn-2", invoked=2.0, completed=2.1),
+    )
+    presences = {
+        A: presence(A, {K1: [(1.05, True)], K2: [(2.05, True)]}),
+        B: presence(B, {K1: [(1.3, True), (3.0, False), (4.0, True)], K2: [(2.6, True)]}),
+    }
+    figs = phase_figures(h, presences, timeline())
+    assert figs[B][BEFORE].lag_count == 2
+    assert figs[B][BEFORE].lag_p50_ms == pytest.approx(200.0)
+    assert figs[B][BEFORE].lag_p99_ms == pytest.approx(500.0)
+
+
+def test_a_region_has_no_lag_for_its_own_registrations() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0, completed=1.1))
+    figs = phase_figures(h, {A: presence(A, {K1: [(1.5, True)]}), B: presence(B, {})}, timeline())
+    assert all(figs[A][p].lag_count == 0 and figs[A][p].lag_p50_ms is None for p in (BEFORE, DURING, AFTER))
+
+
+def test_lag_is_attributed_to_the_phase_of_the_acknowledgement() -> None:
+    # Invoked before the fault, acknowledged during it; seen in b after the heal.
+    h = history(op("register", A, "churn-1", invoked=9.9, completed=10.5))
+    figs = phase_figures(h, {A: presence(A, {}), B: presence(B, {K1: [(21.5, True)]})}, timeline())
+    assert figs[B][BEFORE].lag_count == 0
+    assert figs[B][DURING].lag_count == 1
+    assert figs[B][DURING].lag_p99_ms == pytest.approx(11_000.0)
+    assert figs[B][AFTER].lag_count == 0
+
+
+def test_lag_is_never_negative() -> None:
+    h = history(op("register", A, "churn-1", invoked=1.0, completed=1.5))
+    figs = phase_figures(h, {A: presence(A, {}), B: presence(B, {K1: [(1.2, True)]})}, timeline())
+    assert figs[B][BEFORE].lag_p50_ms == 0.0
+
+
+def test_lag_counts_only_acknowledged_registrations_seen_in_the_region() -> None:
+    h = history(
+        op("register", A, "churn-1", invoked=1.0, outcome=UNKNOWN, error="timeout"),
+        op("register", A, "churn-2", invoked=1.0),
+    )
+    presences = {A: presence(A, {}), B: presence(B, {K1: [(1.2, True)]})}
+    assert phase_figures(h, presences, timeline())[B][BEFORE].lag_count == 0
+
+
+def test_call_figures_are_per_region_and_phase_of_invocation() -> None:
+    h = history(
+        op("register", A, "churn-1", invoked=1.0),
+        op("register", A, "churn-2", invoked=9.99, completed=10.5),  # met the fault: during
+        op("register", A, "churn-3", invoked=11.0, outcome=UNKNOWN, error="timeout"),
+        op("resolve", A, invoked=21.0, outcome=FAILED, error="UNAVAILABLE"),
+        op("resolve", B, invoked=21.0),
+    )
+    figs = phase_figures(h, {A: presence(A, {}), B: presence(B, {})}, timeline())
+    assert figs[A][BEFORE].writes.ok == 1
+    assert figs[A][DURING].writes.ok == 1 and figs[A][DURING].writes.unknown == 1
+    assert figs[A][AFTER].resolve.failed == 1
+    assert figs[B][AFTER].resolve.ok == 1
+    assert figs[B][BEFORE].writes.total == 0
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def report(broken: list[str], v: Verdict | None = None) -> Report:
+    h = history(op("register", A, "churn-1", invoked=1.0), op("resolve", B, invoked=15.0))
+    presences = {A: presence(A, {K1: [(1.05, True)]}), B: presence(B, {K1: [(1.2, True)]})}
+    return Report(
+        scenario="region-hang",
+        target=B,
+        service="drill-test",
+        hold=10.0,
+        baseline=5.0,
+        after=10.0,
+        heal_took=0.25,
+        regions=(A, B),
+        judged=(A,),
+        figures=phase_figures(h, presences, timeline()),
+        verdict=v or Verdict(acknowledged=1, convergence_s=1.23456, flapped={A: 0, B: 2}),
+        bounds=Bounds(),
+        broken=broken,
+        events=[(0.0, "baseline"), (5.0, "fault")],
+        notes={"server": 1},
+        skipped={A: 0, B: 3},
+    )
+
+
+def test_a_report_without_broken_guarantees_passed() -> None:
+    r = report([])
+    assert r.passed
+    table = r.table()
+    assert "PASSED: every guarantee held" in table
+    assert "FAILED" not in table
+
+
+def test_a_report_with_broken_guarantees_failed_and_lists_them() -> None:
+    r = report(["1 acknowledged registrations lost: b: a/churn-1"])
+    assert not r.passed
+    table = r.table()
+    assert "FAILED: a guarantee broke" in table
+    assert "  - 1 acknowledged registrations lost: b: a/churn-1" in table
+
+
+def test_the_table_has_a_row_per_region_and_marks_the_unjudged() -> None:
+    lines = report([]).table().splitlines()
+    assert any(line.startswith("a ") and BEFORE in line for line in lines)
+    assert any(line.startswith("b *") and BEFORE in line for line in lines)
+    assert "* the faulted region: reported, not held to the availability bounds" in lines
+    assert "convergence after the heal  1.23 s (bound 15 s)" in lines
+    assert "ticks skipped (too many calls in flight): b 3" in lines
+
+
+def test_the_table_says_when_the_cluster_did_not_converge() -> None:
+    assert "did not converge" in report(["x"], Verdict(convergence_s=None, unconverged=["b: a/churn-1"])).table()
+
+
+def test_the_json_report_is_serialisable_and_has_the_verdict() -> None:
+    v = Verdict(acknowledged=3, deleted=1, lost=["b: a/churn-1"], resurrected=["b: a/churn-2"], convergence_s=1.23456)
+    out = report(["lost"], v).to_json()
+    again = json.loads(json.dumps(out))
+    assert again["passed"] is False
+    assert again["lost"] == ["b: a/churn-1"]
+    assert again["resurrected"] == ["b: a/churn-2"]
+    assert again["convergence_seconds"] == 1.235
+    assert set(again["regions"]) == {A, B}
+    assert again["regions"][A]["judged"] is True and again["regions"][B]["judged"] is False
+    assert again["regions"][A][BEFORE]["writes"]["ok"] == 1
+
+
+def test_the_json_report_of_a_pass_has_empty_lists() -> None:
+    out = report([]).to_json()
+    json.dumps(out)
+    assert out["passed"] is True and out["lost"] == [] and out["resurrected"] == []
+    assert out["convergence_seconds"] == 1.235
