@@ -30,6 +30,8 @@ from discovery_pb.v1.types_pb2 import Change, Instance
 log = logging.getLogger(__name__)
 
 _PROGRESS_INTERVAL = 0.1  # seconds between progress requests while reads wait
+# etcd unreachable this long may have let the shortest leases (about 2 s) expire
+LEASE_RISK_SECONDS = 2.0
 
 _Key = tuple[str, str, str]  # (region, service, instance_id)
 
@@ -265,8 +267,7 @@ class View:
         async for batch in batches:
             if not self.watching:
                 log.info("view: watching etcd from revision %d", self._resume + 1)
-                if self.last_error:  # back after losing etcd, not the first start
-                    self.recovered_ms = int(time.time() * 1000)
+                self._note_back()
             self.watching, self.last_contact, self._failures = True, time.monotonic(), 0
             if batch.created:
                 continue
@@ -318,8 +319,18 @@ class View:
         else:
             self.reloads += 1
         self._resume = revision
+        if not self.watching:
+            self._note_back()
         self.watching, self.last_contact, self._failures = True, time.monotonic(), 0
         log.info("view: listed %d instances at revision %d", len(fresh), revision)
+
+    def _note_back(self) -> None:
+        """Back after losing etcd (not the first start) long enough for its leases to have
+        expired meanwhile: replication receivers hold this region's deletions for a while. A
+        short loss (the member we watched died and another answers; a new leader even
+        extends the leases) is no such recovery."""
+        if self.last_error and time.monotonic() - self.last_contact >= LEASE_RISK_SECONDS:
+            self.recovered_ms = int(time.time() * 1000)
 
     def _classify(self, event: Event) -> tuple[_Key, Instance | None] | None:
         """The instance an event is about and its new state (None: gone), or None for a key

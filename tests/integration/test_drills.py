@@ -181,3 +181,37 @@ def test_the_command_prints_json_and_exits_zero(cluster: ClusterFile) -> None:
     assert set(report["regions"]) == {"a", "b", "c"}
     assert report["regions"]["a"]["during"]["writes"]["ok"] > 0
     assert "links of b slowed" in done.stderr  # progress goes to stderr, the JSON alone to stdout
+
+
+def test_help_lists_every_scenario_and_the_exit_codes() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "discovery", "drill", "--help"], check=False, capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 0
+    for name in ("region-hang", "region-partition", "slow-link", "etcd-leader-kill", "server-kill"):
+        assert name in done.stdout
+    assert "compaction-during-outage" in done.stdout and "a guarantee broke" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        ("{not json", "cannot read it as JSON"),
+        ('{"regions": {"a": {"servers": ["127.0.0.1:1"]}}}', "at least two regions"),
+    ],
+    ids=["missing", "not-json", "one-region"],
+)
+def test_a_bad_cluster_file_is_a_usage_error(tmp_path: Path, content: str | None, message: str) -> None:
+    path = tmp_path / "cluster.json"
+    if content is not None:
+        path.write_text(content)
+    done = subprocess.run(
+        [sys.executable, "-m", "discovery", "drill", "region-hang", "--cluster", str(path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and done.stdout == ""
