@@ -141,6 +141,7 @@ class RegionLoad:
         self._client = DiscoveryClient(config)
         self._next = 0
         self._acked: list[str] = []  # registered, not yet picked for deregistration
+        self._left: set[str] = set()  # may be registered: removed when the drill ends
         self._in_flight: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         self._leases = contextlib.AsyncExitStack()
@@ -176,7 +177,7 @@ class RegionLoad:
     async def close(self) -> None:
         """Each part on its own deadline, so one that hangs does not leak the others."""
         await self.stop_calls()
-        for part in (self._leases.aclose(), self._client.close(), self._pool.close()):
+        for part in (self._leases.aclose(), self._clean_up(), self._client.close(), self._pool.close()):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(part, self.settings.op_timeout + 5)
 
@@ -208,13 +209,28 @@ class RegionLoad:
             ttl_seconds=0,
         )
         op = self.history.invoke("register", self.region, iid)
+        self._left.add(iid)
         if await self._call(op, lambda s: s.registry.Register, registry_pb2.RegisterRequest(instance=instance), True):
             self._acked.append(iid)
 
     async def _deregister(self, iid: str) -> None:
         op = self.history.invoke("deregister", self.region, iid)
         request = registry_pb2.DeregisterRequest(service=self.service, instance_id=iid)
-        await self._call(op, lambda s: s.registry.Deregister, request, True)
+        if await self._call(op, lambda s: s.registry.Deregister, request, True):
+            self._left.discard(iid)
+
+    async def _clean_up(self) -> None:
+        """Deregister every static instance the drill may have left (a drill leaves nothing
+        behind), a few at a time, after the checks: these calls are not recorded."""
+        limit = asyncio.Semaphore(16)
+
+        async def remove(iid: str) -> None:
+            request = registry_pb2.DeregisterRequest(service=self.service, instance_id=iid)
+            async with limit:
+                with contextlib.suppress(DiscoveryClientError):
+                    await self._pool.call(lambda s: s.registry.Deregister, request, home_only=True)
+
+        await asyncio.gather(*(remove(iid) for iid in sorted(self._left)))
 
     async def _resolve(self) -> None:
         op = self.history.invoke("resolve", self.region)

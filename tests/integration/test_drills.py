@@ -15,10 +15,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from discovery.dev import DevCluster
 from discovery.drill import Bounds, ClusterFile, DrillError, DrillSettings, LoadSettings, Report, run_drill
+from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, types_pb2
+from tests.helpers import CALL_TIMEOUT, eventually
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +105,21 @@ async def test_region_partition(cluster: ClusterFile) -> None:
     assert lag is not None and lag > 1000, "nothing reached c late: it was not cut off"
     # c's own clients kept working inside c.
     assert report.figures["c"]["during"].writes.success == 1.0
+
+
+async def test_a_drill_leaves_nothing_behind(cluster: ClusterFile) -> None:
+    report = await drill(cluster, "region-partition", hold=1.0)
+    request = lookup_pb2.ResolveRequest(
+        service=report.service, scope=lookup_pb2.ALL, statuses=[types_pb2.SERVING, types_pb2.DRAINING]
+    )
+    for region in cluster.regions:
+        async with grpc.aio.insecure_channel(region.servers[0]) as channel:
+            stub = lookup_pb2_grpc.LookupStub(channel)
+
+            async def empty(stub: lookup_pb2_grpc.LookupStub = stub) -> bool:
+                return not (await stub.Resolve(request, timeout=CALL_TIMEOUT)).endpoints
+
+            await eventually(empty, timeout=5.0)
 
 
 async def test_slow_link(cluster: ClusterFile) -> None:
