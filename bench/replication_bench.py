@@ -218,9 +218,17 @@ async def main() -> None:
     parser.add_argument("--outage", type=float, default=60.0, help="seconds the region is frozen (60)")
     parser.add_argument("--changes", type=int, default=10_000, help="instances registered during the outage")
     parser.add_argument("--state-dir", help="keep the cluster's logs here (default: a temp dir, removed)")
+    parser.add_argument(
+        "--fault-proxy", action="store_true", help="regions talk through the drills' fault proxy, as in `discovery dev`"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="repl-bench-") as tmp:
-        cluster = DevCluster(regions=REGIONS, state_dir=Path(args.state_dir or tmp) / "dev", keep=bool(args.state_dir))
+        cluster = DevCluster(
+            regions=REGIONS,
+            state_dir=Path(args.state_dir or tmp) / "dev",
+            keep=bool(args.state_dir),
+            fault_proxy=args.fault_proxy,
+        )
         await asyncio.to_thread(cluster.start, lambda line: print(line, file=sys.stderr))
         try:
             result: dict[str, Any] = {"regions": list(REGIONS)}
