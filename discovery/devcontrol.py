@@ -48,6 +48,7 @@ class ControlServer:
         self.cluster = cluster
         self.proxy = proxy
         self._lock = threading.Lock()
+        self._closed = False
         self._server: socketserver.ThreadingTCPServer | None = None
         self._thread: threading.Thread | None = None
         self._ops: dict[str, Callable[[Args], Any]] = {
@@ -97,7 +98,10 @@ class ControlServer:
         return f"127.0.0.1:{self._server.server_address[1]}"
 
     def stop(self) -> None:
-        """Stop listening; an operation in progress finishes in its own thread. Safe twice."""
+        """Stop listening and refuse every operation not yet begun; returns once the one in
+        progress (if any) has finished, so none lands while the cluster stops. Safe twice."""
+        with self._lock:  # waits for the operation in progress
+            self._closed = True
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
@@ -119,6 +123,8 @@ class ControlServer:
             return {"ok": False, "error": f"unknown op {request['op']!r}; known: {', '.join(sorted(self._ops))}"}
         try:
             with self._lock:
+                if self._closed:
+                    return {"ok": False, "error": "the cluster is stopping"}
                 result = op(request)
         except KeyError as exc:  # an unknown region: its message is the first argument
             return {"ok": False, "error": str(exc.args[0]) if exc.args else "not found"}

@@ -166,8 +166,14 @@ class _Direction:
                 continue
             if fault.normal:
                 return  # healed: what was held goes now
-            if chunk.release is None:  # held by a partition now lifted: delayed from now on
-                chunk.release = time.monotonic() + fault.hold_s()
+            if chunk.release is None:
+                # Held by a partition now lifted: everything it held is delayed from now on
+                # at once, not one delay per chunk.
+                release = time.monotonic() + fault.hold_s()
+                for held in self.queue:
+                    if held.release is None:
+                        held.release = release
+            assert chunk.release is not None
             wait = chunk.release - time.monotonic()
             if wait <= 0:
                 return
@@ -334,6 +340,8 @@ class FaultProxy:
             self._connections.add(task)
             try:
                 await self._forward(route, reader, writer)
+            except asyncio.CancelledError:
+                pass  # stop(): asyncio's streams would log the cancellation as an error
             finally:
                 self._connections.discard(task)
 

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from discovery.dev import DevCluster
-from discovery.devcontrol import ControlClient, ControlError
+from discovery.devcontrol import ControlClient, ControlError, ControlServer
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.helpers import CALL_TIMEOUT, instance
 
@@ -141,3 +141,12 @@ async def test_control_without_proxy_refuses_link_faults_and_a_stopped_one_is_un
         await asyncio.to_thread(cluster.stop)
     with pytest.raises(ControlError, match="nothing listens"):
         await call(client, "describe")
+
+
+def test_a_stopped_control_server_refuses_what_had_not_begun() -> None:
+    """No fault may land while the cluster stops: stop() waits for the operation in progress
+    and every later one is refused."""
+    control = ControlServer(DevCluster(), None)
+    control.stop()
+    answer = control.handle(b'{"op": "pause_region", "region": "us-east"}')
+    assert answer == {"ok": False, "error": "the cluster is stopping"}

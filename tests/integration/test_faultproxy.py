@@ -181,6 +181,22 @@ async def test_delay_is_at_least_the_delay_and_jitter_keeps_order(proxy: FaultPr
     writer.close()
 
 
+async def test_a_partition_lifted_into_a_delay_releases_what_it_held_together(proxy: FaultProxy, echo: str) -> None:
+    """Chunks held by a partition are delayed once from its end, not one delay after another."""
+    address = proxy.route("a", "b", echo)
+    proxy.start()
+    reader, writer = await connect(address)
+    await set_fault(proxy, "a", LinkFault(blackhole=True))
+    expected = await _write_apart(writer, 40)
+    await set_fault(proxy, "a", LinkFault(delay_ms=100))
+    started = time.monotonic()
+    async with asyncio.timeout(WAIT):
+        assert await reader.readexactly(len(expected)) == expected
+    # Out and back: about two delays (0.2 s), where one per chunk would take over 4 s.
+    assert time.monotonic() - started < 2.0
+    writer.close()
+
+
 async def _write_apart(writer: asyncio.StreamWriter, count: int) -> bytes:
     """``count`` numbered chunks, each its own read at the proxy (written a moment apart)."""
     sent = b""
