@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -161,8 +162,13 @@ class Server:
             self._tasks.append(asyncio.create_task(election.run(replicator.lead), name=f"replicator {origin}"))
 
     def _recovered_at_ms(self) -> int:
-        """When this server last came back from being impaired: frozen, or its etcd lost."""
-        return max(self.stalls.last_recovery_ms(), self.view.recovered_ms)
+        """When this server last came back from being impaired (frozen, or its etcd lost under
+        the same leader), on the wall clock of this moment: a feed message's ``time_ms``
+        minus this is a monotonic duration, whatever steps the wall clock took since."""
+        latest = max(self.stalls.last_recovery(), self.view.recovered_at)
+        if not latest:
+            return 0
+        return int((time.time() - (time.monotonic() - latest)) * 1000)
 
     @property
     def address(self) -> str:

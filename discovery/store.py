@@ -139,6 +139,9 @@ class Store:
         self._keepalive = _LeaseKeepAliveStream(self)
         self._watch_requests: asyncio.Queue[Any] | None = None  # of the current watch, once created
         self.cluster_id = 0  # of the etcd cluster, from the last listing (a rebuilt cluster has a new one)
+        # etcd's raft term, from the last response header that had one: a new term means a new
+        # leader, and a new leader extends every lease (none expires because of the change).
+        self.raft_term = 0
 
     async def __aenter__(self) -> Store:
         self._channel = self._manager.get_channel()
@@ -294,7 +297,7 @@ class Store:
             async with self._call("a range read"):
                 resp = await self._kv.get(start, end, revision=revision, limit=_PAGE, timeout=self._op_timeout)
             revision = revision or resp.header.revision
-            self.cluster_id = resp.header.cluster_id
+            self.cluster_id, self.raft_term = resp.header.cluster_id, resp.header.raft_term
             items.extend(KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in resp.kvs)
             if not resp.more or not resp.kvs:
                 return revision, items
@@ -306,6 +309,7 @@ class Store:
         try:
             async with self._call("a health read"):
                 resp = await self._kv.get(b"/discovery/health", timeout=self._op_timeout)
+            self.raft_term = resp.header.raft_term
             return StoreHealth(True, resp.header.revision, "")
         except StoreUnavailable as exc:
             return StoreHealth(False, 0, str(exc))
@@ -344,6 +348,7 @@ class Store:
         writer = asyncio.create_task(_pump(requests, call), name="etcd-watch-writer")
         try:
             while (resp := await call.read()) is not grpc.aio.EOF:
+                self.raft_term = resp.header.raft_term or self.raft_term
                 if resp.compact_revision > 0:
                     raise Compacted(resp.compact_revision)
                 if resp.canceled:

@@ -30,8 +30,6 @@ from discovery_pb.v1.types_pb2 import Change, Instance
 log = logging.getLogger(__name__)
 
 _PROGRESS_INTERVAL = 0.1  # seconds between progress requests while reads wait
-# etcd unreachable this long may have let the shortest leases (about 2 s) expire
-LEASE_RISK_SECONDS = 2.0
 
 _Key = tuple[str, str, str]  # (region, service, instance_id)
 
@@ -100,7 +98,8 @@ class View:
         self.ready = asyncio.Event()
         self.watching = False
         self.last_contact = 0.0  # time.monotonic() of the last word from etcd
-        self.recovered_ms = 0  # wall clock (ms) when the watch came back after losing etcd; 0: never lost
+        self.recovered_at = 0.0  # time.monotonic() of the last recovery (see _note_back); 0: none
+        self._term_at_loss = 0  # etcd's raft term when the watch was lost; 0: not lost
         self.last_error = ""
         self.reloads = 0
         self.closing = False  # set by end_subscriptions: no new watchers or waits
@@ -284,6 +283,7 @@ class View:
             log.warning("view: lost etcd (%s); serving the last view, marked stale", error)
             # The watch was alive (keep-alive answered) until about now, events or not.
             self.last_contact = time.monotonic()
+            self._term_at_loss = self._store.raft_term
         self.watching = False
 
     async def _load(self) -> None:
@@ -325,12 +325,15 @@ class View:
         log.info("view: listed %d instances at revision %d", len(fresh), revision)
 
     def _note_back(self) -> None:
-        """Back after losing etcd (not the first start) long enough for its leases to have
-        expired meanwhile: replication receivers hold this region's deletions for a while. A
-        short loss (the member we watched died and another answers; a new leader even
-        extends the leases) is no such recovery."""
-        if self.last_error and time.monotonic() - self.last_contact >= LEASE_RISK_SECONDS:
-            self.recovered_ms = int(time.time() * 1000)
+        """Back after losing etcd, under the same leader (the same raft term): etcd may have
+        been frozen or cut off, and leases whose TTL ran out meanwhile expire now, before
+        their holders can renew them. Replication receivers hold this region's deletions for
+        a while after such a recovery. Under a new leader (a leader died, etcd restarted)
+        every lease was extended, so nothing expires because of the outage: no recovery.
+        Neither is the first start, nor a loss at startup."""
+        lost, self._term_at_loss = self._term_at_loss, 0
+        if lost and self._store.raft_term == lost:
+            self.recovered_at = time.monotonic()
 
     def _classify(self, event: Event) -> tuple[_Key, Instance | None] | None:
         """The instance an event is about and its new state (None: gone), or None for a key

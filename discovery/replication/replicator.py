@@ -195,7 +195,8 @@ class Replicator:
         age is measured on the origin's clock alone, so clock skew does not matter."""
         if not msg.recovered_at_ms or self._s.resume_grace <= 0:
             return
-        left = self._s.resume_grace - (msg.time_ms - msg.recovered_at_ms) / 1000
+        # Clamped: a clock the origin stepped between the two readings cannot stretch the hold.
+        left = min(self._s.resume_grace, self._s.resume_grace - (msg.time_ms - msg.recovered_at_ms) / 1000)
         if left <= 0:
             return
         now = time.monotonic()

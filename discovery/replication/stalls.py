@@ -24,7 +24,7 @@ class StallMonitor:
         self.tick = tick
         self.threshold = threshold
         self.stalls = 0
-        self.recovered_ms = 0  # wall clock (ms) of the end of the last stall; 0: none seen
+        self.recovered_at = 0.0  # time.monotonic() at the end of the last stall; 0: none seen
         self._last = time.monotonic()
 
     async def run(self) -> None:
@@ -34,12 +34,14 @@ class StallMonitor:
             now = time.monotonic()
             if now - self._last - self.tick >= self.threshold:
                 self.stalls += 1
-                self.recovered_ms = int(time.time() * 1000)
+                self.recovered_at = now
             self._last = now
 
-    def last_recovery_ms(self) -> int:
-        """The end of the last stall; now if the loop is behind right now, so a message sent in
-        the first moments after waking (before the overdue tick ran) says so too."""
-        if time.monotonic() - self._last - self.tick >= self.threshold:
-            return int(time.time() * 1000)
-        return self.recovered_ms
+    def last_recovery(self) -> float:
+        """The end of the last stall (monotonic; 0: none); now if the loop is behind right now,
+        so a message sent in the first moments after waking (before the overdue tick ran)
+        says so too."""
+        now = time.monotonic()
+        if now - self._last - self.tick >= self.threshold:
+            return now
+        return self.recovered_at

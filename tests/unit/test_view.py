@@ -31,6 +31,7 @@ class ScriptedStore:
         self.watch_starts: list[int] = []
         self.feed: asyncio.Queue[WatchBatch | Exception] = asyncio.Queue()
         self.progress_requests = 0
+        self.raft_term = 1  # one leader throughout
         self.listings = 0
 
     def put(self, instance_id: str, version: str = "") -> Event:
@@ -143,6 +144,19 @@ async def test_stale_while_the_watch_is_down_fresh_once_etcd_answers(running) ->
     # The view marked itself stale, then a new watch was created: fresh again, with no event.
     await until(lambda: len(store.watch_starts) == 2 and not view.stale)
     assert view.last_error == "etcd went away"
+    # Back under the same leader: a recovery (leases may expire now), which the feed reports.
+    assert view.recovered_at > 0
+
+
+async def test_back_under_a_new_leader_is_no_recovery(running) -> None:
+    """A new etcd leader extends every lease: nothing expires because of the outage."""
+    store, view = running
+    view._retry = RetryPolicy(base_delay=0.3, max_delay=0.3, jitter=0)
+    store.feed.put_nowait(StoreUnavailable("leader died"))
+    await until(lambda: view.stale)
+    store.raft_term += 1
+    await until(lambda: len(store.watch_starts) == 2 and not view.stale)
+    assert view.recovered_at == 0
 
 
 async def test_an_unexpected_error_marks_the_view_stale_and_relists(running, caplog) -> None:
