@@ -30,6 +30,9 @@ from discovery_pb.v1.types_pb2 import Change, Instance
 log = logging.getLogger(__name__)
 
 _PROGRESS_INTERVAL = 0.1  # seconds between progress requests while reads wait
+# A recovery is withdrawn if etcd's term changes within this long of it: election timeout
+# (1 s) and the server's health probe (every 2 s) that reads the term in a quiet cluster.
+RECOVERY_CONFIRM_SECONDS = 3.5
 
 _Key = tuple[str, str, str]  # (region, service, instance_id)
 
@@ -98,7 +101,9 @@ class View:
         self.ready = asyncio.Event()
         self.watching = False
         self.last_contact = 0.0  # time.monotonic() of the last word from etcd
-        self.recovered_at = 0.0  # time.monotonic() of the last recovery (see _note_back); 0: none
+        self._back_at = 0.0  # time.monotonic() of the last recovery (see recovered_at); 0: none
+        self._back_term = 0  # etcd's raft term then
+        self._confirmed_at = 0.0  # the last recovery past its provisional seconds
         self._term_at_loss = 0  # etcd's raft term when the watch was lost; 0: not lost
         self.last_error = ""
         self.reloads = 0
@@ -333,7 +338,23 @@ class View:
         Neither is the first start, nor a loss at startup."""
         lost, self._term_at_loss = self._term_at_loss, 0
         if lost and self._store.raft_term == lost:
-            self.recovered_at = time.monotonic()
+            self._back_at, self._back_term = time.monotonic(), lost
+
+    @property
+    def recovered_at(self) -> float:
+        """time.monotonic() of the last recovery (see ``_note_back``); 0: none.
+
+        Provisional for its first seconds: when the watched member died, the watch comes back
+        on another member before the others have even noticed (same term), and the election
+        follows within about a second. A new term seen in that window withdraws the recovery
+        (the new leader extended every lease); the feed then reports none, and receivers
+        release what they held."""
+        if self._back_at and self._store.raft_term != self._back_term:
+            if time.monotonic() - self._back_at < RECOVERY_CONFIRM_SECONDS:
+                self._back_at = self._confirmed_at
+            else:
+                self._confirmed_at = self._back_at
+        return self._back_at
 
     def _classify(self, event: Event) -> tuple[_Key, Instance | None] | None:
         """The instance an event is about and its new state (None: gone), or None for a key

@@ -84,6 +84,8 @@ class Replicator:
         self.snapshots = 0
         self._contact = pb.Checkpoint(leader=settings.identity)
         self._hold_until = 0.0  # time.monotonic(): deletions arriving before then are held
+        self._reported = 0  # recovered_at_ms of the origin's previous message
+        self._release_all = False  # the origin withdrew its recovery: release what is held
         self._last_message = 0.0  # time.monotonic() of the last message on the current stream
         self._connected_at = 0.0  # time.monotonic() of the current stream's first message
         # time.monotonic() of the first failed attempt since the origin last answered; counted
@@ -118,7 +120,8 @@ class Replicator:
         try:
             while True:
                 endpoint = self.endpoints[self._next_endpoint % len(self.endpoints)]
-                self._last_message = 0.0
+                # A withdrawal is one server's word about its own earlier report.
+                self._last_message, self._reported = 0.0, 0
                 try:
                     await self._follow(endpoint, writer)
                 except _Restart as exc:
@@ -193,7 +196,13 @@ class Replicator:
         restarted) less than the resume grace ago, hold its deletions until the grace has
         passed since then: they may be its leases expiring on waking (see ``writer``). The
         age is measured on the origin's clock alone, so clock skew does not matter."""
+        reported, self._reported = self._reported, msg.recovered_at_ms
         if not msg.recovered_at_ms or self._s.resume_grace <= 0:
+            if reported and not msg.recovered_at_ms and time.monotonic() < self._hold_until:
+                # The origin withdrew the recovery it reported (its etcd elected a new leader,
+                # which extended every lease): what it deletes is genuine.
+                log.info("replicator %s: the origin withdrew its recovery; applying held deletions", self.origin)
+                self._hold_until, self._contact.hold_until_ms, self._release_all = 0.0, 0, True
             return
         # Clamped: a clock the origin stepped between the two readings cannot stretch the hold.
         left = min(self._s.resume_grace, self._s.resume_grace - (msg.time_ms - msg.recovered_at_ms) / 1000)
@@ -202,7 +211,7 @@ class Replicator:
         now = time.monotonic()
         if now >= self._hold_until:
             log.warning(
-                "replicator %s: the origin came back %.1fs ago (frozen, its etcd lost, or restarted); "
+                "replicator %s: the origin came back %.1fs ago (frozen, or its etcd lost); "
                 "its deletions wait up to %.1fs for re-registrations",
                 self.origin,
                 self._s.resume_grace - left,
@@ -243,7 +252,9 @@ class Replicator:
             await writer.heartbeat(msg.revision, self._contact)
         if writer.held:
             # Each deletion waits the grace at most, however often the origin comes and goes.
-            released = await writer.release(self._contact, held_for=self._s.resume_grace)
+            held_for = 0.0 if self._release_all else self._s.resume_grace
+            self._release_all = False
+            released = await writer.release(self._contact, held_for=held_for)
             if released:
                 log.info("replicator %s: applied %d held deletions nobody re-registered", self.origin, released)
 

@@ -229,3 +229,16 @@ def test_subscription_keeps_the_latest_change_per_instance_in_revision_order() -
     assert sub.ready.is_set()
     assert [(c.revision, c.instance_id) for c in sub.take()] == [(2, "b"), (3, "a")]
     assert not sub.ready.is_set() and sub.take() == []
+
+
+async def test_a_new_term_moments_after_coming_back_withdraws_the_recovery(running) -> None:
+    """The watched member died: the watch comes back on another member before the election
+    (same term), and the new leader's term follows within a second. The recovery is
+    withdrawn, so receivers release what they held."""
+    store, view = running
+    view._retry = RetryPolicy(base_delay=0.05, max_delay=0.05, jitter=0)
+    store.feed.put_nowait(StoreUnavailable("member died"))
+    await until(lambda: len(store.watch_starts) == 2 and not view.stale)
+    assert view.recovered_at > 0  # provisional
+    store.raft_term += 1  # the election
+    assert view.recovered_at == 0
