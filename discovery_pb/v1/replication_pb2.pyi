@@ -103,9 +103,10 @@ class StreamResponse(_message.Message):
     """the origin server has lost its own etcd: revision is its last"""
     recovered_at_ms: _builtins.int
     """The origin server's clock when it last came back from being impaired itself: its own
-    process frozen (SIGSTOP, a paused VM), its etcd lost, or its start. Lease expiries soon
-    after may be artifacts of that (the region's leases expire on waking), so receivers hold
-    deletions until `time_ms - recovered_at_ms` passes their resume grace. 0: never.
+    process frozen (SIGSTOP, a paused VM), or its etcd lost under the same etcd leader (a new
+    leader extends every lease). Lease expiries soon after may be artifacts of that (leases
+    expire on waking), so receivers hold deletions until `time_ms - recovered_at_ms` passes
+    their resume grace. 0: never, or withdrawn (a new etcd term followed within seconds).
     """
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Instance]: ...
