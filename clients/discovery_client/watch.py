@@ -24,6 +24,8 @@ from discovery_pb.v1.types_pb2 import Change, Status
 
 log = logging.getLogger(__name__)
 _ALL_STATUSES = (Status.SERVING, Status.DRAINING, Status.NOT_SERVING)
+_CONFIRM_RETRY_FIRST = 0.25  # seconds before an unconfirming read is retried; doubles
+_CONFIRM_RETRY_MAX = 5.0
 
 
 class _StreamBroken(Exception):
@@ -51,6 +53,7 @@ class ServiceWatch:
         self._parts: dict[InstanceKey, Any] | None = None
         self._pending: dict[InstanceKey, Any] | None = None
         self._hold_task: asyncio.Task[None] | None = None
+        self._pending_changed = asyncio.Event()
         self._baseline: Set[InstanceKey] = set()
         self._baseline_at = float("-inf")
         self._task = asyncio.create_task(self._run(), name=f"discovery-watch-{service}")
@@ -183,6 +186,7 @@ class ServiceWatch:
         reference = self._reference()
         if not trusted and self._config.guard.is_destructive(reference, view.keys()):
             self._pending = view
+            self._pending_changed.set()
             if self._hold_task is None:
                 self.holds += 1
                 log.info(  # usually confirmed within a round trip; the warning is for one that is not
@@ -205,21 +209,33 @@ class ServiceWatch:
             self._baseline_at = float("-inf")  # the first live view: the reference from now on
 
     async def _hold(self, entry: ServerEntry) -> None:
-        """Apply the held view once a fresh read confirms it, or when the grace period ends."""
+        """Apply the held view once a fresh read confirms it, or when the grace period ends.
+
+        A read can miss the latest removals (deletions arrive one by one, and the answering
+        server's view may be a moment behind this stream), so an unconfirmed read is retried:
+        at once when the held view changed meanwhile, else after a growing pause.
+        """
         loop = asyncio.get_running_loop()
         end = loop.time() + self._config.guard.grace_seconds
         request = pb.ResolveRequest(service=self.service, scope=pb.ALL, statuses=_ALL_STATUSES)
-        with contextlib.suppress(DiscoveryClientError):
-            fresh, by = await self._pool.call(
-                lambda s: s.lookup.Resolve, request, last=entry, deadline=max(0.1, end - loop.time())
-            )
-            seen = {(e.instance.region, e.instance.instance_id) for e in fresh.endpoints}
-            assert self._pending is not None
-            if confirms(self.cache.instances.keys() - self._pending.keys(), seen):
-                log.info("discovery client: %s confirmed the removal from %s", by.address, self.service)
-                self._release(entry)
-                return
-        await asyncio.sleep(max(0.0, end - loop.time()))  # the grace period itself
+        pause = _CONFIRM_RETRY_FIRST
+        while (remaining := end - loop.time()) > 0:
+            self._pending_changed.clear()
+            with contextlib.suppress(DiscoveryClientError):
+                fresh, by = await self._pool.call(
+                    lambda s: s.lookup.Resolve, request, last=entry, deadline=max(0.1, remaining)
+                )
+                seen = {(e.instance.region, e.instance.instance_id) for e in fresh.endpoints}
+                assert self._pending is not None
+                if confirms(self.cache.instances.keys() - self._pending.keys(), seen):
+                    log.info("discovery client: %s confirmed the removal from %s", by.address, self.service)
+                    self._release(entry)
+                    return
+            if not self._pending_changed.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, min(pause, end - loop.time()))):
+                        await self._pending_changed.wait()
+                pause = min(pause * 2, _CONFIRM_RETRY_MAX)
         log.warning("discovery client: applying the held update of %s after the grace period", self.service)
         self._release(entry)
 

@@ -54,6 +54,36 @@ async def test_unconfirmed_emptying_update_is_held_for_the_grace_period(
     assert time.monotonic() - removed_at >= 1.4  # not before the grace period (minus timer slack)
 
 
+async def test_a_read_that_does_not_confirm_is_retried_within_the_grace_period(
+    etcd, private_etcd, servers, connect, make_client
+) -> None:
+    # The fresh read first disagrees (the other server still has the instances); once the
+    # other server has them removed too, a later read confirms: applied long before the grace.
+    bad, good = await servers.start(etcd), await servers.start(private_etcd)
+    addresses = ["10.0.0.1:80", "10.0.0.2:80"]
+    ids_bad = await register_all(connect(bad), "web", addresses)
+    ids_good = await register_all(connect(good), "web", addresses)
+    client = make_client(config([bad, good], guard=GuardPolicy(grace_seconds=60)))
+    assert len(await client.resolve("web")) == 2
+
+    for instance_id in ids_bad:
+        await deregister(connect(bad), "web", instance_id)
+
+    async def held() -> bool:
+        return (await client.resolve("web")).held
+
+    await eventually(held)
+    for instance_id in ids_good:
+        await deregister(connect(good), "web", instance_id)
+
+    async def applied() -> bool:
+        r = await client.resolve("web")
+        return not r.held and len(r) == 0
+
+    await eventually(applied, timeout=10)  # the retries' pauses reach 2-4 s by then; the grace is 60
+    assert client.watch_of("web").holds == 1  # type: ignore[union-attr]
+
+
 async def test_a_confirmed_removal_applies_at_once(etcd, servers, connect, make_client) -> None:
     server = await servers.start(etcd)
     stubs = connect(server)
