@@ -21,15 +21,25 @@ async def register_all(stubs, service: str, addresses: list[str]) -> list[str]:
     return [(await register(stubs, service, a)).instance_id for a in addresses]
 
 
+async def two_servers_with_web(etcd, private_etcd, servers, connect):
+    """Two servers of one region on separate etcds (so they can disagree, as after a bad
+    write to one etcd), both with the same two instances of "web"; the client follows the
+    first. Returns (bad, good, the instance ids on bad, on good)."""
+    bad, good = await servers.start(etcd), await servers.start(private_etcd)
+    addresses = ["10.0.0.1:80", "10.0.0.2:80"]
+    return (
+        bad,
+        good,
+        await register_all(connect(bad), "web", addresses),
+        await register_all(connect(good), "web", addresses),
+    )
+
+
 async def test_unconfirmed_emptying_update_is_held_for_the_grace_period(
     etcd, private_etcd, servers, connect, make_client
 ) -> None:
-    # Two servers of one region that disagree (as after a bad write to one etcd): the one
-    # the client follows drops every instance, the other still has them.
-    bad, good = await servers.start(etcd), await servers.start(private_etcd)
-    addresses = ["10.0.0.1:80", "10.0.0.2:80"]
-    ids = await register_all(connect(bad), "web", addresses)
-    await register_all(connect(good), "web", addresses)
+    # The server the client follows drops every instance, the other still has them.
+    bad, good, ids, _ = await two_servers_with_web(etcd, private_etcd, servers, connect)
     client = make_client(config([bad, good], guard=GuardPolicy(grace_seconds=1.5)))
     assert len(await client.resolve("web")) == 2
     watch = client.watch_of("web")
@@ -59,10 +69,7 @@ async def test_a_read_that_does_not_confirm_is_retried_within_the_grace_period(
 ) -> None:
     # The fresh read first disagrees (the other server still has the instances); once the
     # other server has them removed too, a later read confirms: applied long before the grace.
-    bad, good = await servers.start(etcd), await servers.start(private_etcd)
-    addresses = ["10.0.0.1:80", "10.0.0.2:80"]
-    ids_bad = await register_all(connect(bad), "web", addresses)
-    ids_good = await register_all(connect(good), "web", addresses)
+    bad, good, ids_bad, ids_good = await two_servers_with_web(etcd, private_etcd, servers, connect)
     client = make_client(config([bad, good], guard=GuardPolicy(grace_seconds=60)))
     assert len(await client.resolve("web")) == 2
 
