@@ -163,6 +163,13 @@ async def _kill_server(ctx: FaultContext) -> None:
     ctx.notes["server"] = index  # before the kill: a heal must find it whatever happens next
     await ctx.control.call("kill_server", region=ctx.target, index=index)
     ctx.event(f"SIGKILL {ctx.target} server-{index}, leader of the replicator from {origin}")
+    if len(ctx.cluster.region(ctx.target).servers) == 1:
+        # Then this is the region losing its servers, not a failover: its writes fail and its
+        # leased instances expire until the restart. Said, so the report is not misread.
+        ctx.event(
+            f"{ctx.target} has one server: its clients have no other server there until the restart"
+            " (for the failover case: discovery dev --servers-per-region 2)"
+        )
 
 
 async def _restart_server(ctx: FaultContext) -> None:
