@@ -1,6 +1,12 @@
 """Replication between regions of a local `discovery dev` cluster (processes, own etcd each).
 
-Two measurements, printed as one JSON object:
+Three measurements, printed as one JSON object:
+
+freshness
+        How fresh healthy peers look: every server's Status sampled every 0.2 s for ``--idle``
+        seconds with no load, then throughout the lag run. Worst and p99 last-contact age per
+        phase, and how many samples showed a peer disconnected (must be 0). Its yardstick is
+        the origin's heartbeat period (``heartbeat_s``) and a third of stale-after.
 
 lag     Registrations at ``--rate``/s for ``--seconds``, spread over every region. For each,
         the time from the Register acknowledgement (the commit in its origin) to the record
@@ -13,6 +19,7 @@ outage  One region frozen (SIGSTOP of its servers and etcd) for ``--outage`` sec
 
     .venv/bin/python bench/replication_bench.py                      # 200/s x 30 s; 60 s outage, 10,000 changes
     .venv/bin/python bench/replication_bench.py --seconds 5 --outage 10 --changes 1000   # quick
+    .venv/bin/python bench/replication_bench.py --idle 60 --seconds 60 --outage 0 --servers-per-region 2
 """
 
 from __future__ import annotations
@@ -176,6 +183,47 @@ async def measure_lag(cluster: DevCluster, rate: float, seconds: float) -> dict[
     }
 
 
+class Freshness:
+    """Status samples of every server of every region, per phase."""
+
+    def __init__(self, cluster: DevCluster) -> None:
+        self._addresses = [a for r in REGIONS for a in cluster.region(r).addresses]
+        self.ages: dict[str, list[float]] = {}
+        self.disconnected: dict[str, int] = {}
+        self.heartbeat = 0.0
+
+    async def sample(self, phase: str, seconds: float) -> None:
+        ages = self.ages.setdefault(phase, [])
+        self.disconnected.setdefault(phase, 0)
+        channels = [grpc.aio.insecure_channel(a) for a in self._addresses]
+        stubs = [admin_pb2_grpc.AdminStub(ch) for ch in channels]
+        until = time.perf_counter() + seconds
+        try:
+            while time.perf_counter() < until:
+                for stub in stubs:
+                    status = await stub.Status(admin_pb2.StatusRequest(), timeout=5)
+                    for o in status.origins:
+                        ages.append(o.last_contact_seconds)
+                        self.disconnected[phase] += not o.connected
+                        self.heartbeat = getattr(o, "heartbeat_seconds", 0.0) or self.heartbeat
+                await asyncio.sleep(0.2)
+        finally:
+            for ch in channels:
+                await ch.close()
+
+    def report(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"servers": len(self._addresses), "heartbeat_s": self.heartbeat}
+        for phase, ages in self.ages.items():
+            ordered = sorted(ages)
+            out[phase] = {
+                "samples": len(ordered),
+                "p99_age_s": round(ordered[int(0.99 * (len(ordered) - 1))], 3) if ordered else None,
+                "worst_age_s": round(ordered[-1], 3) if ordered else None,
+                "disconnected_samples": self.disconnected[phase],
+            }
+        return out
+
+
 async def measure_outage(cluster: DevCluster, outage: float, changes: int) -> dict[str, Any]:
     origin, frozen = REGIONS[0], REGIONS[2]
     async with (
@@ -215,7 +263,9 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=200.0, help="registrations per second, all regions (200)")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of the lag run (30)")
-    parser.add_argument("--outage", type=float, default=60.0, help="seconds the region is frozen (60)")
+    parser.add_argument("--idle", type=float, default=10.0, help="seconds of idle freshness samples first (10)")
+    parser.add_argument("--outage", type=float, default=60.0, help="seconds the region is frozen (60; 0: skip)")
+    parser.add_argument("--servers-per-region", type=int, default=1, help="servers in each region (1)")
     parser.add_argument("--changes", type=int, default=10_000, help="instances registered during the outage")
     parser.add_argument("--state-dir", help="keep the cluster's logs here (default: a temp dir, removed)")
     parser.add_argument(
@@ -228,12 +278,18 @@ async def main() -> None:
             state_dir=Path(args.state_dir or tmp) / "dev",
             keep=bool(args.state_dir),
             fault_proxy=args.fault_proxy,
+            servers_per_region=args.servers_per_region,
         )
         await asyncio.to_thread(cluster.start, lambda line: print(line, file=sys.stderr))
         try:
             result: dict[str, Any] = {"regions": list(REGIONS)}
             result["warmup_s"] = round(await wait_connected(cluster), 2)
-            result["lag"] = await measure_lag(cluster, args.rate, args.seconds)
+            freshness = Freshness(cluster)
+            await freshness.sample("idle", args.idle)
+            result["lag"], _ = await asyncio.gather(
+                measure_lag(cluster, args.rate, args.seconds), freshness.sample("loaded", args.seconds)
+            )
+            result["freshness"] = freshness.report()
             if args.outage > 0:
                 result["outage"] = await measure_outage(cluster, args.outage, args.changes)
         finally:

@@ -33,6 +33,9 @@ class ServerConfig:
     peers: tuple[str, ...] = ()
     advertise: str = ""  # how peers and Status name this server (default: the listen address)
     stale_after_seconds: float = 3.0  # a region not heard from for this long is served marked stale
+    # An idle replication feed heartbeats this often. Receivers need stale-after >= 3 of these
+    # periods; at a sixth of the default stale-after a healthy peer's age stays under a third.
+    replication_heartbeat_seconds: float = 0.5
     max_staleness_seconds: float = 0.0  # stale replicas older than this are not served (0: always served)
     resume_grace_seconds: float = 10.0  # deletions from a region just back from silence wait this long
     election_ttl_seconds: int = 3  # a dead replicator leader is replaced after about this long
@@ -58,6 +61,7 @@ class ServerConfig:
             "watch_keepalive_seconds",
             "max_wait_seconds",
             "stale_after_seconds",
+            "replication_heartbeat_seconds",
             "election_ttl_seconds",
             "history",
         ):
@@ -66,6 +70,9 @@ class ServerConfig:
         for name in ("max_staleness_seconds", "resume_grace_seconds"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(name, "must be >= 0 (0 turns it off)")
+        if not 0.05 <= self.replication_heartbeat_seconds <= 10:
+            # Under 50 ms it is etcd write load at every receiver; over 10 s no stale-after fits.
+            raise InvalidArgument("replication_heartbeat_seconds", "must be between 0.05 and 10")
         if self.advertise:
             split_address(self.advertise, "advertise")
         self.peer_map()  # validates

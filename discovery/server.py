@@ -210,7 +210,11 @@ class Server:
             server,
         )
         self._replication = ReplicationServicer(
-            self.view, self.config.region, self.store.health, recovered_at_ms=self._recovered_at_ms
+            self.view,
+            self.config.region,
+            self.store.health,
+            heartbeat=self.config.replication_heartbeat_seconds,
+            recovered_at_ms=self._recovered_at_ms,
         )
         replication_pb2_grpc.add_ReplicationServicer_to_server(self._replication, server)
         self._ads = AdsServicer(self.xds)

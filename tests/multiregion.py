@@ -11,7 +11,12 @@ from discovery.server import Server
 from tests.conftest import Servers
 
 # Fast enough for tests, and still above a lease's TTL granularity.
-FAST = {"stale_after_seconds": 1.5, "resume_grace_seconds": 2.0, "election_ttl_seconds": 2}
+FAST = {
+    "stale_after_seconds": 1.5,
+    "replication_heartbeat_seconds": 0.25,
+    "resume_grace_seconds": 2.0,
+    "election_ttl_seconds": 2,
+}
 
 
 class Regions:

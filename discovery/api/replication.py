@@ -25,7 +25,6 @@ from discovery_pb.v1.replication_pb2_grpc import ReplicationServicer as _Base
 from discovery_pb.v1.types_pb2 import Change, Instance
 
 SNAPSHOT_CHUNK = 500
-HEARTBEAT_SECONDS = 1.0
 CATCH_UP_SECONDS = 2.0  # a receiver ahead of this server's view waits this long before a snapshot
 _SHUTTING_DOWN = "the server is shutting down; replicate from another server of this region"
 _STALE = "this server has lost contact with its etcd; replicate from another server of this region"
@@ -38,7 +37,7 @@ class ReplicationServicer(_Base):
         region: str,
         etcd_health: Callable[[], Awaitable[StoreHealth]],
         *,
-        heartbeat: float = HEARTBEAT_SECONDS,
+        heartbeat: float,
         recovered_at_ms: Callable[[], int] = lambda: 0,
     ) -> None:
         self._view = view
@@ -145,6 +144,7 @@ class ReplicationServicer(_Base):
             more=more,
             stale=view.stale,
             recovered_at_ms=self._recovered_at_ms(),
+            heartbeat_ms=round(self._heartbeat * 1000),
         )
 
     def _snapshot(self, instances: list[Instance], revision: int) -> list[pb.StreamResponse]:

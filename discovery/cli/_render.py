@@ -65,6 +65,8 @@ def origin_dict(o: OriginStatus) -> dict[str, Any]:
         "lag_seconds": round(o.lag_seconds, 3),
         "last_contact_seconds": round(o.last_contact_seconds, 3),
         "replicas": o.replicas,
+        "heartbeat_seconds": round(o.heartbeat_seconds, 3),
+        "warning": o.warning,
     }
 
 

@@ -27,6 +27,7 @@ config file (TOML, top level or a [server] table):
   peers = ["eu-west=10.1.0.1:7400,10.1.0.2:7400", "ap-south=10.2.0.1:7400"]  # nearest first
   advertise = "10.0.0.5:7400"    # how Status and peers name this server
   stale_after_seconds = 3.0      # a peer region not heard from for this long is served marked stale
+  replication_heartbeat_seconds = 0.5  # our feed's heartbeat; peers' stale-after must be >= 3 of these
   max_staleness_seconds = 0      # drop a peer's replicas once stale this long (0: serve stale forever)
   resume_grace_seconds = 10.0    # deletions from a peer just back from silence wait this long
   election_ttl_seconds = 3       # a dead replicator leader is replaced after about this long
@@ -64,6 +65,14 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="serve a peer region's replicas marked stale once it is silent this long (default 3)",
     )
     p.add_argument(
+        "--replication-heartbeat",
+        type=float,
+        dest="replication_heartbeat_seconds",
+        metavar="SECONDS",
+        help="how often this region's feed tells idle peers it is alive (default 0.5); "
+        "every peer's --stale-after must be at least 3 times this, or it warns",
+    )
+    p.add_argument(
         "--max-staleness",
         type=float,
         dest="max_staleness_seconds",
@@ -92,6 +101,7 @@ async def serve(args: argparse.Namespace) -> int:
             "advertise": args.advertise,
             "max_staleness_seconds": args.max_staleness_seconds,
             "stale_after_seconds": args.stale_after_seconds,
+            "replication_heartbeat_seconds": args.replication_heartbeat_seconds,
             "resume_grace_seconds": args.resume_grace_seconds,
         },
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 import grpc
 import grpc.aio
@@ -60,4 +61,7 @@ async def status(args: argparse.Namespace) -> int:
     if resp.origins:
         print()
         print_table(ORIGIN_HEADER, [origin_row(o) for o in resp.origins])
+        for o in resp.origins:
+            if o.warning:
+                print(textwrap.fill(f"warning: {o.origin}: {o.warning}", width=80, subsequent_indent="  "))
     return OK

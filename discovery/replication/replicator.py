@@ -7,7 +7,12 @@ when it has none, when the origin has compacted past it, or when the origin is a
 etcd cluster or has gone back in revisions (a rebuilt origin).
 
 Inter-region calls never sit on a request path, and a hung peer is noticed by gRPC
-keep-alive and by the one-second heartbeats stopping (``silence`` seconds), not by TCP.
+keep-alive and by the origin's heartbeats stopping (``silence`` seconds), not by TCP.
+
+Freshness: every message from the origin is contact, and the leader records it in the
+checkpoint at once (at most every ``CONTACT_WRITE_MIN`` seconds), so the age every server of
+the region sees is about one origin heartbeat period. The period is the origin's setting and
+travels in the feed; a ``silence`` under three of them is warned about, here and in Status.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import grpc.aio
 from discovery.errors import StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.replication.session import Fence, Resign
+from discovery.replication.state import OLD_ORIGIN_HEARTBEAT_MS, silence_warning
 from discovery.replication.writer import ReplicaWriter, now_ms
 from discovery.retry import RetryPolicy
 from discovery.store import Store
@@ -41,6 +47,9 @@ _PEER_CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 0),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
 ]
+
+
+CONTACT_WRITE_MIN = 0.1  # seconds between checkpoint writes that only record contact
 
 
 class _Restart(Exception):
@@ -220,6 +229,14 @@ class Replicator:
         self._hold_until = max(self._hold_until, now + left)
         self._contact.hold_until_ms = max(self._contact.hold_until_ms, now_ms() + int(left * 1000))
 
+    def _note_heartbeat(self, heartbeat_ms: int) -> None:
+        if heartbeat_ms == self._contact.origin_heartbeat_ms:
+            return
+        self._contact.origin_heartbeat_ms = heartbeat_ms
+        warning = silence_warning(self.origin, self._s.silence, heartbeat_ms)
+        if warning:
+            log.warning("replicator %s: %s", self.origin, warning)
+
     async def _handle(self, msg: pb.StreamResponse, writer: ReplicaWriter, parts: list[Instance]) -> None:
         cp = writer.checkpoint
         snapshot = msg.kind == pb.StreamResponse.SNAPSHOT
@@ -231,6 +248,7 @@ class Replicator:
             raise _Restart(f"origin went back from revision {was} to {msg.revision} (rebuilt?): snapshot")
         self._contact.last_contact_ms = now_ms()
         self._contact.head_revision = max(msg.revision, 0)
+        self._note_heartbeat(msg.heartbeat_ms or OLD_ORIGIN_HEARTBEAT_MS)
         hold = time.monotonic() < self._hold_until
         if snapshot:
             parts.extend(msg.instances)
@@ -249,7 +267,7 @@ class Replicator:
             await writer.changes(msg.changes, msg.revision, hold=hold, contact=self._contact)
         else:
             self._contact.caught_up_ms = msg.time_ms
-            await writer.heartbeat(msg.revision, self._contact)
+            await writer.heartbeat(msg.revision, self._contact, every=CONTACT_WRITE_MIN)
         if writer.held:
             # Each deletion waits the grace at most, however often the origin comes and goes.
             held_for = 0.0 if self._release_all else self._s.resume_grace
@@ -261,7 +279,7 @@ class Replicator:
 
 async def _messages(call: grpc.aio.UnaryStreamCall, silence: float) -> AsyncIterator[pb.StreamResponse]:
     """The stream's messages; TimeoutError when the origin is silent for ``silence`` seconds
-    (it heartbeats every second: a hung peer, a black hole)."""
+    (it heartbeats several times within it: a hung peer, a black hole)."""
     while True:
         async with asyncio.timeout(silence):
             msg = await call.read()

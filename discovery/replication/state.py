@@ -1,8 +1,9 @@
 """How fresh each region's records are, as every server of the region sees it.
 
 The replicator's leader writes its checkpoint (with the time it last heard from the origin)
-at least once a second while in contact; every server's view watches those keys, so any
-server, leader or not, can say how stale its replicas of a region are without asking anyone.
+at every message from the origin, which heartbeats several times per stale-after; every
+server's view watches those keys, so any server, leader or not, can say how stale its
+replicas of a region are without asking anyone.
 """
 
 from __future__ import annotations
@@ -16,6 +17,22 @@ from discovery.keys import KeySchema
 from discovery.view import View
 from discovery_pb.v1.admin_pb2 import OriginStatus
 from discovery_pb.v1.replication_pb2 import Checkpoint
+
+HEARTBEATS_PER_SILENCE = 3  # silence (stale-after) must span this many origin heartbeats
+OLD_ORIGIN_HEARTBEAT_MS = 1000  # what an origin that does not say heartbeats at
+
+
+def silence_warning(origin: str, silence: float, heartbeat_ms: int) -> str:
+    """Advice when ``silence`` is too short to tell a healthy ``origin`` from a silent one."""
+    heartbeat = heartbeat_ms / 1000
+    if not heartbeat_ms or silence >= HEARTBEATS_PER_SILENCE * heartbeat:
+        return ""
+    return (
+        f"stale-after {silence:g}s is under {HEARTBEATS_PER_SILENCE} heartbeats of {origin} "
+        f"(it heartbeats every {heartbeat:g}s): a healthy {origin} may be marked stale; "
+        f"raise --stale-after to {HEARTBEATS_PER_SILENCE * heartbeat:g}s or more, "
+        f"or lower {origin}'s --replication-heartbeat"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +111,8 @@ class RegionStates:
                     last_contact_seconds=max(0.0, (now_ms - cp.last_contact_ms) / 1000) if cp.last_contact_ms else 0.0,
                     source=cp.source,
                     replicas=self._view.region_count(origin),
+                    heartbeat_seconds=cp.origin_heartbeat_ms / 1000,
+                    warning=silence_warning(origin, self._stale_after, cp.origin_heartbeat_ms),
                 )
             )
         return out

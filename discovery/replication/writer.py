@@ -160,10 +160,10 @@ class ReplicaWriter:
         self.totals.deletes += len(due)
         return len(due)
 
-    async def heartbeat(self, revision: int, contact: Checkpoint, *, every: float = 1.0) -> None:
+    async def heartbeat(self, revision: int, contact: Checkpoint, *, every: float) -> None:
         """The origin is at ``revision`` with nothing more for us: move the checkpoint (at
-        most once per ``every`` seconds: it also tells the region's other servers we are in
-        contact)."""
+        most once per ``every`` seconds). The write is also how every server of the region
+        learns we are in contact, so its age is what they see as the origin's."""
         self.applied = max(self.applied, revision)
         if time.monotonic() - self._written_at >= every:
             await self._commit([], self._next(**_contact(contact)))
@@ -177,4 +177,5 @@ def _contact(contact: Checkpoint) -> dict[str, object]:
         "leader": contact.leader,
         "source": contact.source,
         "hold_until_ms": contact.hold_until_ms,
+        "origin_heartbeat_ms": contact.origin_heartbeat_ms,
     }

@@ -128,6 +128,8 @@ class OriginStatus(_message.Message):
     LAST_CONTACT_SECONDS_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_SECONDS_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
     origin: _builtins.str
     connected: _builtins.bool
     """the replicator heard from the origin recently"""
@@ -146,6 +148,12 @@ class OriginStatus(_message.Message):
     """the origin server the replicator streams from"""
     replicas: _builtins.int
     """the origin's instances held here"""
+    heartbeat_seconds: _builtins.float
+    """the origin's feed heartbeat period, as it says (0: not known yet)"""
+    warning: _builtins.str
+    """Advice when this region's settings cannot tell a healthy origin from a silent one reliably
+    (stale-after under three of the origin's heartbeat periods); empty when all is well.
+    """
     def __init__(
         self,
         *,
@@ -159,10 +167,12 @@ class OriginStatus(_message.Message):
         last_contact_seconds: _builtins.float = ...,
         source: _builtins.str = ...,
         replicas: _builtins.int = ...,
+        heartbeat_seconds: _builtins.float = ...,
+        warning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_revision", b"checkpoint_revision", "connected", b"connected", "head_revision", b"head_revision", "lag_revisions", b"lag_revisions", "lag_seconds", b"lag_seconds", "last_contact_seconds", b"last_contact_seconds", "leader", b"leader", "origin", b"origin", "replicas", b"replicas", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint_revision", b"checkpoint_revision", "connected", b"connected", "head_revision", b"head_revision", "heartbeat_seconds", b"heartbeat_seconds", "lag_revisions", b"lag_revisions", "lag_seconds", b"lag_seconds", "last_contact_seconds", b"last_contact_seconds", "leader", b"leader", "origin", b"origin", "replicas", b"replicas", "source", b"source", "warning", b"warning"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

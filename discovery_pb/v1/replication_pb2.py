@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from discovery_pb.v1 import types_pb2 as discovery_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iscovery/v1/replication.proto\x12\x0c\x64iscovery.v1\x1a\x18\x64iscovery/v1/types.proto\"^\n\rStreamRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x11\n\trequester\x18\x03 \x01(\t\x12\x12\n\ncluster_id\x18\x04 \x01(\x04\"\xd8\x02\n\x0eStreamResponse\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.discovery.v1.StreamResponse.Kind\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x12\n\ncluster_id\x18\x03 \x01(\x04\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x0f\n\x07time_ms\x18\x05 \x01(\x03\x12)\n\tinstances\x18\x06 \x03(\x0b\x32\x16.discovery.v1.Instance\x12%\n\x07\x63hanges\x18\x07 \x03(\x0b\x32\x14.discovery.v1.Change\x12\x0c\n\x04more\x18\x08 \x01(\x08\x12\r\n\x05stale\x18\t \x01(\x08\x12\x17\n\x0frecovered_at_ms\x18\n \x01(\x03\"F\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\x0b\n\x07\x43HANGES\x10\x02\x12\r\n\tHEARTBEAT\x10\x03\"\xbf\x01\n\nCheckpoint\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\x04\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x15\n\rhead_revision\x18\x04 \x01(\x03\x12\x17\n\x0flast_contact_ms\x18\x05 \x01(\x03\x12\x14\n\x0c\x63\x61ught_up_ms\x18\x06 \x01(\x03\x12\x0e\n\x06leader\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x15\n\rhold_until_ms\x18\t \x01(\x03\x32T\n\x0bReplication\x12\x45\n\x06Stream\x12\x1b.discovery.v1.StreamRequest\x1a\x1c.discovery.v1.StreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x64iscovery/v1/replication.proto\x12\x0c\x64iscovery.v1\x1a\x18\x64iscovery/v1/types.proto\"^\n\rStreamRequest\x12\x16\n\x0esince_revision\x18\x01 \x01(\x03\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x11\n\trequester\x18\x03 \x01(\t\x12\x12\n\ncluster_id\x18\x04 \x01(\x04\"\xee\x02\n\x0eStreamResponse\x12/\n\x04kind\x18\x01 \x01(\x0e\x32!.discovery.v1.StreamResponse.Kind\x12\x0e\n\x06origin\x18\x02 \x01(\t\x12\x12\n\ncluster_id\x18\x03 \x01(\x04\x12\x10\n\x08revision\x18\x04 \x01(\x03\x12\x0f\n\x07time_ms\x18\x05 \x01(\x03\x12)\n\tinstances\x18\x06 \x03(\x0b\x32\x16.discovery.v1.Instance\x12%\n\x07\x63hanges\x18\x07 \x03(\x0b\x32\x14.discovery.v1.Change\x12\x0c\n\x04more\x18\x08 \x01(\x08\x12\r\n\x05stale\x18\t \x01(\x08\x12\x17\n\x0frecovered_at_ms\x18\n \x01(\x03\x12\x14\n\x0cheartbeat_ms\x18\x0b \x01(\x03\"F\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0c\n\x08SNAPSHOT\x10\x01\x12\x0b\n\x07\x43HANGES\x10\x02\x12\r\n\tHEARTBEAT\x10\x03\"\xdc\x01\n\nCheckpoint\x12\x0e\n\x06origin\x18\x01 \x01(\t\x12\x12\n\ncluster_id\x18\x02 \x01(\x04\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12\x15\n\rhead_revision\x18\x04 \x01(\x03\x12\x17\n\x0flast_contact_ms\x18\x05 \x01(\x03\x12\x14\n\x0c\x63\x61ught_up_ms\x18\x06 \x01(\x03\x12\x0e\n\x06leader\x18\x07 \x01(\t\x12\x0e\n\x06source\x18\x08 \x01(\t\x12\x15\n\rhold_until_ms\x18\t \x01(\x03\x12\x1b\n\x13origin_heartbeat_ms\x18\n \x01(\x03\x32T\n\x0bReplication\x12\x45\n\x06Stream\x12\x1b.discovery.v1.StreamRequest\x1a\x1c.discovery.v1.StreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,11 +36,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMREQUEST']._serialized_start=74
   _globals['_STREAMREQUEST']._serialized_end=168
   _globals['_STREAMRESPONSE']._serialized_start=171
-  _globals['_STREAMRESPONSE']._serialized_end=515
-  _globals['_STREAMRESPONSE_KIND']._serialized_start=445
-  _globals['_STREAMRESPONSE_KIND']._serialized_end=515
-  _globals['_CHECKPOINT']._serialized_start=518
-  _globals['_CHECKPOINT']._serialized_end=709
-  _globals['_REPLICATION']._serialized_start=711
-  _globals['_REPLICATION']._serialized_end=795
+  _globals['_STREAMRESPONSE']._serialized_end=537
+  _globals['_STREAMRESPONSE_KIND']._serialized_start=467
+  _globals['_STREAMRESPONSE_KIND']._serialized_end=537
+  _globals['_CHECKPOINT']._serialized_start=540
+  _globals['_CHECKPOINT']._serialized_end=760
+  _globals['_REPLICATION']._serialized_start=762
+  _globals['_REPLICATION']._serialized_end=846
 # @@protoc_insertion_point(module_scope)

@@ -90,6 +90,7 @@ class StreamResponse(_message.Message):
     MORE_FIELD_NUMBER: _builtins.int
     STALE_FIELD_NUMBER: _builtins.int
     RECOVERED_AT_MS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_MS_FIELD_NUMBER: _builtins.int
     kind: Global___StreamResponse.Kind.ValueType
     origin: _builtins.str
     cluster_id: _builtins.int
@@ -108,6 +109,11 @@ class StreamResponse(_message.Message):
     expire on waking), so receivers hold deletions until `time_ms - recovered_at_ms` passes
     their resume grace. 0: never, or withdrawn (a new etcd term followed within seconds).
     """
+    heartbeat_ms: _builtins.int
+    """How long this origin lets an idle stream go before it sends a HEARTBEAT (its setting, not
+    the receiver's). 0: an origin older than this field, which heartbeats every 1,000 ms.
+    Receivers warn when their stale-after is under three of these periods.
+    """
     @_builtins.property
     def instances(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Instance]: ...
     @_builtins.property
@@ -125,10 +131,11 @@ class StreamResponse(_message.Message):
         more: _builtins.bool = ...,
         stale: _builtins.bool = ...,
         recovered_at_ms: _builtins.int = ...,
+        heartbeat_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "cluster_id", b"cluster_id", "instances", b"instances", "kind", b"kind", "more", b"more", "origin", b"origin", "recovered_at_ms", b"recovered_at_ms", "revision", b"revision", "stale", b"stale", "time_ms", b"time_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes", "cluster_id", b"cluster_id", "heartbeat_ms", b"heartbeat_ms", "instances", b"instances", "kind", b"kind", "more", b"more", "origin", b"origin", "recovered_at_ms", b"recovered_at_ms", "revision", b"revision", "stale", b"stale", "time_ms", b"time_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -151,6 +158,7 @@ class Checkpoint(_message.Message):
     LEADER_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     HOLD_UNTIL_MS_FIELD_NUMBER: _builtins.int
+    ORIGIN_HEARTBEAT_MS_FIELD_NUMBER: _builtins.int
     origin: _builtins.str
     cluster_id: _builtins.int
     revision: _builtins.int
@@ -167,6 +175,8 @@ class Checkpoint(_message.Message):
     """the origin server it streams from"""
     hold_until_ms: _builtins.int
     """receiver's clock: deletions are held until then (resume grace)"""
+    origin_heartbeat_ms: _builtins.int
+    """the origin's heartbeat period, as it last said (0: not known)"""
     def __init__(
         self,
         *,
@@ -179,10 +189,11 @@ class Checkpoint(_message.Message):
         leader: _builtins.str = ...,
         source: _builtins.str = ...,
         hold_until_ms: _builtins.int = ...,
+        origin_heartbeat_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up_ms", b"caught_up_ms", "cluster_id", b"cluster_id", "head_revision", b"head_revision", "hold_until_ms", b"hold_until_ms", "last_contact_ms", b"last_contact_ms", "leader", b"leader", "origin", b"origin", "revision", b"revision", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up_ms", b"caught_up_ms", "cluster_id", b"cluster_id", "head_revision", b"head_revision", "hold_until_ms", b"hold_until_ms", "last_contact_ms", b"last_contact_ms", "leader", b"leader", "origin", b"origin", "origin_heartbeat_ms", b"origin_heartbeat_ms", "revision", b"revision", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,7 +52,7 @@ class ReplicationServicer:
     def Stream(self, request, context):
         """A snapshot at revision X when since_revision is 0, compacted, or unknown to this origin;
         else the changes after since_revision; then changes as they happen, and a HEARTBEAT
-        every second so the receiver tells lag from silence.
+        whenever the stream has been idle for heartbeat_ms, so the receiver tells lag from silence.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -39,7 +39,7 @@ class ReplicationStub:
     Stream: _grpc.UnaryStreamMultiCallable[_replication_pb2.StreamRequest, _replication_pb2.StreamResponse]
     """A snapshot at revision X when since_revision is 0, compacted, or unknown to this origin;
     else the changes after since_revision; then changes as they happen, and a HEARTBEAT
-    every second so the receiver tells lag from silence.
+    whenever the stream has been idle for heartbeat_ms, so the receiver tells lag from silence.
     """
 
 @_typing.type_check_only
@@ -52,7 +52,7 @@ class ReplicationAsyncStub(ReplicationStub):
     Stream: _aio.UnaryStreamMultiCallable[_replication_pb2.StreamRequest, _replication_pb2.StreamResponse]  # type: ignore[assignment]
     """A snapshot at revision X when since_revision is 0, compacted, or unknown to this origin;
     else the changes after since_revision; then changes as they happen, and a HEARTBEAT
-    every second so the receiver tells lag from silence.
+    whenever the stream has been idle for heartbeat_ms, so the receiver tells lag from silence.
     """
 
 class ReplicationServicer(metaclass=_abc_1.ABCMeta):
@@ -68,7 +68,7 @@ class ReplicationServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_replication_pb2.StreamResponse], _abc.AsyncIterator[_replication_pb2.StreamResponse]]:
         """A snapshot at revision X when since_revision is 0, compacted, or unknown to this origin;
         else the changes after since_revision; then changes as they happen, and a HEARTBEAT
-        every second so the receiver tells lag from silence.
+        whenever the stream has been idle for heartbeat_ms, so the receiver tells lag from silence.
         """
 
 def add_ReplicationServicer_to_server(servicer: ReplicationServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
