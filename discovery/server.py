@@ -21,6 +21,7 @@ from discovery.api import (
     ReplicationServicer,
     add_lookup_to_server,
 )
+from discovery.api.decoding import DecodeRequests
 from discovery.config import ServerConfig
 from discovery.errors import InvalidArgument, StoreUnavailable
 from discovery.keys import KeySchema
@@ -176,7 +177,7 @@ class Server:
         return f"{host}:{self.port}"
 
     def _build_grpc(self) -> grpc.aio.Server:
-        interceptors: list[grpc.aio.ServerInterceptor] = []
+        interceptors: list[grpc.aio.ServerInterceptor] = [DecodeRequests()]
         if self._tracing:
             from opentelemetry.instrumentation.grpc import aio_server_interceptor
 

@@ -65,7 +65,7 @@ async def test_a_healthy_cluster_never_looks_stale_idle_or_under_load(regions, r
         interval = 1 / REGISTRATIONS_PER_SECOND
         next_at = time.monotonic()
         while time.monotonic() < until:
-            region, stubs = servers[n % len(servers)]
+            _, stubs = servers[n % len(servers)]
             await register(stubs, f"load-{n % 20}", f"10.9.{n // 250 % 250}.{n % 250}:80", instance_id=f"i{n % 500}")
             await resolve(stubs, f"load-{n % 20}", scope=lookup_pb2.FAILOVER)
             done += 1
