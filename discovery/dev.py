@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from discovery import lifeline
 from discovery.devcontrol import ControlServer
 from discovery.etcd_process import EtcdCluster, StartAborted, free_ports
 from discovery.faultproxy import FaultProxy
@@ -78,7 +79,8 @@ class ServerProcess:
             # A second server on the same port would fail, and orphan the first.
             raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
+            # As etcd (etcd_process): its own session, and it dies with this process.
+            self.proc = lifeline.popen(
                 self.args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
             )
 

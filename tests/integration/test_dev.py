@@ -354,3 +354,95 @@ def test_etcd_process_alone_keeps_its_single_member_flags(tmp_path: Path) -> Non
         assert member.is_leader() and os.getsid(member.pid) == member.pid  # its own session
     finally:
         member.stop()
+
+
+# --- however `discovery dev` dies, nothing it started outlives it ------------------------------
+
+
+SMALL = ("--regions", "a,b", "--base-port", "0")
+
+
+def port_free(address: str) -> bool:
+    """Whether the port can be listened on again (a connection of the dead process lingering
+    in TIME_WAIT does not count, as for the servers, which bind with SO_REUSEADDR)."""
+    host, _, port = address.rpartition(":")
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, int(port)))
+        except OSError:
+            return False
+        return True
+
+
+async def nothing_left(cluster: dict[str, Any], timeout: float = 20.0) -> None:
+    """Every process of ``cluster`` (its cluster.json) exits and frees its port within ``timeout``."""
+    pids, addresses = all_pids(cluster), [e["address"] for e in _entries(cluster)]
+
+    async def probe() -> bool:
+        survivors = [(pid, state(pid), cmdline(pid)[:4]) for pid in pids if alive(pid)]
+        assert not survivors, f"still running: {survivors}"
+        busy = [a for a in addresses if not port_free(a)]
+        assert not busy, f"ports still held: {busy}"
+        return True
+
+    await eventually(probe, timeout=timeout, interval=0.05)
+
+
+async def test_dev_sigkill_takes_every_process_along(
+    tmp_path: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    state_dir = tmp_path / "state"
+    proc = await start("dev", *SMALL, "--state-dir", str(state_dir))
+    processes.append(proc)
+    await read_until(proc, lambda line: line == "ready", timeout=60)
+    cluster = json.loads((state_dir / "cluster.json").read_text())
+    assert all(alive(pid) for pid in all_pids(cluster))
+
+    proc.kill()  # no handler runs: only the kernel can take the children along
+    await finish(proc)
+    assert proc.returncode == -signal.SIGKILL
+    await nothing_left(cluster)
+    assert (state_dir / "cluster.json").is_file(), "a killed process cleans up no files: --replace does"
+
+
+LIFELINE_PARENT = """
+import os, sys, threading, time
+from discovery import lifeline
+# Asked from a thread that ends at once, as DevCluster's region threads do: the trap of
+# PR_SET_PDEATHSIG is that it fires when the forking *thread* ends, not the process.
+thread = threading.Thread(target=lambda: print(lifeline.popen(["sleep", "60"]).pid, flush=True))
+thread.start()
+thread.join()
+deadline = time.monotonic() + 10
+# join() returns before the kernel is done with the thread; once its task is gone, a
+# parent-death signal owed to its children has been sent.
+while os.path.exists(f"/proc/self/task/{thread.native_id}") and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("thread ended", flush=True)
+sys.stdin.read()  # until the test kills us
+"""
+
+
+def sigkill_pending(pid: int) -> bool:
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return any(int(status[field], 16) & (1 << (signal.SIGKILL - 1)) for field in ("SigPnd", "ShdPnd"))
+
+
+async def test_lifeline_child_outlives_the_thread_that_started_it_not_the_process() -> None:
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LIFELINE_PARENT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
+    )
+    try:
+        lines = await read_until(parent, lambda line: line == "thread ended", timeout=20)
+        child = int(lines[0])
+        assert cmdline(child) == ["sleep", "60"]
+        assert alive(child) and not sigkill_pending(child), "killed along with the thread that started it"
+    finally:
+        parent.kill()
+        await parent.wait()
+
+    async def child_gone() -> bool:
+        return not alive(child)
+
+    await eventually(child_gone, timeout=10, interval=0.02)
