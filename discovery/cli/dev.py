@@ -1,13 +1,16 @@
-"""``discovery dev``: a local cluster in the foreground until Ctrl-C or SIGTERM."""
+"""``discovery dev``: a local cluster in the foreground until Ctrl-C, SIGTERM or SIGHUP."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TextIO
 
 from discovery.cli._common import OK, USAGE, CommandError, add_verb, bounded_int
 from discovery.dev import DEFAULT_REGIONS, DevCluster
@@ -45,8 +48,10 @@ Every pid is the process itself (etcd, the server's Python): a signal sent to it
 `routes` gives, per region and peer region, the proxy address its servers dial for each of
 that peer's servers (absent with --no-fault-proxy).
 
-Ctrl-C or SIGTERM, also during startup, stops everything it started and exits 0. If a process
-fails to start, the rest is stopped and the error names that process and its log file."""
+Ctrl-C, SIGTERM or SIGHUP (the terminal closed), also during startup, stops everything it
+started and exits 0. However it ends, even by SIGKILL, no etcd or server outlives it: the kernel
+kills them with it. If a process fails to start, the rest is stopped and the error names that
+process and its log file."""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -123,24 +128,41 @@ async def dev(args: argparse.Namespace) -> int:
         cluster.abort()  # a start still waiting gives up and stops what it started
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP: the terminal was closed. Its default action would end this process without the
+    # cleanup (the children would die with it, see discovery.lifeline, but drain nothing and
+    # leave the state dir behind).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal)
     try:
-        await asyncio.to_thread(cluster.start, lambda line: print(line, flush=True))
-        print(cluster.table())
-        print(f"control: {cluster.control_address}")
-        print(f"cluster.json: {cluster.state_file}")
-        print("ready", flush=True)
+        await asyncio.to_thread(cluster.start, _say)
+        _say(cluster.table())
+        _say(f"control: {cluster.control_address}")
+        _say(f"cluster.json: {cluster.state_file}")
+        _say("ready")
         reported: set[str] = set()
         while not await asyncio.to_thread(stop.wait, 1.0):
             for line in set(cluster.dead()) - reported:
-                print(f"warning: {line}", file=sys.stderr, flush=True)
+                _say(f"warning: {line}", sys.stderr)
                 reported.add(line)
     except StartAborted:
         pass  # asked to stop during startup: not a failure
     except (RuntimeError, OSError) as exc:
         raise CommandError(str(exc)) from None
     finally:
-        print("stopping", flush=True)
+        _say("stopping")
         await asyncio.to_thread(cluster.stop)
     return OK
+
+
+def _say(line: str, stream: TextIO | None = None) -> None:
+    """Print a line, unless the terminal is gone. After SIGHUP a write to the closed terminal
+    fails (EIO; EPIPE for a pipe whose reader left): the stop must go on regardless, so the
+    stream is pointed at /dev/null, for this line, what is still buffered and what follows."""
+    stream = stream or sys.stdout
+    try:
+        print(line, file=stream, flush=True)
+    except OSError:
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stream.fileno())
+            os.close(devnull)

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import sys
+import tty
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -110,10 +111,14 @@ async def start(*args: str) -> asyncio.subprocess.Process:
 async def read_until(proc: asyncio.subprocess.Process, done: Callable[[str], bool], timeout: float) -> list[str]:
     """Lines of stdout up to and including the first for which ``done`` holds."""
     assert proc.stdout is not None
+    return await lines_until(proc.stdout, done, timeout)
+
+
+async def lines_until(reader: asyncio.StreamReader, done: Callable[[str], bool], timeout: float) -> list[str]:
     lines: list[str] = []
     async with asyncio.timeout(timeout):
         while not lines or not done(lines[-1]):
-            line = await proc.stdout.readline()
+            line = await reader.readline()
             assert line, f"output ended before the expected line; so far: {lines}"
             lines.append(line.decode().rstrip("\n"))
     return lines
@@ -122,7 +127,7 @@ async def read_until(proc: asyncio.subprocess.Process, done: Callable[[str], boo
 async def finish(proc: asyncio.subprocess.Process, timeout: float = 30.0) -> tuple[str, str]:
     async with asyncio.timeout(timeout):
         out, err = await proc.communicate()
-    return out.decode(), err.decode()
+    return (out or b"").decode(), (err or b"").decode()
 
 
 @pytest.fixture
@@ -404,6 +409,60 @@ async def test_dev_sigkill_takes_every_process_along(
     assert proc.returncode == -signal.SIGKILL
     await nothing_left(cluster)
     assert (state_dir / "cluster.json").is_file(), "a killed process cleans up no files: --replace does"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+async def test_dev_sigint_and_sighup_stop_everything_like_sigterm(
+    sig: signal.Signals, tmp_path: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    state_dir = tmp_path / "state"
+    proc = await start("dev", *SMALL, "--state-dir", str(state_dir))
+    processes.append(proc)
+    await read_until(proc, lambda line: line == "ready", timeout=60)
+    cluster = json.loads((state_dir / "cluster.json").read_text())
+
+    proc.send_signal(sig)
+    out, err = await finish(proc)
+    assert (proc.returncode, out, err) == (0, "stopping\n", "")
+    await nothing_left(cluster, timeout=0)  # stopped before it exited: nothing to wait for
+    assert not state_dir.exists(), "a full stop: the state dir goes"
+
+
+# A terminal of our own: the child becomes a session leader with the pty as its controlling
+# terminal (as a shell's job is), then turns into `discovery dev`, same pid.
+ON_A_TERMINAL = (
+    "import fcntl, os, sys, termios; os.setsid(); fcntl.ioctl(1, termios.TIOCSCTTY, 0); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'discovery', *sys.argv[1:]])"
+)
+
+
+async def test_dev_terminal_closed_sighup_and_no_terminal_to_print_to_still_stops_everything(
+    tmp_path: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    state_dir = tmp_path / "state"
+    master, terminal = os.openpty()
+    tty.setraw(terminal)  # lines end in "\n", as on a pipe
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", ON_A_TERMINAL, "dev", *SMALL, "--state-dir", str(state_dir),
+        stdin=asyncio.subprocess.DEVNULL, stdout=terminal, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    processes.append(proc)
+    os.close(terminal)
+    reader = asyncio.StreamReader()
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(master, "rb", buffering=0)
+    )
+    try:
+        await lines_until(reader, lambda line: line == "ready", timeout=60)
+    finally:
+        cluster = json.loads((state_dir / "cluster.json").read_text())
+        # Closing the last descriptor of the master hangs the terminal up: the kernel sends
+        # SIGHUP to its session, and every later write of `discovery dev` to it fails (EIO).
+        transport.close()
+    _, err = await finish(proc)
+    assert proc.returncode == 0 and err == "", err
+    await nothing_left(cluster, timeout=0)
+    assert not state_dir.exists(), "a full stop: the state dir goes"
 
 
 LIFELINE_PARENT = """
