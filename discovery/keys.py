@@ -1,4 +1,4 @@
-"""The etcd key schema (DESIGN §4). Every key the server touches is built and parsed here.
+"""The etcd key schema (docs/architecture.md). Every key the server touches is built and parsed here.
 
     <prefix>instances/<origin>/<service>/<instance_id>   Instance (protobuf bytes)
     <prefix>replication/<origin>                          Checkpoint of the replicator for origin

@@ -1,6 +1,6 @@
 """The instance record and the rules a registration must satisfy.
 
-The record is the protobuf ``Instance`` itself (DESIGN §4 stores it as protobuf bytes), so
+The record is the protobuf ``Instance`` itself (stored as protobuf bytes, docs/architecture.md), so
 the view keeps decoded messages and Resolve copies them out without a second model. This
 module owns every rule about what a valid record is; validation raises ``InvalidArgument``
 naming the field and the rule, before anything is written.

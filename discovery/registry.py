@@ -1,4 +1,4 @@
-"""Writes: register (leased or static), heartbeat, deregister (DESIGN §5).
+"""Writes: register (leased or static), heartbeat, deregister (docs/architecture.md, write path).
 
 A registration is acknowledged only once etcd has committed it, and its revision is
 returned so the caller can read its own write back (Resolve ``min_revision``).

@@ -7,7 +7,7 @@ here to say how fresh each region's records are (``discovery.replication.state``
 Resolve and Watch are served from here and never read etcd per request. When etcd goes away
 the view keeps its last state, marked stale, and reconnects by itself; when its revision has
 been compacted it re-lists and turns the difference into ordinary changes, so watchers and
-resuming clients lose nothing (DESIGN §6).
+resuming clients lose nothing (docs/architecture.md, read path).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Asynchronous pull replication between regions (DESIGN §7).
+"""Asynchronous pull replication between regions (docs/replication.md).
 
 Session, Election     one lease per server; one elected replicator per origin, fenced
 Replicator            streams an origin's records into the local etcd while leading

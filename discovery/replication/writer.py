@@ -6,7 +6,7 @@ it writes what differs and deletes what the origin no longer has.
 
 Deletions of a region that has just come back from silence are *held* (``hold=True``) for
 the resume grace: a region frozen longer than its lease TTLs loses its leases when it wakes
-(etcd expires them at once, see MEASURED.md) and its instances re-register a moment later.
+(etcd expires them at once, docs/architecture.md, measured facts) and its instances re-register a moment later.
 Applying those deletions would flap every instance of that region out and back in
 everywhere else; holding them lets the re-registration supersede the deletion. A held
 deletion is never lost: the durable checkpoint does not move past it until it is applied, so

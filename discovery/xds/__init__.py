@@ -1,4 +1,4 @@
-"""xDS for stock gRPC clients: ``xds:///SERVICE`` resolved from the view (DESIGN §8).
+"""xDS for stock gRPC clients: ``xds:///SERVICE`` resolved from the view (docs/xds.md).
 
 Layers: ``resources`` (pure: records to Listener, RouteConfiguration, Cluster and
 ClusterLoadAssignment), ``hub`` (one view subscription; builds each change once and marks the

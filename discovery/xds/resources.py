@@ -78,7 +78,7 @@ def health(status: int, stale: bool) -> int:
     """Our status as an xDS health status. gRPC uses HEALTHY and UNKNOWN endpoints, keeps
     DRAINING ones only for existing affinity, and drops every other status. A serving replica
     of a region we have lost contact with is UNKNOWN: still used (serving stale beats serving
-    nothing, DESIGN §7), yet told apart from a fresh one."""
+    nothing, docs/replication.md), yet told apart from a fresh one."""
     if status == Status.DRAINING:
         return int(HealthStatus.DRAINING)
     if status == Status.NOT_SERVING:

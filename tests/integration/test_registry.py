@@ -1,5 +1,5 @@
 """The write path against a real etcd: Register, Heartbeat, Deregister, and Resolve's
-read-your-writes and filters (DESIGN §5, §6)."""
+read-your-writes and filters (docs/architecture.md: write and read paths)."""
 
 from __future__ import annotations
 
