@@ -137,6 +137,10 @@ class RegionLoad:
         self.region, self.index, self.service = region, index, service
         self.history, self.settings = history, settings
         self.skipped = 0
+        # Every tick of the open-loop schedule: (when it was due, how late it ran, seconds),
+        # the load generator's own punctuality (a starved drill process runs its ticks late).
+        self.ticks: list[tuple[float, float]] = []
+        self.skips: list[float] = []  # when a tick was skipped (too many calls in flight)
         self._pool = ServerPool(config)
         self._client = DiscoveryClient(config)
         self._next = 0
@@ -188,9 +192,11 @@ class RegionLoad:
         due = loop.time() + random.uniform(0, interval)
         while True:
             await asyncio.sleep(max(0.0, due - loop.time()))
+            self.ticks.append((due, max(0.0, loop.time() - due)))
             due += interval
             if len(self._in_flight) >= self.settings.max_in_flight:
                 self.skipped += 1
+                self.skips.append(loop.time())
                 continue
             task = asyncio.create_task(make())
             self._in_flight.add(task)
