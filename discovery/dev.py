@@ -5,12 +5,20 @@ the others in the order given. For trying and testing, never production.
 Every pid reported is the real process (etcd itself, the server's Python), so a signal sent
 to it reaches what it names: the drills pause regions, kill servers and etcd leaders through
 the methods here, or through the pids in ``cluster.json``. Stopping ends everything this
-started.
+started; so does the end of this process, however it ends (``discovery.lifeline``).
+
+A running cluster holds a lock (``flock``) on its state dir. A new cluster refuses to start
+where an earlier one is in the way, naming its processes: one running in the same state dir,
+its processes left running, its files, or (with a fixed ``base_port``) a cluster in a default
+state dir holding the server ports. ``replace=True`` stops those processes and removes those
+files instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import json
 import os
 import shutil
@@ -32,12 +40,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from discovery import lifeline
 from discovery.devcontrol import ControlServer
+from discovery.errors import InvalidArgument
 from discovery.etcd_process import EtcdCluster, StartAborted, free_ports
 from discovery.faultproxy import FaultProxy
+from discovery.lifeline import Pinned
 from discovery.model import validate_region
 
 DEFAULT_REGIONS = ("us-east", "eu-west", "ap-south")
 STATE_FILE = "cluster.json"
+TEMP_PREFIX = "discovery-dev-"  # the default state dirs, in the temp dir
+
+# --replace: how long an earlier `discovery dev` gets for its own orderly stop (its servers
+# drain for up to 15 s, then its etcd stops), and an earlier server or etcd left without it.
+OWNER_STOP_TIMEOUT = 45.0
+PROCESS_STOP_TIMEOUT = 15.0
 
 # The default reconnect backoff starts at 1 s: a probe that first hits a port not yet
 # listening would then see the server up to a second late, on every server.
@@ -143,6 +159,9 @@ class DevCluster:
     (``self.proxy``), unless ``peer_via`` routes them already; ``control`` serves a
     ``ControlServer`` (``self.control_address``, also in cluster.json) through which another
     process injects faults.
+
+    An earlier cluster in the way makes ``start`` raise ``EarlierCluster``; with ``replace``,
+    ``start`` stops its processes and removes its files from the state dir first.
     """
 
     regions: Sequence[str] = DEFAULT_REGIONS
@@ -156,12 +175,14 @@ class DevCluster:
     start_timeout: float = 30.0
     fault_proxy: bool = False
     control: bool = False
+    replace: bool = False
     running: list[Region] = field(default_factory=list, init=False)
     proxy: FaultProxy | None = field(default=None, init=False)
     control_address: str | None = field(default=None, init=False)
     _control: ControlServer | None = field(default=None, init=False, repr=False)
     _abort: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _created: list[Path] = field(default_factory=list, init=False, repr=False)  # removed by stop()
+    _state_lock: int | None = field(default=None, init=False, repr=False)  # fd of the locked state dir
     _progress_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def validate(self) -> None:
@@ -191,7 +212,7 @@ class DevCluster:
         try:
             if self.fault_proxy:
                 self.proxy = FaultProxy()
-            self._prepare()  # binds the proxy's routes
+            self._prepare(progress)  # binds the proxy's routes
             if self.proxy is not None:
                 self.proxy.start()
             with ThreadPoolExecutor(len(self.running), thread_name_prefix="dev-region") as pool:
@@ -222,10 +243,10 @@ class DevCluster:
         """Make a ``start()`` running in another thread give up at its next check."""
         self._abort.set()
 
-    def _prepare(self) -> None:
+    def _prepare(self, progress: Progress) -> None:
         """State dir, every port and every command line, before any process starts: each
         server's flags name the servers of every other region."""
-        self.state_dir = self._make_state_dir()
+        self.state_dir = self._make_state_dir(progress)
         per_region = 2 * self.etcd_members
         ports, etcd_ports = self._ports(per_region * len(self.regions))
         addresses = {
@@ -242,27 +263,162 @@ class DevCluster:
                 log_path = self.state_dir / region.name / f"server-{i}.log"
                 region.servers.append(ServerProcess(region.name, i, address, args, log_path))
 
-    def _make_state_dir(self) -> Path:
-        """The state dir, remembering what this cluster created so ``stop`` removes only that."""
+    def _make_state_dir(self, progress: Progress) -> Path:
+        """The state dir, locked for as long as this cluster runs, remembering what this
+        cluster created so ``stop`` removes only that. An earlier cluster in the way is
+        refused, or stopped and its files removed with ``replace``."""
+        if self.base_port:
+            self._clear_port_holders(progress)
         if self.state_dir is None:
-            state_dir = Path(tempfile.mkdtemp(prefix="discovery-dev-"))
+            state_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
             self._created.append(state_dir)
+            self._state_lock = _try_lock(state_dir)  # new: no one else can hold it
             return state_dir
         state_dir = self.state_dir.resolve()
-        if not state_dir.exists():
-            state_dir.mkdir(parents=True)
-            self._created.append(state_dir)
+        for _attempt in range(5):
+            made = False
+            if not state_dir.exists():
+                with contextlib.suppress(FileExistsError):  # made by another meanwhile
+                    state_dir.mkdir(parents=True)
+                    made = True
+            try:
+                self._state_lock = _try_lock(state_dir)
+            except FileNotFoundError:
+                continue  # removed meanwhile (by the cluster that had it, stopping)
+            if self._state_lock is None:
+                # Another cluster runs here. Once it has stopped (with ``replace``), start
+                # again from the top: it may have removed the state dir as it went.
+                self._replace_running(state_dir, progress)
+                continue
+            if made:
+                self._created.append(state_dir)
+            else:
+                self._clear_leftovers(state_dir, progress)
             return state_dir
+        raise EarlierCluster(f"state dir {state_dir} keeps being taken by other clusters: choose another --state-dir")
+
+    def _replace_running(self, state_dir: Path, progress: Progress) -> None:
+        """The cluster whose process holds the state dir's lock: refused, or stopped with
+        ``replace``. Returns at once if the lock was released meanwhile."""
+        holders = _lock_holders(state_dir)
+        if not holders:
+            return
+        if os.getpid() in holders:
+            raise EarlierCluster(f"state dir {state_dir} is in use by another cluster of this process")
+        owner = lifeline.pin(holders[0], _owner_name(holders[0]), functools.partial(_holds, state_dir))
+        if owner is None:
+            return
+        described = _read_state(state_dir)
+        listed = [p for p, _ in _listed(state_dir, described)]
+        self._stop_or_refuse(
+            _Earlier(state_dir, owner, listed),
+            f"the cluster of state dir {state_dir} is still running",
+            "stop it first (Ctrl-C where it runs, or kill it), "
+            "or add --replace to stop it and start this one in its place",
+            progress,
+        )
+
+    def _clear_leftovers(self, state_dir: Path, progress: Progress) -> None:
+        """We hold the lock of an existing state dir, so no cluster runs there: what an earlier
+        one left is its processes still running (started by a version of `discovery dev`
+        without a lifeline), and its files."""
+        described = _read_state(state_dir)
+        listed = [p for p, _ in _listed(state_dir, described)]
+        owner = _running_parent(listed)  # a `discovery dev` that takes no lock (an older version)
+        if owner is not None:
+            self._stop_or_refuse(
+                _Earlier(state_dir, owner, listed),
+                f"the cluster of state dir {state_dir} is still running",
+                "stop it first (Ctrl-C where it runs, or kill it), "
+                "or add --replace to stop it and start this one in its place",
+                progress,
+            )
+        elif listed:
+            self._stop_or_refuse(
+                _Earlier(state_dir, None, listed),
+                f"processes of an earlier cluster of state dir {state_dir} are still running",
+                "add --replace to stop them and start this one in their place, or kill them",
+                progress,
+            )
         # Members of a kept cluster remember their old peer ports and would not find each
         # other again: an earlier cluster's data is refused rather than half started.
-        taken = [n for n in (*self.regions, STATE_FILE) if (state_dir / n).exists()]
-        if taken:
-            raise RuntimeError(
-                f"state dir {state_dir} already holds {', '.join(taken)} from an earlier cluster: "
-                "remove them or choose another --state-dir"
+        earlier_regions = [n for n in _regions_of(described) if n not in self.regions]
+        taken = [n for n in (*self.regions, *earlier_regions, STATE_FILE) if (state_dir / n).exists()]
+        if taken and not self.replace:
+            raise EarlierCluster(
+                f"state dir {state_dir} already holds {', '.join(taken)} from an earlier cluster (none of its "
+                "processes is running): add --replace to remove them and start afresh, remove them yourself, "
+                "or choose another --state-dir"
             )
+        if taken:
+            for name in (*taken, STATE_FILE + ".tmp"):
+                path = state_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+            progress(f"replacing the earlier cluster of state dir {state_dir}: removed {', '.join(taken)}")
         self._created += [state_dir / n for n in (*self.regions, STATE_FILE)]
-        return state_dir
+
+    def _clear_port_holders(self, progress: Progress) -> None:
+        """Clusters in default state dirs (each `discovery dev` makes a new one) whose
+        processes hold a server port of this one: the way to find what an earlier run left on
+        7400 when no --state-dir was given. Others' state dirs are not touched."""
+        count = len(self.regions) * self.servers_per_region
+        ports = set(range(self.base_port, self.base_port + count))
+        mine = self.state_dir.resolve() if self.state_dir is not None else None
+        for state_file in sorted(Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*/{STATE_FILE}")):
+            state_dir = state_file.parent.resolve()
+            try:
+                if state_dir == mine or state_file.stat().st_uid != os.getuid():
+                    continue
+            except OSError:
+                continue  # removed meanwhile
+            listed = _listed(state_dir, _read_state(state_dir))
+            holding = sorted({_port(a) for _, a in listed} & ports)
+            if not holding:
+                for proc, _ in listed:
+                    proc.close()
+                continue
+            holders = _lock_holders(state_dir)
+            owner = None
+            if holders and os.getpid() not in holders:
+                owner = lifeline.pin(holders[0], _owner_name(holders[0]), functools.partial(_holds, state_dir))
+            owner = owner or _running_parent([p for p, _ in listed])
+            span = f"{holding[0]}" if len(holding) == 1 else f"{holding[0]}-{holding[-1]}"
+            self._stop_or_refuse(
+                _Earlier(state_dir, owner, [p for p, _ in listed]),
+                f"port{'s' if len(holding) > 1 else ''} {span} on 127.0.0.1 {'are' if len(holding) > 1 else 'is'} "
+                f"held by the cluster of state dir {state_dir}",
+                "stop it first (Ctrl-C where it runs, or kill it), add --replace to stop it and start this one, "
+                "or choose another --base-port (0: free ports)",
+                progress,
+            )
+
+    def _stop_or_refuse(self, earlier: _Earlier, what: str, advice: str, progress: Progress) -> None:
+        try:
+            named = ", ".join(str(p) for p in earlier.processes())
+            if not self.replace:
+                raise EarlierCluster(f"{what}: {named}; {advice}")
+            if earlier.owner is not None and not _is_dev(_argv(earlier.owner.pid)):
+                raise EarlierCluster(
+                    f"{what}, run by {earlier.owner}, which is not a `discovery dev`: --replace stops only those; "
+                    "stop it yourself, or choose another --state-dir"
+                )
+            progress(f"replacing the earlier cluster of state dir {earlier.state_dir}: stopping {named}")
+            left: list[Pinned] = []
+            if earlier.owner is not None:
+                # Its own stop, in order; if it hangs, SIGKILL, and the kernel kills its
+                # children along with it (lifeline).
+                left += lifeline.stop([earlier.owner], OWNER_STOP_TIMEOUT)
+            left += lifeline.stop([p for p in earlier.listed if p.alive()], PROCESS_STOP_TIMEOUT)
+            if left:
+                raise RuntimeError(
+                    f"could not stop {', '.join(str(p) for p in left)}, even with SIGKILL (stuck in the kernel?): "
+                    "look at them with ps, or choose another --state-dir and --base-port"
+                )
+        finally:
+            earlier.close()
 
     def _ports(self, etcd_count: int) -> tuple[list[int], list[int]]:
         """Server ports and etcd ports, all distinct: chosen in one call, since ports chosen in
@@ -274,7 +430,10 @@ class DevCluster:
         servers = list(range(self.base_port, self.base_port + count))
         for port in servers:
             if not _port_free(port):
-                raise RuntimeError(f"port {port} on 127.0.0.1 is in use: choose another --base-port (0: free ports)")
+                raise RuntimeError(
+                    f"port {port} on 127.0.0.1 is in use: choose another --base-port (0: free ports); if an earlier "
+                    "`discovery dev` with a --state-dir holds it, run with that --state-dir and --replace"
+                )
         return servers, free_ports(etcd_count, exclude=servers)
 
     def _server_command(self, region: Region, address: str, addresses: dict[str, list[str]]) -> list[str]:
@@ -431,7 +590,7 @@ class DevCluster:
         3. SIGTERM to every server together, and wait for each (they drain; SIGKILL after 15 s);
         4. the fault proxy, once no server uses it;
         5. stop every region's etcd;
-        6. remove what this cluster created in the state dir, unless ``keep``.
+        6. remove what this cluster created in the state dir, unless ``keep``, and unlock it.
         """
         control, self._control = self._control, None
         if control is not None:
@@ -450,6 +609,9 @@ class DevCluster:
         for region in self.running:
             region.etcd.stop()
         self.running.clear()
+        self._release_state_dir()
+
+    def _release_state_dir(self) -> None:
         if not self.keep:
             for path in reversed(self._created):
                 if path.is_dir():
@@ -457,6 +619,9 @@ class DevCluster:
                 else:
                     path.unlink(missing_ok=True)
         self._created.clear()
+        if self._state_lock is not None:
+            os.close(self._state_lock)  # the state dir is free for the next cluster
+            self._state_lock = None
 
 
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:
@@ -501,6 +666,205 @@ def _reap(server: ServerProcess, timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         server.proc.kill()
         server.proc.wait(5)
+
+
+# --- an earlier cluster in the way ---------------------------------------------------------------
+
+
+class EarlierCluster(RuntimeError):
+    """An earlier cluster is in the way of this one: its processes still run (named with their
+    pids), or its files are in the state dir. ``replace=True`` (``--replace``) stops and
+    removes them instead."""
+
+
+@dataclass
+class _Earlier:
+    """The live processes of an earlier cluster, each pinned (a pidfd), so that stopping them
+    can never signal a process that took the pid of one that exited meanwhile."""
+
+    state_dir: Path
+    owner: Pinned | None  # the process running it (`discovery dev`), holding the state dir's lock
+    listed: list[Pinned]  # its servers and etcd members, from its cluster.json
+
+    def processes(self) -> list[Pinned]:
+        return ([self.owner] if self.owner is not None else []) + self.listed
+
+    def close(self) -> None:
+        for proc in self.processes():
+            proc.close()
+
+
+def _try_lock(state_dir: Path) -> int | None:
+    """A descriptor holding an exclusive ``flock`` of the state dir, or None when another
+    process holds it. The kernel drops the lock when the holder dies, however it dies, so a
+    held lock means that cluster runs. The descriptor is not inherited (``O_CLOEXEC``)."""
+    fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _lock_holders(path: Path) -> list[int]:
+    """Pids holding a ``flock`` on ``path``, from /proc/locks (lines like ``1: FLOCK ADVISORY
+    WRITE 4242 fe:00:2146694 0 EOF``; a waiter's line reads ``1: -> FLOCK ...``)."""
+    try:
+        st = path.stat()
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    wanted = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    holders = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        with contextlib.suppress(ValueError):
+            major, minor, inode = fields[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == wanted:
+                holders.append(int(fields[4]))
+    return holders
+
+
+def _read_state(state_dir: Path) -> dict[str, Any]:
+    """An earlier cluster.json; empty when there is none or it is not one (nothing to name)."""
+    try:
+        described = json.loads((state_dir / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return described if isinstance(described, dict) else {}
+
+
+def _regions_of(described: dict[str, Any]) -> list[str]:
+    """Region names of an earlier cluster.json that are safe as names in the state dir (a
+    hand-edited ``../x`` is not)."""
+    regions = described.get("regions")
+    if not isinstance(regions, dict):
+        return []
+    names = []
+    for name in regions:
+        with contextlib.suppress(InvalidArgument):
+            names.append(validate_region(str(name)))
+    return names
+
+
+def _listed(state_dir: Path, described: dict[str, Any]) -> list[tuple[Pinned, str]]:
+    """The servers and etcd members of an earlier cluster.json that still run, with their
+    addresses. A pid counts only if /proc/PID/cmdline is that very process (that region's
+    server on that address; etcd on that address with its data under that region of
+    ``state_dir``), run by this user: pids get reused."""
+    found: list[tuple[Pinned, str]] = []
+    regions = described.get("regions")
+    for region in _regions_of(described):
+        body = regions[region] if isinstance(regions, dict) else None
+        if not isinstance(body, dict):
+            continue
+        for role, matches in (("server", _is_server), ("etcd", _is_etcd)):
+            entries = body.get("servers" if role == "server" else "etcd")
+            for i, entry in enumerate(entries if isinstance(entries, list) else []):
+                pid, address = (entry.get("pid"), entry.get("address")) if isinstance(entry, dict) else (None, None)
+                if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(address, str):
+                    continue
+                name = f"{region} {role}-{i} at {address}"
+                pinned = lifeline.pin(
+                    pid, name, functools.partial(_is_process, matches, state_dir / region, region, address)
+                )
+                if pinned is not None:
+                    found.append((pinned, address))
+    return found
+
+
+def _running_parent(listed: list[Pinned]) -> Pinned | None:
+    """The `discovery dev` whose children these are, if it still runs."""
+    for child in listed:
+        parent = _parent(child.pid)
+        if parent > 1 and parent != os.getpid() and _is_dev(_argv(parent)):
+            check = functools.partial(_is_parent_dev, child.pid)
+            owner = lifeline.pin(parent, "discovery dev", check)
+            if owner is not None:
+                return owner
+    return None
+
+
+def _is_parent_dev(child: int, pid: int) -> bool:
+    return _parent(child) == pid and _is_dev(_argv(pid))
+
+
+def _parent(pid: int) -> int:
+    try:
+        # The name in parentheses may hold spaces: the fields after the last ')' are state, ppid...
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def _holds(state_dir: Path, pid: int) -> bool:
+    return pid in _lock_holders(state_dir)
+
+
+def _is_process(
+    matches: Callable[[list[str], Path, str, str], bool], region_dir: Path, region: str, address: str, pid: int
+) -> bool:
+    return matches(_argv(pid), region_dir, region, address)
+
+
+def _argv(pid: int) -> list[str]:
+    """The command line of ``pid`` if this user runs it; empty otherwise (gone, a zombie,
+    someone else's)."""
+    try:
+        if Path(f"/proc/{pid}").stat().st_uid != os.getuid():
+            return []
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").rstrip("\0").split("\0")
+    except OSError:
+        return []
+
+
+def _is_server(argv: list[str], _region_dir: Path, region: str, address: str) -> bool:
+    return argv[1:4] == ["-m", "discovery", "serve"] and (
+        _flag(argv, "--region") == region and _flag(argv, "--listen") == address
+    )
+
+
+def _is_etcd(argv: list[str], region_dir: Path, _region: str, address: str) -> bool:
+    if not argv or Path(argv[0]).name != "etcd" or f"--listen-client-urls=http://{address}" not in argv:
+        return False
+    data_dir = next((a.partition("=")[2] for a in argv if a.startswith("--data-dir=")), "")
+    return bool(data_dir) and Path(data_dir).resolve().parent == region_dir.resolve()
+
+
+def _is_dev(argv: list[str]) -> bool:
+    """``python -m discovery dev ...`` or ``.../bin/discovery dev ...``."""
+    for i, arg in enumerate(argv[:4]):
+        if arg == "dev" and i > 0 and (Path(argv[i - 1]).name == "discovery" or argv[i - 2 : i] == ["-m", "discovery"]):
+            return True
+    return False
+
+
+def _owner_name(pid: int) -> str:
+    argv = _argv(pid)
+    if _is_dev(argv):
+        return "discovery dev"
+    command = " ".join(argv) or "a process of another user"
+    return command if len(command) <= 60 else command[:57] + "..."
+
+
+def _flag(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv[:-1]):
+        if arg == name:
+            return argv[i + 1]
+    return None
+
+
+def _port(address: str) -> int:
+    try:
+        return int(address.rpartition(":")[2])
+    except ValueError:
+        return 0
 
 
 def _port_free(port: int) -> bool:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TextIO
 
 from discovery.cli._common import OK, USAGE, CommandError, add_verb, bounded_int
-from discovery.dev import DEFAULT_REGIONS, DevCluster
+from discovery.dev import DEFAULT_REGIONS, DevCluster, EarlierCluster
 from discovery.etcd_process import StartAborted
 
 DEV_DESCRIPTION = """Run a whole local cluster in the foreground, like `consul agent -dev`.
@@ -33,6 +33,7 @@ DEV_EXAMPLES = """examples:
   discovery dev --base-port 0                    # free ports, to run beside another cluster
   discovery dev --state-dir /tmp/dc --keep       # keep data, logs and cluster.json after exit
   discovery dev --no-fault-proxy                 # servers dial the other regions directly
+  discovery dev --state-dir /tmp/dc --replace    # take over from a cluster still running there
 
 It prints a line per process it starts, then a table of every endpoint (region, role,
 address, pid, log file), the line `control: ADDRESS` (the control endpoint), then the line
@@ -51,7 +52,15 @@ that peer's servers (absent with --no-fault-proxy).
 Ctrl-C, SIGTERM or SIGHUP (the terminal closed), also during startup, stops everything it
 started and exits 0. However it ends, even by SIGKILL, no etcd or server outlives it: the kernel
 kills them with it. If a process fails to start, the rest is stopped and the error names that
-process and its log file."""
+process and its log file.
+
+It will not start over an earlier cluster, and exits 2 naming what is in the way (pid and
+what it is, each checked in /proc to be that very etcd or server): a `discovery dev` still
+running with the same --state-dir; processes of an earlier one still running (left by a
+version without this protection); its files in --state-dir; or, with a fixed --base-port, a
+cluster of a default state dir whose servers hold the ports. --replace stops those processes
+(SIGTERM, then SIGKILL if they have not exited in time; an earlier `discovery dev` stops its
+own cluster), removes the earlier cluster's files from --state-dir, then starts."""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -97,6 +106,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     p.add_argument("--keep", action="store_true", help="keep what was created in the state dir on exit")
     p.add_argument(
+        "--replace",
+        action="store_true",
+        help="if an earlier cluster is in the way (running with the same --state-dir, its processes or files left "
+        "there, or its servers on the ports of a fixed --base-port), stop it and remove its files from --state-dir, "
+        "then start; without this flag such a start is refused",
+    )
+    p.add_argument(
         "--no-fault-proxy",
         dest="fault_proxy",
         action="store_false",
@@ -116,6 +132,7 @@ async def dev(args: argparse.Namespace) -> int:
         keep=args.keep,
         fault_proxy=args.fault_proxy,
         control=True,
+        replace=args.replace,
     )
     try:
         cluster.validate()
@@ -133,6 +150,7 @@ async def dev(args: argparse.Namespace) -> int:
     # leave the state dir behind).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal)
+    refused = False
     try:
         await asyncio.to_thread(cluster.start, _say)
         _say(cluster.table())
@@ -146,10 +164,14 @@ async def dev(args: argparse.Namespace) -> int:
                 reported.add(line)
     except StartAborted:
         pass  # asked to stop during startup: not a failure
+    except EarlierCluster as exc:
+        refused = True  # before anything started: nothing to report stopping
+        raise CommandError(str(exc), USAGE) from None  # to be settled by the user, or by --replace
     except (RuntimeError, OSError) as exc:
         raise CommandError(str(exc)) from None
     finally:
-        _say("stopping")
+        if not refused:
+            _say("stopping")
         await asyncio.to_thread(cluster.stop)
     return OK
 

@@ -22,7 +22,7 @@ import grpc.aio
 import pytest
 
 from discovery.dev import DevCluster
-from discovery.etcd_process import EtcdProcess
+from discovery.etcd_process import EtcdProcess, free_ports
 from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.helpers import CALL_TIMEOUT, eventually, instance
 
@@ -408,7 +408,18 @@ async def test_dev_sigkill_takes_every_process_along(
     await finish(proc)
     assert proc.returncode == -signal.SIGKILL
     await nothing_left(cluster)
-    assert (state_dir / "cluster.json").is_file(), "a killed process cleans up no files: --replace does"
+
+    # A killed process removes no files: the next start says so, and --replace clears them.
+    assert (state_dir / "cluster.json").is_file()
+    again = await start("dev", *SMALL, "--state-dir", str(state_dir))
+    _, err = await finish(again)
+    assert again.returncode == 2 and "already holds a, b, cluster.json" in err and "--replace" in err, err
+    assert "none of its processes is running" in err
+    replacing = await start("dev", *SMALL, "--state-dir", str(state_dir), "--replace")
+    processes.append(replacing)
+    lines = await read_until(replacing, lambda line: line == "ready", timeout=60)
+    assert f"replacing the earlier cluster of state dir {state_dir.resolve()}: removed a, b, cluster.json" in lines
+    assert set(all_pids(json.loads((state_dir / "cluster.json").read_text()))).isdisjoint(all_pids(cluster))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
@@ -463,6 +474,158 @@ async def test_dev_terminal_closed_sighup_and_no_terminal_to_print_to_still_stop
     assert proc.returncode == 0 and err == "", err
     await nothing_left(cluster, timeout=0)
     assert not state_dir.exists(), "a full stop: the state dir goes"
+
+
+# --- an earlier cluster in the way: refused, or replaced ----------------------------------------
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+def named(err: str) -> set[int]:
+    return {int(pid) for pid in re.findall(r"pid (\d+) \(", err)}
+
+
+async def test_dev_refuses_to_start_where_a_cluster_runs_and_names_its_processes(
+    tmp_path: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    state_dir = tmp_path / "state"
+    first = await start("dev", *SMALL, "--state-dir", str(state_dir))
+    processes.append(first)
+    await read_until(first, lambda line: line == "ready", timeout=60)
+    before = (state_dir / "cluster.json").read_text()
+    cluster = json.loads(before)
+
+    second = await start("dev", *SMALL, "--state-dir", str(state_dir))
+    out, err = await finish(second, timeout=30)
+    assert second.returncode == 2 and out == "", (out, err)
+    assert err.startswith(f"discovery dev: error: the cluster of state dir {state_dir.resolve()} is still running: ")
+    assert named(err) == {first.pid, *all_pids(cluster)}, err
+    assert f"pid {first.pid} (discovery dev)" in err
+    for name, region in cluster["regions"].items():
+        (server,), (member,) = region["servers"], region["etcd"]
+        assert f"pid {server['pid']} ({name} server-0 at {server['address']})" in err
+        assert f"pid {member['pid']} ({name} etcd-0 at {member['address']})" in err
+    assert "add --replace" in err and len(err.splitlines()) == 1
+
+    # The first cluster is untouched: same processes, same file, still serving.
+    assert first.returncode is None and all(alive(pid) for pid in all_pids(cluster))
+    assert (state_dir / "cluster.json").read_text() == before
+    for name, region in cluster["regions"].items():
+        assert await status_region(region["servers"][0]["address"]) == name
+
+    help_out, _ = await finish(await start("dev", "--help"))
+    assert "--replace" in help_out and "exits 2" in help_out
+
+
+async def test_dev_replace_stops_the_running_cluster_then_starts_in_its_place(
+    tmp_path: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    state_dir = tmp_path / "state"
+    first = await start("dev", *SMALL, "--state-dir", str(state_dir))
+    processes.append(first)
+    await read_until(first, lambda line: line == "ready", timeout=60)
+    old = json.loads((state_dir / "cluster.json").read_text())
+
+    second = await start("dev", *SMALL, "--state-dir", str(state_dir), "--replace")
+    processes.append(second)
+    lines = await read_until(second, lambda line: line == "ready", timeout=90)
+    replacing = [line for line in lines if line.startswith("replacing")]
+    assert len(replacing) == 1 and named(replacing[0]) == {first.pid, *all_pids(old)}, lines
+
+    # The first `discovery dev` got SIGTERM and stopped its own cluster, as on Ctrl-C.
+    out, err = await finish(first)
+    assert first.returncode == 0 and out.endswith("stopping\n") and err == "", (out, err)
+    assert gone(all_pids(old)), [(pid, state(pid)) for pid in all_pids(old)]
+    new = json.loads((state_dir / "cluster.json").read_text())
+    assert set(all_pids(new)).isdisjoint(all_pids(old))
+    for name, region in new["regions"].items():
+        assert await status_region(region["servers"][0]["address"]) == name
+
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports, for a fixed --base-port."""
+    for _ in range(100):
+        (first,) = free_ports(1)
+        if first + count <= 65535 and all(port_free(f"127.0.0.1:{p}") for p in range(first, first + count)):
+            return first
+    raise AssertionError(f"no {count} consecutive free ports")
+
+
+async def test_dev_default_state_dir_finds_the_cluster_on_its_ports_refuses_then_replaces(
+    tmp_path: Path, processes: list[asyncio.subprocess.Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Default state dirs go to the temp dir: this test's own, so no other cluster is found.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp))
+    base = consecutive_free_ports(2)
+    fixed = ("--regions", "a,b", "--base-port", str(base))
+    first = await start("dev", *fixed)
+    processes.append(first)
+    lines = await read_until(first, lambda line: line == "ready", timeout=60)
+    state_file = Path(next(line for line in lines if line.startswith("cluster.json: ")).partition(": ")[2])
+    assert state_file.parent.parent == tmp.resolve()
+    old = read_json(state_file)
+
+    second = await start("dev", *fixed)
+    _, err = await finish(second, timeout=30)
+    assert second.returncode == 2, err
+    assert f"ports {base}-{base + 1} on 127.0.0.1 are held by the cluster of state dir {state_file.parent}" in err
+    assert named(err) == {first.pid, *all_pids(old)} and "add --replace" in err, err
+    assert first.returncode is None and all(alive(pid) for pid in all_pids(old))
+
+    third = await start("dev", *fixed, "--replace")
+    processes.append(third)
+    await read_until(third, lambda line: line == "ready", timeout=90)
+    _, err = await finish(first)
+    assert first.returncode == 0 and err == "", err
+    assert gone(all_pids(old)) and not state_file.parent.exists(), "the first removed its own state dir"
+    assert await status_region(f"127.0.0.1:{base}") == "a" and await status_region(f"127.0.0.1:{base + 1}") == "b"
+
+
+async def test_dev_replace_stops_leftover_processes_but_never_a_reused_pid(
+    tmp_path: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    """What a version without the lifeline left: an etcd of the state dir still running, with
+    no `discovery dev`; and a pid of cluster.json now taken by an unrelated process."""
+    state_dir = tmp_path / "state"
+    leftover = EtcdProcess(state_dir / "a" / "etcd-0").start()
+    unrelated = await asyncio.create_subprocess_exec("sleep", "120")
+    try:
+        (state_dir / "cluster.json").write_text(
+            json.dumps(
+                {
+                    "regions": {
+                        "a": {
+                            "servers": [{"address": "127.0.0.1:1", "pid": unrelated.pid}],
+                            "etcd": [{"address": leftover.endpoint, "pid": leftover.pid}],
+                        },
+                        "b": {"servers": [{"address": "127.0.0.1:2", "pid": 2**22 + 1}], "etcd": []},
+                    },
+                    "state_dir": str(state_dir),
+                }
+            )
+        )
+        refused = await start("dev", *SMALL, "--state-dir", str(state_dir))
+        _, err = await finish(refused, timeout=30)
+        assert refused.returncode == 2, err
+        assert (
+            "processes of an earlier cluster" in err and f"pid {leftover.pid} (a etcd-0 at {leftover.endpoint})" in err
+        )
+        assert named(err) == {leftover.pid}, "a pid is named only if /proc says it is that very process"
+
+        replacing = await start("dev", *SMALL, "--state-dir", str(state_dir), "--replace")
+        processes.append(replacing)
+        await read_until(replacing, lambda line: line == "ready", timeout=90)
+        assert not leftover.running() and leftover.proc is not None
+        assert leftover.proc.returncode == -signal.SIGTERM, "stopped by SIGTERM (etcd re-raises it), no SIGKILL needed"
+        assert alive(unrelated.pid) and cmdline(unrelated.pid) == ["sleep", "120"], "never touched"
+    finally:
+        leftover.stop()
+        unrelated.kill()
+        await unrelated.wait()
 
 
 LIFELINE_PARENT = """
