@@ -17,8 +17,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from discovery.drill.history import AFTER, BEFORE, DURING, PHASES, History, OpStats, Outcome, Timeline, percentile
+from discovery.drill.history import AFTER, BEFORE, DURING, PHASES, History, Op, OpStats, Outcome, Timeline, percentile
 from discovery.drill.load import LEASED, Presence
+from discovery.drill.saturation import Strain
 from discovery_client.model import InstanceKey
 
 
@@ -184,51 +185,245 @@ def _came_back(changes: Sequence[tuple[float, bool]], after: float = float("-inf
     return any(not a[1] and b[1] and b[0] > after for a, b in itertools.pairwise(changes))
 
 
+# --- the judgement ----------------------------------------------------------------------------
+
+PASSED, FAILED, INCONCLUSIVE = "passed", "failed", "inconclusive"
+WRITES, RESOLVES = "writes", "resolves"
+_KINDS: dict[str, tuple[str, ...]] = {WRITES: ("register", "deregister"), RESOLVES: ("resolve",)}
+
+# A latency percentile is judged only where at least MIN_TAIL calls lie above it, in the
+# baseline and in the phase alike (a p99 of 150 calls is the 2nd-worst call: one scheduling
+# hiccup); under MIN_CALLS calls there is no tail to judge.
+MIN_TAIL = 5
+MIN_CALLS = 20
+
+
+@dataclass(frozen=True)
+class LatencyCheck:
+    """One judged region's latency of one kind of call in one phase, against its baseline."""
+
+    region: str
+    kind: str  # writes or resolves
+    phase: str
+    outcome: str  # "ok", "slow" (a guarantee broke) or "inconclusive"
+    reason: str = ""  # for slow and inconclusive, one readable line
+    percentile: int | None = None  # the percentile judged (the sample counts decide it)
+    baseline_ms: float | None = None  # the baseline's, of its calls that met no saturation
+    limit_ms: float | None = None
+    value_ms: float | None = None  # the phase's, of every acknowledged call
+    clean_ms: float | None = None  # the phase's, of its calls that met no saturation (when past the limit)
+    baseline_calls: int = 0  # baseline calls that met no saturation
+    calls: int = 0  # acknowledged calls of the phase
+    clean_calls: int = 0  # of those, the ones that met no saturation
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "region": self.region,
+            "kind": self.kind,
+            "phase": self.phase,
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "percentile": self.percentile,
+            "baseline_ms": _r(self.baseline_ms),
+            "limit_ms": _r(self.limit_ms),
+            "value_ms": _r(self.value_ms),
+            "unsaturated_ms": _r(self.clean_ms),
+            "baseline_calls_unsaturated": self.baseline_calls,
+            "calls": self.calls,
+            "calls_unsaturated": self.clean_calls,
+        }
+
+
+@dataclass
+class Judgement:
+    """What broke (a guarantee: the drill failed), what could not be judged (inconclusive:
+    the machine was saturated, or too few calls), and every latency check."""
+
+    broken: list[str] = field(default_factory=list)
+    inconclusive: list[str] = field(default_factory=list)
+    latency: list[LatencyCheck] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        if self.broken:
+            return FAILED
+        return INCONCLUSIVE if self.inconclusive else PASSED
+
+
+def judged_percentile(n: int) -> int | None:
+    """The highest whole percentile of ``n`` calls with at least MIN_TAIL calls above it, at
+    most 99 (66 calls: p92; 100: p95; 200: p97; 500 and more: p99); None under MIN_CALLS."""
+    if n < MIN_CALLS:
+        return None
+    return min(99, (100 * n - 100 * MIN_TAIL) // n)
+
+
+def _at(ordered: Sequence[float], q: int) -> float:
+    """Nearest-rank percentile of sorted values, in whole numbers (no float rounding)."""
+    rank = -(-q * len(ordered) // 100)  # ceil(q * n / 100)
+    return ordered[max(0, min(len(ordered) - 1, rank - 1))]
+
+
+def _limit_at(baseline_ms: float, bounds: Bounds) -> float:
+    return max(baseline_ms * bounds.max_slowdown, baseline_ms + bounds.slowdown_floor_ms)
+
+
 def judge(
-    figures: Mapping[str, Mapping[str, PhaseFigures]],
+    history: History,
+    timeline: Timeline,
     judged: Sequence[str],
     v: Verdict,
+    *,
     bounds: Bounds,
     healed: bool,
-) -> list[str]:
-    """Every broken guarantee, one readable line each; empty when the drill passed."""
-    broken: list[str] = []
+    strain: Strain | None = None,
+    stall: float = 0.25,
+) -> Judgement:
+    """Every broken guarantee and every check that could not be judged, one readable line
+    each. ``strain`` says when the machine or the drill was saturated (none: never);
+    ``stall`` is how late (seconds) the drill's own ticks must run for a call it recorded as
+    failed or timed out to be its own doing rather than the cluster's."""
+    strain = strain or Strain()
+    out = Judgement()
     for region in judged:
-        base = figures[region][BEFORE]
-        for phase in (DURING, AFTER):
-            fig = figures[region][phase]
-            for kind, stats, before in (
-                ("writes", fig.writes, base.writes),
-                ("resolves", fig.resolve, base.resolve),
-            ):
-                if stats.success is not None and stats.success < bounds.min_success:
-                    broken.append(
-                        f"{region} {phase}: {kind} {stats.success:.1%} ok, below {bounds.min_success:.1%} "
-                        f"({stats.failed} failed, {stats.unknown} unknown)"
-                    )
-                limit = _limit(before.p99_ms, bounds)
-                if stats.p99_ms is not None and limit is not None and stats.p99_ms > limit:
-                    broken.append(
-                        f"{region} {phase}: {kind} p99 {stats.p99_ms:.1f} ms, past {limit:.1f} ms "
-                        f"(baseline {before.p99_ms:.1f} ms x {bounds.max_slowdown:g}, "
-                        f"at least +{bounds.slowdown_floor_ms:g})"
-                    )
+        for kind in (WRITES, RESOLVES):
+            base = _ok_latencies(history, timeline, region, kind, BEFORE)
+            for phase in (DURING, AFTER):
+                ops = history.select(kind=_KINDS[kind], region=region, phase=phase, timeline=timeline)
+                label = f"{region} {phase}: {kind}"
+                _judge_success(out, label, ops, bounds=bounds, strain=strain, stall=stall)
+                acked = [o for o in ops if o.outcome is Outcome.OK]
+                check = latency_check(region, kind, phase, base, acked, bounds=bounds, strain=strain)
+                if check is not None:
+                    out.latency.append(check)
+                    if check.outcome == "slow":
+                        out.broken.append(check.reason)
+                    elif check.outcome == INCONCLUSIVE and check.reason not in out.inconclusive:
+                        out.inconclusive.append(check.reason)
     if v.lost:
-        broken.append(f"{len(v.lost)} acknowledged registrations lost: {_some(v.lost)}")
+        out.broken.append(f"{len(v.lost)} acknowledged registrations lost: {_some(v.lost)}")
     if v.resurrected:
-        broken.append(f"{len(v.resurrected)} acknowledged deletions came back: {_some(v.resurrected)}")
+        out.broken.append(f"{len(v.resurrected)} acknowledged deletions came back: {_some(v.resurrected)}")
     if healed:
         if v.convergence_s is None:
-            broken.append(f"did not converge: {len(v.unconverged)} not in their final state: {_some(v.unconverged)}")
+            out.broken.append(
+                f"did not converge: {len(v.unconverged)} not in their final state: {_some(v.unconverged)}"
+            )
         elif v.convergence_s > bounds.converge_within:
-            broken.append(f"converged in {v.convergence_s:.2f} s, past the bound of {bounds.converge_within:g} s")
-    return broken
+            out.broken.append(f"converged in {v.convergence_s:.2f} s, past the bound of {bounds.converge_within:g} s")
+    return out
 
 
-def _limit(baseline_ms: float | None, bounds: Bounds) -> float | None:
-    if baseline_ms is None:
+def _ok_latencies(history: History, timeline: Timeline, region: str, kind: str, phase: str) -> list[Op]:
+    return [
+        o
+        for o in history.select(kind=_KINDS[kind], region=region, phase=phase, timeline=timeline)
+        if o.outcome is Outcome.OK
+    ]
+
+
+def _judge_success(
+    out: Judgement, label: str, ops: Sequence[Op], *, bounds: Bounds, strain: Strain, stall: float
+) -> None:
+    """Below --min-success is a broken guarantee, whatever the host's CPU; unless the calls
+    not acknowledged were in flight while the drill itself stalled (its loop could not read
+    their answers in time: the timeout is the drill's) and without them the share holds."""
+    stats = OpStats.of(ops)
+    if stats.success is None or stats.success >= bounds.min_success:
+        return
+    line = (
+        f"{label} {stats.success:.1%} ok, below {bounds.min_success:.1%} "
+        f"({stats.failed} failed, {stats.unknown} unknown)"
+    )
+    excused = [o for o in ops if o.outcome is not Outcome.OK and strain.stalled(o.invoked, o.completed, stall)]
+    rest = stats.total - len(excused)
+    if excused and (rest == 0 or stats.ok / rest >= bounds.min_success):
+        start, end = min(o.invoked for o in excused), max(o.completed for o in excused)
+        out.inconclusive.append(
+            f"{line}, but {len(excused)} of them were in flight while the drill itself stalled "
+            f"({strain.describe(start, end)}): its own timeouts, not the cluster's answer"
+        )
+    else:
+        out.broken.append(line)
+
+
+def latency_check(
+    region: str,
+    kind: str,
+    phase: str,
+    baseline: Sequence[Op],
+    calls: Sequence[Op],
+    *,
+    bounds: Bounds,
+    strain: Strain,
+) -> LatencyCheck | None:
+    """A phase's latency against the baseline's (acknowledged calls; None when the phase
+    has none, its success is judged instead).
+
+    The baseline is its calls that met no saturation. The judged percentile is the highest
+    with MIN_TAIL calls above it in both. Every call of the phase within the limit: ok. Past
+    it, the phase's calls that met no saturation decide: past the limit too, the region
+    slowed on a machine with CPU to spare (slow: a broken guarantee); within it, or too few
+    of them, the slowdown is the machine's as much as the cluster's (inconclusive)."""
+    if not calls:
         return None
-    return max(baseline_ms * bounds.max_slowdown, baseline_ms + bounds.slowdown_floor_ms)
+    label = f"{region} {phase}: {kind}"
+    base_clean = sorted(o.latency * 1000 for o in baseline if not strain.met(o.invoked, o.completed))
+    every = sorted(o.latency * 1000 for o in calls)
+    clean = sorted(o.latency * 1000 for o in calls if not strain.met(o.invoked, o.completed))
+    counts: dict[str, Any] = {"baseline_calls": len(base_clean), "calls": len(every), "clean_calls": len(clean)}
+    if len(base_clean) < MIN_CALLS:  # one line per region and kind: the phases share the baseline
+        label = f"{region}: {kind}"
+        if len(baseline) < MIN_CALLS:
+            why = (
+                f"the baseline has {len(baseline)} acknowledged calls, too few to judge latency (at least {MIN_CALLS})"
+            )
+        else:
+            start, end = min(o.invoked for o in baseline), max(o.completed for o in baseline)
+            why = (
+                f"only {len(base_clean)} of the baseline's {len(baseline)} calls met an unsaturated machine "
+                f"({strain.describe(start, end)})"
+            )
+        return LatencyCheck(region, kind, phase, INCONCLUSIVE, f"{label} latency not judged: {why}", **counts)
+    q = judged_percentile(min(len(base_clean), len(every)))
+    if q is None:
+        why = f"{len(every)} acknowledged calls, too few to judge latency (at least {MIN_CALLS})"
+        return LatencyCheck(region, kind, phase, INCONCLUSIVE, f"{label} latency not judged: {why}", **counts)
+    base = _at(base_clean, q)
+    limit = _limit_at(base, bounds)
+    value = _at(every, q)
+    figures: dict[str, Any] = {"percentile": q, "baseline_ms": base, "limit_ms": limit, "value_ms": value, **counts}
+    if value <= limit:
+        return LatencyCheck(region, kind, phase, "ok", **figures)
+    rule = f"baseline p{q} {base:.1f} ms x {bounds.max_slowdown:g}, at least +{bounds.slowdown_floor_ms:g}"
+    start, end = min(o.invoked for o in calls), max(o.completed for o in calls)
+    q2 = judged_percentile(min(len(base_clean), len(clean)))
+    if q2 is None:
+        reason = (
+            f"{label} p{q} {value:.1f} ms, past {limit:.1f} ms ({rule}), but only {len(clean)} of its "
+            f"{len(every)} calls met an unsaturated machine ({strain.describe(start, end)})"
+        )
+        return LatencyCheck(region, kind, phase, INCONCLUSIVE, reason, **figures)
+    base2 = _at(base_clean, q2)
+    limit2 = _limit_at(base2, bounds)
+    value2 = _at(clean, q2)
+    figures.update(percentile=q2, baseline_ms=base2, limit_ms=limit2, clean_ms=value2)
+    if value2 > limit2:
+        saturated = len(every) - len(clean)
+        reason = (
+            f"{label} p{q2} {value2:.1f} ms, past {limit2:.1f} ms "
+            f"(baseline p{q2} {base2:.1f} ms x {bounds.max_slowdown:g}, at least +{bounds.slowdown_floor_ms:g}), "
+            f"on an unsaturated machine ({len(clean)} calls"
+            + (f"; {saturated} more met saturation and are left out" if saturated else "")
+            + ")"
+        )
+        return LatencyCheck(region, kind, phase, "slow", reason, **figures)
+    reason = (
+        f"{label} p{q} {value:.1f} ms, past {limit:.1f} ms ({rule}), only among calls that met a "
+        f"saturated machine: the {len(clean)} that did not have p{q2} {value2:.1f} ms, within {limit2:.1f} "
+        f"({strain.describe(start, end)})"
+    )
+    return LatencyCheck(region, kind, phase, INCONCLUSIVE, reason, **figures)
 
 
 def _some(items: Sequence[str], n: int = 5) -> str:

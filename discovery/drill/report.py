@@ -4,11 +4,12 @@ table for people and JSON for machines."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from discovery.drill.analysis import Bounds, PhaseFigures, Verdict
+from discovery.drill.analysis import FAILED, INCONCLUSIVE, PASSED, Bounds, LatencyCheck, PhaseFigures, Verdict
 from discovery.drill.history import PHASES, OpStats
+from discovery.drill.saturation import Thresholds
 
 
 @dataclass(frozen=True)
@@ -25,14 +26,26 @@ class Report:
     figures: Mapping[str, Mapping[str, PhaseFigures]]
     verdict: Verdict
     bounds: Bounds
-    broken: list[str]
+    broken: list[str]  # guarantees that broke: the drill failed
     events: list[tuple[float, str]]
     notes: Mapping[str, Any]
     skipped: Mapping[str, int]
+    inconclusive: list[str] = field(default_factory=list)  # what could not be judged, and why
+    latency: tuple[LatencyCheck, ...] = ()
+    host: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per phase: the machine's CPU
+    saturation: Thresholds = field(default_factory=Thresholds)
+
+    @property
+    def outcome(self) -> str:
+        """The verdict: failed: a guarantee broke; inconclusive: none broke, but something could not be
+        judged (the machine was saturated, too few calls); passed: every check held."""
+        if self.broken:
+            return FAILED
+        return INCONCLUSIVE if self.inconclusive else PASSED
 
     @property
     def passed(self) -> bool:
-        return not self.broken
+        return self.outcome == PASSED
 
     def to_json(self) -> dict[str, Any]:
         v = self.verdict
@@ -40,8 +53,10 @@ class Report:
             "scenario": self.scenario,
             "target": self.target,
             "service": self.service,
+            "verdict": self.outcome,
             "passed": self.passed,
             "broken": self.broken,
+            "inconclusive": self.inconclusive,
             "seconds": {"baseline": self.baseline, "hold": self.hold, "after": self.after, "heal": _r(self.heal_took)},
             "regions": {
                 name: {
@@ -64,6 +79,13 @@ class Report:
                 "max_slowdown": self.bounds.max_slowdown,
                 "slowdown_floor_ms": self.bounds.slowdown_floor_ms,
                 "converge_within_seconds": self.bounds.converge_within,
+            },
+            "latency": [check.to_json() for check in self.latency],
+            "host": {phase: dict(figures) for phase, figures in self.host.items()},
+            "saturated_when": {
+                "busy": self.saturation.busy,
+                "cpu_wait": self.saturation.cpu_wait,
+                "tick_late_ms": self.saturation.tick_late * 1000,
             },
             "events": [{"t": round(t, 3), "event": what} for t, what in self.events],
             "fault": dict(self.notes),
@@ -113,13 +135,64 @@ class Report:
             lines.append(
                 "ticks skipped (too many calls in flight): " + ", ".join(f"{r} {n}" for r, n in skipped.items())
             )
+        lines += self._latency_lines()
+        lines += self._host_lines()
         lines.append("")
-        if self.passed:
+        if self.outcome == PASSED:
             lines.append("PASSED: every guarantee held")
-        else:
+        elif self.outcome == FAILED:
             lines.append("FAILED: a guarantee broke")
             lines += [f"  - {line}" for line in self.broken]
+        else:
+            lines.append("INCONCLUSIVE: no guarantee broke, but not everything could be judged")
+        if self.inconclusive:
+            if self.outcome == FAILED:
+                lines.append("not judged:")
+            lines += [f"  ? {line}" for line in self.inconclusive]
         return "\n".join(lines)
+
+    def _latency_lines(self) -> list[str]:
+        """Per judged region and kind: the percentile judged, the baseline and the limit, and
+        each phase's figure (the calls that met no saturation, when that decided)."""
+        rows: dict[tuple[str, str], list[LatencyCheck]] = {}
+        for check in self.latency:
+            rows.setdefault((check.region, check.kind), []).append(check)
+        if not rows:
+            return []
+        lines = [
+            "",
+            "latency (judged percentile: at least 5 calls above it; baseline of calls on an unsaturated machine)",
+        ]
+        for (region, kind), checks in rows.items():
+            parts = []
+            for c in checks:
+                if c.percentile is None:
+                    parts.append(f"{c.phase} not judged")
+                    continue
+                shown = c.clean_ms if c.clean_ms is not None else c.value_ms
+                mark = {"ok": "ok", "slow": "SLOW", INCONCLUSIVE: "inconclusive"}[c.outcome]
+                unsat = " unsaturated" if c.clean_ms is not None else ""
+                parts.append(
+                    f"{c.phase} p{c.percentile}{unsat} {shown:.1f} ms of limit {c.limit_ms:.1f} "
+                    f"(baseline {c.baseline_ms:.1f}) {mark}"
+                )
+            lines.append(f"  {region} {kind}: " + "; ".join(parts))
+        return lines
+
+    def _host_lines(self) -> list[str]:
+        if not self.host:
+            return []
+        parts = []
+        for phase, h in self.host.items():
+            busy = "-" if h.get("busy") is None else f"{h['busy']:.0%}"
+            wait = "" if h.get("cpu_wait") is None else f", waiting {h['cpu_wait']:.0%}"
+            late = h.get("ticks_late") or 0
+            parts.append(
+                f"{phase} CPU {busy} busy{wait}, saturated {h.get('saturated_seconds', 0):.1f} s"
+                + (f", {late} ticks late" if late else "")
+            )
+        cpus = next(iter(self.host.values())).get("cpus")
+        return [f"machine ({cpus} CPUs)          " + "; ".join(parts)]
 
 
 def _success(stats: OpStats) -> str:

@@ -19,6 +19,7 @@ from discovery.drill.cluster import ClusterFile, Control, FaultError, run_hook
 from discovery.drill.history import AFTER, BEFORE, DURING, History, Op, Outcome, Timeline
 from discovery.drill.load import LoadSettings, Observer, Presence, RegionLoad, client_config
 from discovery.drill.report import Report
+from discovery.drill.saturation import HostMonitor, Strain, Thresholds
 from discovery.drill.scenarios import SCENARIOS, FaultContext, LinkSettings, Scenario, region_status
 from discovery.errors import StoreUnavailable
 from discovery_client import RegionServers
@@ -57,6 +58,7 @@ class DrillSettings:
     load: LoadSettings = field(default_factory=LoadSettings)
     bounds: Bounds = field(default_factory=Bounds)
     link: LinkSettings = field(default_factory=LinkSettings)
+    saturation: Thresholds = field(default_factory=Thresholds)
     inject_command: str | None = None
     heal_command: str | None = None
     service: str | None = None  # default: drill-<random>, so drills never see each other's instances
@@ -74,6 +76,7 @@ class DrillSettings:
             self.load.validate()
             self.bounds.validate()
             self.link.validate()
+            self.saturation.validate()
         except ValueError as exc:
             raise DrillError(str(exc), usage=True) from None
         return scenario
@@ -116,6 +119,7 @@ class _Drill:
         self.observers: dict[str, Observer] = {}
         self.loads: dict[str, RegionLoad] = {}
         self.heal_took: float | None = None
+        self.host = HostMonitor()
 
     def event(self, what: str) -> None:
         self.events.append((self.timeline.now(), what))
@@ -124,6 +128,7 @@ class _Drill:
     async def run(self) -> Report:
         injected = False
         ticker = asyncio.create_task(self._tick())
+        self.host.start()
         try:
             await self._start()
             self.event(f"baseline: {self.settings.baseline:g}s of load in every region")
@@ -144,6 +149,7 @@ class _Drill:
             return await self._finish()
         finally:
             ticker.cancel()
+            await self.host.stop()
             if injected:  # an error or Ctrl-C between inject and heal: never leave the fault in
                 try:
                     await asyncio.shield(self._heal())
@@ -243,6 +249,7 @@ class _Drill:
     async def _finish(self) -> Report:
         self.timeline.ended = time.monotonic()
         await asyncio.gather(*(load.stop_calls() for load in self.loads.values()))
+        await self.host.stop()  # the samples cover every call
         self.event("load stopped; waiting for every region to hold every acknowledged change")
         presences = {name: o.presence for name, o in self.observers.items()}
         assert self.timeline.heal_at is not None
@@ -254,13 +261,31 @@ class _Drill:
         v = verdict(self.history, presences, finals, self.timeline.heal_at)
         figures = phase_figures(self.history, presences, self.timeline)
         judged = [n for n in self.cluster.names if n != self.target or self.scenario.judge_target]
-        broken = judge(figures, judged, v, self.settings.bounds, healed=True)
-        broken += [f"could not read {name}'s final view: {why}" for name, why in unread.items()]
-        broken += [
-            f"{name}: {self.loads[name].skipped} calls not made, too many in flight (the region could not keep up)"
-            for name in judged
-            if self.loads[name].skipped
-        ]
+        ticks = [tick for load in self.loads.values() for tick in load.ticks]
+        strain = Strain.of(self.host.samples, ticks, self.settings.saturation, self.host.cpus)
+        judgement = judge(
+            self.history,
+            self.timeline,
+            judged,
+            v,
+            bounds=self.settings.bounds,
+            healed=True,
+            strain=strain,
+            stall=self.settings.load.op_timeout / 4,
+        )
+        judgement.broken += [f"could not read {name}'s final view: {why}" for name, why in unread.items()]
+        for name in judged:
+            skips = self.loads[name].skips
+            if not skips:
+                continue
+            line = f"{name}: {len(skips)} calls not made, too many in flight (the region could not keep up)"
+            if all(strain.met(t, t) for t in skips):
+                judgement.inconclusive.append(f"{line}, each while saturated ({strain.describe(skips[0], skips[-1])})")
+            else:
+                judgement.broken.append(line)
+        t = self.timeline
+        assert t.fault_at is not None and t.heal_at is not None and t.ended is not None
+        spans = {BEFORE: (t.started, t.fault_at), DURING: (t.fault_at, t.heal_at), AFTER: (t.heal_at, t.ended)}
         return Report(
             scenario=self.scenario.name,
             target=self.target,
@@ -274,7 +299,11 @@ class _Drill:
             figures=figures,
             verdict=v,
             bounds=self.settings.bounds,
-            broken=broken,
+            broken=judgement.broken,
+            inconclusive=judgement.inconclusive,
+            latency=tuple(judgement.latency),
+            host={phase: strain.figures(a, b) for phase, (a, b) in spans.items()},
+            saturation=self.settings.saturation,
             events=self.events,
             notes=self.ctx.notes,
             skipped={n: load.skipped for n, load in self.loads.items()},

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from discovery.drill.analysis import Bounds, PhaseFigures, Verdict, expected_state, judge, phase_figures, verdict
+from discovery.drill.analysis import Bounds, Judgement, Verdict, expected_state, judge, phase_figures, verdict
 from discovery.drill.history import AFTER, BEFORE, DURING, History, Op, OpStats, Outcome, Timeline, percentile
 from discovery.drill.load import Presence
 from discovery.drill.report import Report
@@ -42,20 +42,6 @@ def presence(region: str, changes: dict[tuple[str, str], list[tuple[float, bool]
 
 def timeline(fault_at: float | None = 10.0, heal_at: float | None = 20.0) -> Timeline:
     return Timeline(started=0.0, fault_at=fault_at, heal_at=heal_at)
-
-
-def stats(ok: int = 100, failed: int = 0, unknown: int = 0, p99_ms: float | None = 10.0) -> OpStats:
-    return OpStats(ok, failed, unknown, p99_ms, p99_ms)
-
-
-def figures_with(
-    during: OpStats | None = None, after: OpStats | None = None, base: OpStats | None = None
-) -> dict[str, PhaseFigures]:
-    def fig(s: OpStats | None) -> PhaseFigures:
-        s = s or stats()
-        return PhaseFigures(s, s, None, None, 0)
-
-    return {BEFORE: fig(base), DURING: fig(during), AFTER: fig(after)}
 
 
 A, B = "a", "b"
@@ -392,64 +378,72 @@ def test_without_a_heal_there_is_no_convergence_figure() -> None:
     assert v.unconverged == []
 
 
-# --- judge ------------------------------------------------------------------------------------
+# --- judge: availability, lost, resurrected, convergence (latency: test_drill_judgement.py) ----
 
 
-def judged(figures: dict[str, PhaseFigures], v: Verdict | None = None, **bounds: float) -> list[str]:
+def calls(region: str, start: float, n: int = 100, *, outcome: Outcome = OK, latency_ms: float = 10.0) -> list[Op]:
+    """``n`` registrations and ``n`` resolves of a region from ``start``, 0.05 s apart."""
+    out = []
+    for i in range(n):
+        t = start + i * 0.05
+        done = t + latency_ms / 1000
+        out.append(Op("register", region, f"churn-{start:g}-{i}", t, done, outcome))
+        out.append(Op("resolve", region, "", t, done, outcome))
+    return out
+
+
+def healthy(region: str = A) -> list[Op]:
+    """A region's calls in every phase of ``timeline()``: all acknowledged in 10 ms."""
+    return calls(region, 0.0) + calls(region, 10.0) + calls(region, 20.0)
+
+
+def judged(h: History, v: Verdict | None = None, **bounds: float) -> Judgement:
     v = v or Verdict(convergence_s=1.0)
-    return judge({A: figures}, [A], v, Bounds(**bounds), healed=True)
+    return judge(h, timeline(), [A], v, bounds=Bounds(**bounds), healed=True)
 
 
 def test_a_healthy_drill_breaks_nothing() -> None:
-    assert judged(figures_with()) == []
+    j = judged(history(*healthy()))
+    assert j.broken == [] and j.inconclusive == []
+    assert j.verdict == "passed"
 
 
 def test_success_below_the_bound_in_a_judged_region_is_broken() -> None:
-    broken = judged(figures_with(during=stats(ok=98, failed=1, unknown=1)))
-    assert len(broken) == 2  # writes and resolves (the same stats here)
-    assert broken[0].startswith("a during: writes 98.0% ok, below 99.0%")
-    assert "(1 failed, 1 unknown)" in broken[0]
+    h = history(
+        *calls(A, 0.0),
+        *calls(A, 10.0, 98),
+        *calls(A, 15.0, 1, outcome=FAILED),
+        *calls(A, 16.0, 1, outcome=UNKNOWN),
+        *calls(A, 20.0),
+    )
+    j = judged(h)
+    assert len(j.broken) == 2  # writes and resolves
+    assert j.broken[0].startswith("a during: writes 98.0% ok, below 99.0%")
+    assert "(1 failed, 1 unknown)" in j.broken[0]
+    assert j.verdict == "failed"
 
 
 def test_success_at_the_bound_is_not_broken() -> None:
-    assert judged(figures_with(after=stats(ok=99, failed=1))) == []
+    h = history(*calls(A, 0.0), *calls(A, 10.0), *calls(A, 20.0, 99), *calls(A, 28.0, 1, outcome=FAILED))
+    assert judged(h).broken == []
 
 
-def test_a_phase_without_calls_is_not_judged_on_success() -> None:
-    assert judged(figures_with(during=stats(ok=0, p99_ms=None))) == []
-
-
-def test_p99_past_ratio_times_baseline_is_broken() -> None:
-    fig = figures_with(base=stats(p99_ms=100.0), after=stats(p99_ms=301.0))
-    broken = judged(fig)
-    assert len(broken) == 2
-    assert "a after: writes p99 301.0 ms, past 300.0 ms" in broken[0]
-
-
-def test_p99_within_ratio_times_baseline_is_not_broken() -> None:
-    assert judged(figures_with(base=stats(p99_ms=100.0), during=stats(p99_ms=300.0))) == []
-
-
-def test_a_small_baseline_gets_the_floor_instead_of_the_ratio() -> None:
-    base = stats(p99_ms=2.0)
-    assert judged(figures_with(base=base, during=stats(p99_ms=27.0))) == []  # 2 + 25 ms
-    assert len(judged(figures_with(base=base, during=stats(p99_ms=27.1)))) == 2
-
-
-def test_no_baseline_latency_means_no_slowdown_check() -> None:
-    assert judged(figures_with(base=stats(ok=0, p99_ms=None), during=stats(p99_ms=10_000.0))) == []
+def test_a_phase_without_calls_is_not_judged() -> None:
+    j = judged(history(*calls(A, 0.0), *calls(A, 20.0)))
+    assert j.broken == [] and j.inconclusive == []
+    assert {c.phase for c in j.latency} == {AFTER}
 
 
 def test_regions_not_judged_are_ignored_for_availability_and_latency() -> None:
-    bad = figures_with(base=stats(p99_ms=1.0), during=stats(ok=1, failed=99, p99_ms=5000.0))
-    broken = judge({A: figures_with(), B: bad}, [A], Verdict(convergence_s=1.0), Bounds(), healed=True)
-    assert broken == []
+    bad = calls(B, 0.0, latency_ms=1.0) + calls(B, 10.0, outcome=FAILED) + calls(B, 20.0, latency_ms=5000.0)
+    j = judged(history(*healthy(), *bad))
+    assert j.broken == [] and j.inconclusive == []
+    assert {c.region for c in j.latency} == {A}
 
 
 def test_lost_and_resurrected_are_broken_whatever_region() -> None:
     v = Verdict(lost=["b: a/churn-1"], resurrected=["b: a/churn-2", "a: a/churn-2"], convergence_s=1.0)
-    broken = judge({A: figures_with()}, [A], v, Bounds(), healed=True)
-    assert broken == [
+    assert judged(history(*healthy()), v).broken == [
         "1 acknowledged registrations lost: b: a/churn-1",
         "2 acknowledged deletions came back: b: a/churn-2, a: a/churn-2",
     ]
@@ -457,23 +451,26 @@ def test_lost_and_resurrected_are_broken_whatever_region() -> None:
 
 def test_long_lists_are_cut_to_five() -> None:
     v = Verdict(lost=[f"b: a/churn-{i}" for i in range(8)], convergence_s=1.0)
-    (line,) = judge({A: figures_with()}, [A], v, Bounds(), healed=True)
+    (line,) = judged(history(*healthy()), v).broken
     assert line.startswith("8 acknowledged registrations lost:")
     assert line.endswith("b: a/churn-4 and 3 more")
 
 
 def test_not_converged_is_broken() -> None:
     v = Verdict(convergence_s=None, unconverged=["b: a/churn-1"])
-    assert judged(figures_with(), v) == ["did not converge: 1 not in their final state: b: a/churn-1"]
+    assert judged(history(*healthy()), v).broken == ["did not converge: 1 not in their final state: b: a/churn-1"]
 
 
 def test_convergence_past_the_bound_is_broken() -> None:
-    assert judged(figures_with(), Verdict(convergence_s=15.0)) == []
-    assert judged(figures_with(), Verdict(convergence_s=15.5)) == ["converged in 15.50 s, past the bound of 15 s"]
+    assert judged(history(*healthy()), Verdict(convergence_s=15.0)).broken == []
+    assert judged(history(*healthy()), Verdict(convergence_s=15.5)).broken == [
+        "converged in 15.50 s, past the bound of 15 s"
+    ]
 
 
 def test_convergence_is_not_judged_without_a_heal() -> None:
-    assert judge({A: figures_with()}, [A], Verdict(convergence_s=None), Bounds(), healed=False) == []
+    j = judge(history(*healthy()), timeline(), [A], Verdict(convergence_s=None), bounds=Bounds(), healed=False)
+    assert j.broken == []
 
 
 # --- phase_figures ----------------------------------------------------------------------------
@@ -544,7 +541,7 @@ def test_call_figures_are_per_region_and_phase_of_invocation() -> None:
 # --- report -----------------------------------------------------------------------------------
 
 
-def report(broken: list[str], v: Verdict | None = None) -> Report:
+def report(broken: list[str], v: Verdict | None = None, inconclusive: list[str] | None = None) -> Report:
     h = history(op("register", A, "churn-1", invoked=1.0), op("resolve", B, invoked=15.0))
     presences = {A: presence(A, {K1: [(1.05, True)]}), B: presence(B, {K1: [(1.2, True)]})}
     return Report(
@@ -564,6 +561,7 @@ def report(broken: list[str], v: Verdict | None = None) -> Report:
         events=[(0.0, "baseline"), (5.0, "fault")],
         notes={"server": 1},
         skipped={A: 0, B: 3},
+        inconclusive=inconclusive or [],
     )
 
 
@@ -614,3 +612,27 @@ def test_the_json_report_of_a_pass_has_empty_lists() -> None:
     json.dumps(out)
     assert out["passed"] is True and out["lost"] == [] and out["resurrected"] == []
     assert out["convergence_seconds"] == 1.235
+
+
+def test_a_report_with_only_checks_not_judged_is_inconclusive_and_says_why() -> None:
+    r = report([], inconclusive=["a after: writes latency not judged: the host was saturated"])
+    assert r.outcome == "inconclusive" and not r.passed
+    lines = r.table().splitlines()
+    assert "INCONCLUSIVE: no guarantee broke, but not everything could be judged" in lines
+    assert "  ? a after: writes latency not judged: the host was saturated" in lines
+    out = json.loads(json.dumps(r.to_json()))
+    assert out["verdict"] == "inconclusive" and out["passed"] is False
+    assert out["inconclusive"] == ["a after: writes latency not judged: the host was saturated"]
+
+
+def test_a_broken_guarantee_fails_even_beside_checks_not_judged() -> None:
+    r = report(["1 acknowledged registrations lost: b: a/churn-1"], inconclusive=["latency not judged"])
+    assert r.outcome == "failed"
+    table = r.table()
+    assert "FAILED: a guarantee broke" in table and "not judged:\n  ? latency not judged" in table
+    assert r.to_json()["verdict"] == "failed"
+
+
+def test_the_json_verdict_of_a_pass() -> None:
+    out = report([]).to_json()
+    assert out["verdict"] == "passed" and out["passed"] is True and out["inconclusive"] == []
