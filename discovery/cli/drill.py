@@ -22,6 +22,11 @@ from discovery.drill import (
     Progress,
     run_drill,
 )
+from discovery.drill.analysis import FAILED as VERDICT_FAILED
+from discovery.drill.analysis import PASSED as VERDICT_PASSED
+from discovery.drill.saturation import Thresholds
+
+INCONCLUSIVE = 7  # exit code: no guarantee broke, but latency (or availability) could not be judged
 
 DESCRIPTION = """Prove, before a real outage, that one region's failure never blocks another.
 
@@ -32,6 +37,13 @@ heals it, keeps the load going, then reads every region's view and checks:
   - nothing acknowledged was lost, nothing deleted came back;
   - every region converged within --converge-within seconds of the heal.
 Every call is recorded as ok, failed or unknown (a timeout is unknown: it may have happened).
+
+The verdict is passed, failed or inconclusive. Latency is judged at the percentile the number
+of calls supports (at least 5 calls above it: p92 of 66, p95 of 100, p99 from 500), on the
+calls made while the machine had CPU to spare: a slowdown seen only while this machine (or the
+drill itself) was saturated, or a baseline taken on a saturated machine, makes the latency
+verdict inconclusive, never failed. Lost, resurrected, availability and convergence are judged
+whatever the machine's load.
 
 scenarios:
 """ + "\n".join(f"  {name:<25} {s.summary} (default hold {s.hold:g}s)" for name, s in SCENARIOS.items())
@@ -50,10 +62,12 @@ needed); etcd-leader-kill needs `discovery dev --etcd-members 3`. Against any ot
 write cluster.json by hand (docs/drills.md) and give the fault as --inject/--heal commands.
 
 exit codes:
-  0  every guarantee held
-  1  a guarantee broke (the report says which)
+  0  passed: every guarantee held
+  1  failed: a guarantee broke (the report says which)
   2  bad usage, or the scenario cannot run on this cluster
-  4  the cluster did not answer, or the fault could not be injected or healed"""
+  4  the cluster did not answer, or the fault could not be injected or healed
+  7  inconclusive: no guarantee broke, but something could not be judged (the report says
+     why: this machine was saturated, or too few calls)"""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -103,6 +117,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="SECONDS",
         help="after the heal; leave room for the servers' --resume-grace, 10 s (default: %(default)s)",
     )
+    sat = p.add_argument_group(
+        "when this machine counts as saturated (calls that met it are left out of the latency judgement)"
+    )
+    sat.add_argument(
+        "--saturated-busy", type=_share, default=Thresholds.busy, metavar="SHARE",
+        help="every CPU's busy share over half a second, from /proc/stat (default: %(default)s)",
+    )  # fmt: skip
+    sat.add_argument(
+        "--saturated-cpu-wait", type=_share, default=Thresholds.cpu_wait, metavar="SHARE",
+        help="share of the time runnable tasks waited for a CPU, from /proc/pressure/cpu (default: %(default)s)",
+    )  # fmt: skip
+    sat.add_argument(
+        "--saturated-late-ms", type=float, default=Thresholds.tick_late * 1000, metavar="MS",
+        help="the drill's own load ticks running this late (default: %(default)s)",
+    )  # fmt: skip
     link = p.add_argument_group("slow-link")
     link.add_argument("--delay-ms", type=float, default=150.0, metavar="MS", help="default: %(default)s")
     link.add_argument("--jitter-ms", type=float, default=50.0, metavar="MS", help="default: %(default)s")
@@ -117,6 +146,17 @@ def _seconds(text: str) -> float:
     value = _positive(text)
     if value > 24 * 3600:
         raise argparse.ArgumentTypeError(f"{value:g} s is more than a day")
+    return value
+
+
+def _share(text: str) -> float:
+    """0..1; above 1 never matches (turns that test off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is below 0")
     return value
 
 
@@ -186,6 +226,9 @@ async def drill(args: argparse.Namespace) -> int:
             converge_within=args.converge_within,
         ),
         link=LinkSettings(delay_ms=args.delay_ms, jitter_ms=args.jitter_ms, loss=args.loss),
+        saturation=Thresholds(
+            busy=args.saturated_busy, cpu_wait=args.saturated_cpu_wait, tick_late=args.saturated_late_ms / 1000
+        ),
         inject_command=args.inject,
         heal_command=args.heal,
     )
@@ -203,4 +246,6 @@ async def drill(args: argparse.Namespace) -> int:
         print(json.dumps(report.to_json(), indent=2))
     else:
         print(report.table())
-    return OK if report.passed else FAILED
+    if report.outcome == VERDICT_PASSED:
+        return OK
+    return FAILED if report.outcome == VERDICT_FAILED else INCONCLUSIVE
