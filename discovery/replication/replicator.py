@@ -28,7 +28,7 @@ import grpc.aio
 
 from discovery.errors import StoreUnavailable
 from discovery.keys import KeySchema
-from discovery.replication.session import Fence, Resign
+from discovery.replication.election import Fence, Resign
 from discovery.replication.state import OLD_ORIGIN_HEARTBEAT_MS, silence_warning
 from discovery.replication.writer import ReplicaWriter, now_ms
 from discovery.retry import RetryPolicy

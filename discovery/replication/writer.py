@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from discovery.keys import KeySchema
-from discovery.replication.session import Fence
+from discovery.replication.election import Fence
 from discovery.store import Store, Write
 from discovery_pb.v1.replication_pb2 import Checkpoint
 from discovery_pb.v1.types_pb2 import Change, Instance
