@@ -143,8 +143,7 @@ class Replicator:
                 except StoreUnavailable as exc:
                     # Our own etcd failed mid-batch: restart from what it has durably.
                     log.warning("replicator %s: local etcd: %s", self.origin, exc)
-                    writer.applied = writer.checkpoint.revision
-                    writer.held.clear()
+                    writer.rewind()
                 if self._last_message and self._last_message - self._connected_at >= 1.0:
                     failures = 0  # it was working: retry at once, on the next server
                 self.source = ""
@@ -241,10 +240,11 @@ class Replicator:
         cp = writer.checkpoint
         snapshot = msg.kind == pb.StreamResponse.SNAPSHOT
         if cp.cluster_id and msg.cluster_id and msg.cluster_id != cp.cluster_id and not snapshot:
-            writer.applied = 0
+            writer.start_over()
             raise _Restart(f"origin is a different etcd cluster ({msg.cluster_id:x}, was {cp.cluster_id:x}): snapshot")
         if not snapshot and msg.revision < writer.applied:
-            was, writer.applied = writer.applied, 0
+            was = writer.applied
+            writer.start_over()
             raise _Restart(f"origin went back from revision {was} to {msg.revision} (rebuilt?): snapshot")
         self._contact.last_contact_ms = now_ms()
         self._contact.head_revision = max(msg.revision, 0)
@@ -268,7 +268,7 @@ class Replicator:
         else:
             self._contact.caught_up_ms = msg.time_ms
             await writer.heartbeat(msg.revision, self._contact, every=CONTACT_WRITE_MIN)
-        if writer.held:
+        if writer.holding:
             # Each deletion waits the grace at most, however often the origin comes and goes.
             held_for = 0.0 if self._release_all else self._s.resume_grace
             self._release_all = False

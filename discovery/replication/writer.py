@@ -52,19 +52,41 @@ class ReplicaWriter:
         self._origin = origin
         self._fence = fence
         self.checkpoint = checkpoint  # as last committed
-        self.applied = checkpoint.revision  # stream position (ahead of the checkpoint while deletions are held)
+        self._applied = checkpoint.revision
         # key -> (the checkpoint that is safe while it is held, time.monotonic() it was held at)
-        self.held: dict[bytes, tuple[int, float]] = {}
+        self._held: dict[bytes, tuple[int, float]] = {}
         self.totals = Applied()
         self._written_at = 0.0
+
+    @property
+    def applied(self) -> int:
+        """The stream position: the next stream asks for changes after it (0: a snapshot).
+        Ahead of the checkpoint while deletions are held."""
+        return self._applied
+
+    @property
+    def holding(self) -> bool:
+        """Whether deletions are held (``release`` applies those whose grace is over)."""
+        return bool(self._held)
+
+    def rewind(self) -> None:
+        """Back to what etcd has durably, after a write that may not have happened: resume
+        after the checkpoint, which is behind every deletion still held, so those come again."""
+        self._applied = self.checkpoint.revision
+        self._held.clear()
+
+    def start_over(self) -> None:
+        """Take a snapshot next: the origin's revisions no longer count from ours (another etcd
+        cluster, or one that went back). Held deletions stay held: the snapshot decides them."""
+        self._applied = 0
 
     def _next(self, **fields: object) -> Checkpoint:
         cp = Checkpoint()
         cp.CopyFrom(self.checkpoint)
         for name, value in fields.items():
             setattr(cp, name, value)
-        floors = [floor for floor, _ in self.held.values()]
-        cp.revision = min(self.applied, *floors) if floors else self.applied
+        floors = [floor for floor, _ in self._held.values()]
+        cp.revision = min(self._applied, *floors) if floors else self._applied
         return cp
 
     async def _commit(self, writes: Sequence[Write], checkpoint: Checkpoint) -> None:
@@ -94,20 +116,20 @@ class ReplicaWriter:
             latest.pop(key, None)
             latest[key] = change
         writes: list[Write] = []
-        floor, now = self.applied, time.monotonic()
+        floor, now = self._applied, time.monotonic()
         for key, change in latest.items():
             if change.kind == Change.PUT:
-                self.held.pop(key, None)  # a re-registration supersedes a held deletion
+                self._held.pop(key, None)  # a re-registration supersedes a held deletion
                 writes.append(Write(key, change.instance.SerializeToString()))
                 self.totals.puts += 1
             elif hold:
-                self.held.setdefault(key, (floor, now))
+                self._held.setdefault(key, (floor, now))
                 self.totals.held += 1
             else:
-                self.held.pop(key, None)
+                self._held.pop(key, None)
                 writes.append(Write(key, None))
                 self.totals.deletes += 1
-        self.applied = max(self.applied, revision)
+        self._applied = max(self._applied, revision)
         await self._commit(writes, self._next(**_contact(contact)))
 
     async def snapshot(
@@ -126,22 +148,22 @@ class ReplicaWriter:
             key = self._key(inst.service, inst.instance_id)
             wanted.add(key)
             value = inst.SerializeToString()
-            self.held.pop(key, None)
+            self._held.pop(key, None)
             if have.get(key) != value:  # unchanged replicas are not rewritten: no event, no flap
                 writes.append(Write(key, value))
                 done.puts += 1
         for key in have.keys() - wanted:
             if hold:
-                self.held.setdefault(key, (0, now))
+                self._held.setdefault(key, (0, now))
                 done.held += 1
             else:
-                self.held.pop(key, None)
+                self._held.pop(key, None)
                 writes.append(Write(key, None))
                 done.deletes += 1
         # The stream starts again at the snapshot: a deletion still held is only safe behind a
         # new snapshot now (revision 0), whatever point of the old stream it was held at.
-        self.held = {key: (0, since) for key, (_, since) in self.held.items()}
-        self.applied = revision
+        self._held = {key: (0, since) for key, (_, since) in self._held.items()}
+        self._applied = revision
         await self._commit(writes, self._next(cluster_id=cluster_id, **_contact(contact)))
         self.totals.puts += done.puts
         self.totals.deletes += done.deletes
@@ -151,11 +173,11 @@ class ReplicaWriter:
     async def release(self, contact: Checkpoint, *, held_for: float = 0.0) -> int:
         """Apply the held deletions held for ``held_for`` seconds or more (the grace is over)."""
         now = time.monotonic()
-        due = [key for key, (_, since) in self.held.items() if now - since >= held_for]
+        due = [key for key, (_, since) in self._held.items() if now - since >= held_for]
         if not due:
             return 0
         for key in due:
-            del self.held[key]
+            del self._held[key]
         await self._commit([Write(k, None) for k in due], self._next(**_contact(contact)))
         self.totals.deletes += len(due)
         return len(due)
@@ -164,7 +186,7 @@ class ReplicaWriter:
         """The origin is at ``revision`` with nothing more for us: move the checkpoint (at
         most once per ``every`` seconds). The write is also how every server of the region
         learns we are in contact, so its age is what they see as the origin's."""
-        self.applied = max(self.applied, revision)
+        self._applied = max(self._applied, revision)
         if time.monotonic() - self._written_at >= every:
             await self._commit([], self._next(**_contact(contact)))
 

@@ -177,10 +177,23 @@ async def test_each_held_deletion_waits_the_grace_at_most(store, keys) -> None:
     await writer.changes([delete("a", 3)], 3, hold=True, contact=Checkpoint())
     assert await writer.release(Checkpoint(), held_for=60) == 0  # not yet due
     await writer.changes([delete("b", 4)], 4, hold=True, contact=Checkpoint())
-    writer.held[keys.instance(ORIGIN, "web", "a")] = (2, time.monotonic() - 61)  # a held for 61 s
+    writer._held[keys.instance(ORIGIN, "web", "a")] = (2, time.monotonic() - 61)  # as if a were held for 61 s
     assert await writer.release(Checkpoint(), held_for=60) == 1
     assert await replicas(store, keys) == {"b"}
     assert (await checkpoint(store, keys)).revision == 3  # still behind b's held deletion
+
+
+async def test_rewind_goes_back_to_the_durable_checkpoint_and_start_over_to_a_snapshot(store, keys) -> None:
+    _, fence = await win(store, keys, "me")
+    writer = ReplicaWriter(store, keys, ORIGIN, fence, Checkpoint(origin=ORIGIN))
+    await writer.changes([put("a", 1)], 5, hold=False, contact=Checkpoint())
+    await writer.changes([delete("a", 6)], 7, hold=True, contact=Checkpoint())
+    assert (writer.applied, writer.holding, writer.checkpoint.revision) == (7, True, 5)
+    # Our etcd failed mid-batch: resume after the checkpoint, which replays the held deletion.
+    writer.rewind()
+    assert (writer.applied, writer.holding) == (5, False)
+    writer.start_over()
+    assert writer.applied == 0
 
 
 async def test_a_leader_that_resigns_deletes_its_key_and_waits(store, keys) -> None:
