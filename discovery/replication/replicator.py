@@ -29,6 +29,7 @@ import grpc.aio
 from discovery.errors import StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.replication.election import Fence, Resign
+from discovery.replication.hold import DeletionHold
 from discovery.replication.state import OLD_ORIGIN_HEARTBEAT_MS, silence_warning
 from discovery.replication.writer import ReplicaWriter, now_ms
 from discovery.retry import RetryPolicy
@@ -92,9 +93,7 @@ class Replicator:
         self.writer: ReplicaWriter | None = None
         self.snapshots = 0
         self._contact = pb.Checkpoint(leader=settings.identity)
-        self._hold_until = 0.0  # time.monotonic(): deletions arriving before then are held
-        self._reported = 0  # recovered_at_ms of the origin's previous message
-        self._release_all = False  # the origin withdrew its recovery: release what is held
+        self._hold = DeletionHold(origin, settings.resume_grace)
         self._last_message = 0.0  # time.monotonic() of the last message on the current stream
         self._connected_at = 0.0  # time.monotonic() of the current stream's first message
         # time.monotonic() of the first failed attempt since the origin last answered; counted
@@ -114,9 +113,7 @@ class Replicator:
             last_contact_ms=checkpoint.last_contact_ms,
             hold_until_ms=checkpoint.hold_until_ms,
         )
-        # A hold the previous leader started still runs: the grace is the origin's, not ours.
-        left = (checkpoint.hold_until_ms - now_ms()) / 1000
-        self._hold_until = time.monotonic() + left if left > 0 else 0.0
+        self._hold.resume(checkpoint.hold_until_ms)
         writer = self.writer = ReplicaWriter(self._store, self._keys, self.origin, fence, checkpoint)
         log.info(
             "replicator %s: leading; resuming after revision %d%s",
@@ -129,8 +126,8 @@ class Replicator:
         try:
             while True:
                 endpoint = self.endpoints[self._next_endpoint % len(self.endpoints)]
-                # A withdrawal is one server's word about its own earlier report.
-                self._last_message, self._reported = 0.0, 0
+                self._last_message = 0.0
+                self._hold.new_source()
                 try:
                     await self._follow(endpoint, writer)
                 except _Restart as exc:
@@ -188,7 +185,8 @@ class Replicator:
                     if not self._last_message:
                         self._connected(endpoint)
                     self._last_message, self._failing_since = time.monotonic(), 0.0
-                    self._note_recovery(msg)
+                    self._hold.note(msg.time_ms, msg.recovered_at_ms)
+                    self._contact.hold_until_ms = self._hold.until_ms
                     await self._handle(msg, writer, parts)
             finally:
                 call.cancel()
@@ -198,35 +196,6 @@ class Replicator:
         self.source = endpoint
         self._contact.source = endpoint
         log.info("replicator %s: streaming from %s", self.origin, endpoint)
-
-    def _note_recovery(self, msg: pb.StreamResponse) -> None:
-        """When the origin says it came back from being impaired itself (frozen, its etcd lost,
-        restarted) less than the resume grace ago, hold its deletions until the grace has
-        passed since then: they may be its leases expiring on waking (see ``writer``). The
-        age is measured on the origin's clock alone, so clock skew does not matter."""
-        reported, self._reported = self._reported, msg.recovered_at_ms
-        if not msg.recovered_at_ms or self._s.resume_grace <= 0:
-            if reported and not msg.recovered_at_ms and time.monotonic() < self._hold_until:
-                # The origin withdrew the recovery it reported (its etcd elected a new leader,
-                # which extended every lease): what it deletes is genuine.
-                log.info("replicator %s: the origin withdrew its recovery; applying held deletions", self.origin)
-                self._hold_until, self._contact.hold_until_ms, self._release_all = 0.0, 0, True
-            return
-        # Clamped: a clock the origin stepped between the two readings cannot stretch the hold.
-        left = min(self._s.resume_grace, self._s.resume_grace - (msg.time_ms - msg.recovered_at_ms) / 1000)
-        if left <= 0:
-            return
-        now = time.monotonic()
-        if now >= self._hold_until:
-            log.warning(
-                "replicator %s: the origin came back %.1fs ago (frozen, or its etcd lost); "
-                "its deletions wait up to %.1fs for re-registrations",
-                self.origin,
-                self._s.resume_grace - left,
-                left,
-            )
-        self._hold_until = max(self._hold_until, now + left)
-        self._contact.hold_until_ms = max(self._contact.hold_until_ms, now_ms() + int(left * 1000))
 
     def _note_heartbeat(self, heartbeat_ms: int) -> None:
         if heartbeat_ms == self._contact.origin_heartbeat_ms:
@@ -249,7 +218,7 @@ class Replicator:
         self._contact.last_contact_ms = now_ms()
         self._contact.head_revision = max(msg.revision, 0)
         self._note_heartbeat(msg.heartbeat_ms or OLD_ORIGIN_HEARTBEAT_MS)
-        hold = time.monotonic() < self._hold_until
+        hold = self._hold.holding()
         if snapshot:
             parts.extend(msg.instances)
             if msg.more:
@@ -269,10 +238,7 @@ class Replicator:
             self._contact.caught_up_ms = msg.time_ms
             await writer.heartbeat(msg.revision, self._contact, every=CONTACT_WRITE_MIN)
         if writer.holding:
-            # Each deletion waits the grace at most, however often the origin comes and goes.
-            held_for = 0.0 if self._release_all else self._s.resume_grace
-            self._release_all = False
-            released = await writer.release(self._contact, held_for=held_for)
+            released = await writer.release(self._contact, held_for=self._hold.release_after())
             if released:
                 log.info("replicator %s: applied %d held deletions nobody re-registered", self.origin, released)
 

@@ -4,51 +4,72 @@ from __future__ import annotations
 
 import time
 
-from discovery.keys import KeySchema
-from discovery.replication import ReplicationSettings, Replicator
-from discovery_pb.v1 import replication_pb2 as pb
+from discovery.replication.hold import DeletionHold
 
 GRACE = 10.0
 
 
-def replicator() -> Replicator:
-    settings = ReplicationSettings(region="b", identity="b-0", resume_grace=GRACE)
-    return Replicator("a", ["127.0.0.1:1"], store=None, keys=KeySchema(), settings=settings)  # type: ignore[arg-type]
-
-
-def message(recovered_ago: float | None) -> pb.StreamResponse:
+def note(hold: DeletionHold, recovered_ago: float | None) -> None:
+    """A message from the origin, sent now, saying it recovered ``recovered_ago`` seconds ago."""
     now_ms = int(time.time() * 1000)
-    recovered = 0 if recovered_ago is None else now_ms - int(recovered_ago * 1000)
-    return pb.StreamResponse(kind=pb.StreamResponse.HEARTBEAT, origin="a", time_ms=now_ms, recovered_at_ms=recovered)
+    hold.note(now_ms, 0 if recovered_ago is None else now_ms - int(recovered_ago * 1000))
 
 
-def holding(r: Replicator) -> float:
-    return max(0.0, r._hold_until - time.monotonic())
+def holding(hold: DeletionHold) -> float:
+    return max(0.0, hold.until - time.monotonic())
 
 
 def test_a_recent_recovery_holds_for_what_is_left_of_the_grace() -> None:
-    r = replicator()
-    r._note_recovery(message(recovered_ago=3.0))
-    assert 6.5 < holding(r) <= 7.0
-    assert r._contact.hold_until_ms > 0
+    hold = DeletionHold("a", GRACE)
+    note(hold, recovered_ago=3.0)
+    assert hold.holding()
+    assert 6.5 < holding(hold) <= 7.0
+    assert hold.until_ms > 0
 
 
 def test_no_recovery_or_an_old_one_holds_nothing() -> None:
-    r = replicator()
-    r._note_recovery(message(None))
-    r._note_recovery(message(recovered_ago=GRACE + 1))
-    assert holding(r) == 0
+    hold = DeletionHold("a", GRACE)
+    note(hold, None)
+    note(hold, recovered_ago=GRACE + 1)
+    assert holding(hold) == 0 and not hold.holding()
 
 
 def test_a_clock_step_cannot_stretch_the_hold_past_the_grace() -> None:
-    r = replicator()
-    r._note_recovery(message(recovered_ago=-3600))  # "recovered" an hour in the future
-    assert holding(r) <= GRACE
+    hold = DeletionHold("a", GRACE)
+    note(hold, recovered_ago=-3600)  # "recovered" an hour in the future
+    assert holding(hold) <= GRACE
 
 
 def test_a_withdrawn_recovery_releases_what_is_held() -> None:
-    r = replicator()
-    r._note_recovery(message(recovered_ago=0.5))
-    assert holding(r) > 9
-    r._note_recovery(message(None))  # the same server: its etcd elected a new leader
-    assert holding(r) == 0 and r._release_all and r._contact.hold_until_ms == 0
+    hold = DeletionHold("a", GRACE)
+    note(hold, recovered_ago=0.5)
+    assert holding(hold) > 9
+    assert hold.release_after() == GRACE
+    note(hold, None)  # the same server: its etcd elected a new leader
+    assert holding(hold) == 0 and hold.until_ms == 0
+    assert hold.release_after() == 0  # everything held goes now
+    assert hold.release_after() == GRACE  # once
+
+
+def test_only_the_server_that_reported_a_recovery_can_withdraw_it() -> None:
+    hold = DeletionHold("a", GRACE)
+    note(hold, recovered_ago=0.5)
+    hold.new_source()  # the feed moved to another server of the origin, which reports nothing
+    note(hold, None)
+    assert holding(hold) > 9
+    assert hold.release_after() == GRACE
+
+
+def test_a_new_leader_keeps_holding_until_the_checkpoint_says() -> None:
+    now_ms = int(time.time() * 1000)
+    hold = DeletionHold("a", GRACE)
+    hold.resume(now_ms + 4000)
+    assert 3.5 < holding(hold) <= 4.0 and hold.until_ms == now_ms + 4000
+    hold.resume(now_ms - 1000)  # a hold that ended while nobody led
+    assert not hold.holding()
+
+
+def test_no_grace_holds_nothing() -> None:
+    hold = DeletionHold("a", 0.0)
+    note(hold, recovered_ago=0.5)
+    assert not hold.holding() and hold.until_ms == 0
