@@ -5,8 +5,10 @@ BIN := $(VENV)/bin
 
 .PHONY: install dev test lint proto bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	@# The client first: the server depends on discovery-client, which no index has.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ./clients/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@# xds-protos ships an old copy of opentelemetry/proto over opentelemetry-proto's (grpc/grpc#42926),
 	@# which breaks the OTLP exporters; put the real one back (tests/xds/test_packaging.py checks).
@@ -27,7 +29,7 @@ lint: install
 test: lint  ## lint, types, then the whole suite against real etcd processes
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-proto: install  ## regenerate discovery_pb/ from proto/
+proto: install  ## regenerate clients/python/discovery_pb/ from proto/
 	$(BIN)/python scripts/gen_proto.py
 
 bench: install

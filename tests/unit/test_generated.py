@@ -1,4 +1,4 @@
-"""The generated stubs in discovery_pb/ must match proto/ (regenerate with `make proto`)."""
+"""The generated stubs in clients/python/discovery_pb/ must match proto/ (regenerate with `make proto`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def test_generated_code_is_current() -> None:
         timeout=60,
         check=False,
     )
-    assert result.returncode == 0, f"discovery_pb/ is stale:\n{result.stderr}"
+    assert result.returncode == 0, f"clients/python/discovery_pb/ is stale:\n{result.stderr}"
 
 
 def test_client_stubs_need_no_server_dependencies() -> None:
