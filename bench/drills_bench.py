@@ -5,8 +5,9 @@ docs/drills.md.
 
 Starts a `discovery dev` cluster (three regions, fault proxy, control endpoint) in this
 process, runs each scenario with the drill's defaults one after the other, prints each
-report's table to stderr and one JSON object to stdout: per scenario the verdict and the
-figures that matter, each region's own baseline (the phase before the fault) beside them.
+report's table to stderr and one JSON object to stdout: per scenario the verdict (passed,
+failed or inconclusive, with the reasons), the machine's CPU per phase, and the figures that
+matter, each region's own baseline (the phase before the fault) beside them.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def summary(report: Report) -> dict[str, Any]:
         regions[name] = {"judged": name in report.judged, **phases}
     v = report.verdict
     return {
+        "verdict": report.outcome,
         "passed": report.passed,
         "broken": report.broken,
+        "inconclusive": report.inconclusive,
+        "host": {phase: dict(figures) for phase, figures in report.host.items()},
         "target": report.target,
         "hold_s": report.hold,
         "heal_s": round(report.heal_took or 0.0, 2),

@@ -207,11 +207,18 @@ class LatencyCheck:
     phase: str
     outcome: str  # "ok", "slow" (a guarantee broke) or "inconclusive"
     reason: str = ""  # for slow and inconclusive, one readable line
-    percentile: int | None = None  # the percentile judged (the sample counts decide it)
-    baseline_ms: float | None = None  # the baseline's, of its calls that met no saturation
+    # Every acknowledged call of the phase, at the percentile the counts support, against the
+    # baseline's calls that met no saturation at that percentile.
+    percentile: int | None = None
+    baseline_ms: float | None = None
     limit_ms: float | None = None
-    value_ms: float | None = None  # the phase's, of every acknowledged call
-    clean_ms: float | None = None  # the phase's, of its calls that met no saturation (when past the limit)
+    value_ms: float | None = None
+    # When that was past the limit: the phase's calls that met no saturation alone, at the
+    # percentile their count supports (None: too few of them to judge).
+    clean_percentile: int | None = None
+    clean_baseline_ms: float | None = None
+    clean_limit_ms: float | None = None
+    clean_ms: float | None = None
     baseline_calls: int = 0  # baseline calls that met no saturation
     calls: int = 0  # acknowledged calls of the phase
     clean_calls: int = 0  # of those, the ones that met no saturation
@@ -227,7 +234,14 @@ class LatencyCheck:
             "baseline_ms": _r(self.baseline_ms),
             "limit_ms": _r(self.limit_ms),
             "value_ms": _r(self.value_ms),
-            "unsaturated_ms": _r(self.clean_ms),
+            "unsaturated": None
+            if self.clean_percentile is None
+            else {
+                "percentile": self.clean_percentile,
+                "baseline_ms": _r(self.clean_baseline_ms),
+                "limit_ms": _r(self.clean_limit_ms),
+                "value_ms": _r(self.clean_ms),
+            },
             "baseline_calls_unsaturated": self.baseline_calls,
             "calls": self.calls,
             "calls_unsaturated": self.clean_calls,
@@ -407,7 +421,7 @@ def latency_check(
     base2 = _at(base_clean, q2)
     limit2 = _limit_at(base2, bounds)
     value2 = _at(clean, q2)
-    figures.update(percentile=q2, baseline_ms=base2, limit_ms=limit2, clean_ms=value2)
+    figures.update(clean_percentile=q2, clean_baseline_ms=base2, clean_limit_ms=limit2, clean_ms=value2)
     if value2 > limit2:
         saturated = len(every) - len(clean)
         reason = (

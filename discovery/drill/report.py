@@ -166,16 +166,17 @@ class Report:
         for (region, kind), checks in rows.items():
             parts = []
             for c in checks:
-                if c.percentile is None:
+                if c.percentile is None or c.limit_ms is None or c.value_ms is None:
                     parts.append(f"{c.phase} not judged")
                     continue
-                shown = c.clean_ms if c.clean_ms is not None else c.value_ms
                 mark = {"ok": "ok", "slow": "SLOW", INCONCLUSIVE: "inconclusive"}[c.outcome]
-                unsat = " unsaturated" if c.clean_ms is not None else ""
-                parts.append(
-                    f"{c.phase} p{c.percentile}{unsat} {shown:.1f} ms of limit {c.limit_ms:.1f} "
-                    f"(baseline {c.baseline_ms:.1f}) {mark}"
-                )
+                text = f"{c.phase} p{c.percentile} {c.value_ms:.1f} ms of limit {c.limit_ms:.1f}"
+                text += f" (baseline {c.baseline_ms:.1f})"
+                if c.clean_percentile is not None and c.clean_ms is not None and c.clean_limit_ms is not None:
+                    text += f", unsaturated p{c.clean_percentile} {c.clean_ms:.1f} of {c.clean_limit_ms:.1f}"
+                elif c.outcome != "ok":
+                    text += f", {c.clean_calls} calls unsaturated"
+                parts.append(f"{text} {mark}")
             lines.append(f"  {region} {kind}: " + "; ".join(parts))
         return lines
 

@@ -85,8 +85,8 @@ def held(report: Report) -> None:
     assert report.broken == [], report.broken
     assert report.outcome in ("passed", "inconclusive")
     assert report.passed == (report.inconclusive == [])
-    for line in report.inconclusive:
-        assert "latency" in line or "saturated" in line, line
+    for line in report.inconclusive:  # latency on a saturated machine, or the drill's own stall
+        assert "latency" in line or "saturated" in line or "the drill itself stalled" in line, line
     v = report.verdict
     assert v.lost == [] and v.resurrected == []
     assert v.convergence_s is not None and v.convergence_s <= BOUNDS.converge_within

@@ -6,7 +6,16 @@ import json
 
 import pytest
 
-from discovery.drill.analysis import Bounds, Judgement, Verdict, expected_state, judge, phase_figures, verdict
+from discovery.drill.analysis import (
+    Bounds,
+    Judgement,
+    LatencyCheck,
+    Verdict,
+    expected_state,
+    judge,
+    phase_figures,
+    verdict,
+)
 from discovery.drill.history import AFTER, BEFORE, DURING, History, Op, OpStats, Outcome, Timeline, percentile
 from discovery.drill.load import Presence
 from discovery.drill.report import Report
@@ -636,3 +645,25 @@ def test_a_broken_guarantee_fails_even_beside_checks_not_judged() -> None:
 def test_the_json_verdict_of_a_pass() -> None:
     out = report([]).to_json()
     assert out["verdict"] == "passed" and out["passed"] is True and out["inconclusive"] == []
+
+
+def test_the_table_shows_what_latency_was_judged_and_the_machine() -> None:
+    checks = (
+        LatencyCheck(A, "writes", DURING, "ok", percentile=92, baseline_ms=10.0, limit_ms=35.0, value_ms=12.0),
+        LatencyCheck(
+            A, "writes", AFTER, "inconclusive", "why", percentile=92, baseline_ms=10.0, limit_ms=35.0, value_ms=90.0,
+            clean_percentile=75, clean_baseline_ms=8.0, clean_limit_ms=33.0, clean_ms=9.0,
+        ),
+    )  # fmt: skip
+    host = {BEFORE: {"cpus": 2, "busy": 0.45, "cpu_wait": 0.3, "saturated_seconds": 0.0, "ticks_late": 0}}
+    r = Report(**{**report([]).__dict__, "latency": checks, "host": host, "inconclusive": ["why"]})
+    lines = r.table().splitlines()
+    assert (
+        "  a writes: during p92 12.0 ms of limit 35.0 (baseline 10.0) ok; "
+        "after p92 90.0 ms of limit 35.0 (baseline 10.0), unsaturated p75 9.0 of 33.0 inconclusive"
+    ) in lines
+    assert any(line.startswith("machine (2 CPUs)") and "before CPU 45% busy, waiting 30%" in line for line in lines)
+    out = r.to_json()
+    assert out["latency"][1]["unsaturated"] == {"percentile": 75, "baseline_ms": 8.0, "limit_ms": 33.0, "value_ms": 9.0}
+    assert out["latency"][0]["unsaturated"] is None
+    assert out["host"][BEFORE]["busy"] == 0.45

@@ -10,6 +10,7 @@ from discovery.drill.analysis import (
     MIN_TAIL,
     Bounds,
     Judgement,
+    LatencyCheck,
     Verdict,
     judge,
     judged_percentile,
@@ -49,8 +50,14 @@ def stalled(start: float, late: float) -> Strain:
     return Strain(stretches=(Stretch(start, start + late, late=late),), cpus=2)
 
 
-def check(j: Judgement, phase: str) -> tuple[str, int | None]:
+def latency(j: Judgement, phase: str) -> LatencyCheck:
     (c,) = [c for c in j.latency if c.phase == phase]
+    return c
+
+
+def check(j: Judgement, phase: str) -> tuple[str, int | None]:
+    """The outcome and the percentile of every call of the phase."""
+    c = latency(j, phase)
     return c.outcome, c.percentile
 
 
@@ -115,7 +122,11 @@ def test_a_slowdown_outside_the_saturated_stretch_still_fails() -> None:
     """Saturation explains only the calls that met it: slow calls on an idle machine fail."""
     during = calls(10.0, 50, 400.0) + calls(15.0, 50, 400.0)
     j = judged(resolves(calls(0.0, 100), during), strain=saturated(10.0, 12.0))
-    assert check(j, "during") == ("slow", 90)  # the percentile of the 50 calls left
+    assert check(j, "during") == ("slow", 95)
+    c = latency(j, "during")
+    # Left: the 50 from 15 s and 4 begun more than the pad (0.25 s) after the stretch ended.
+    assert (c.clean_percentile, c.clean_calls) == (90, 54)
+    assert c.clean_ms == pytest.approx(400.0)
     assert "on an unsaturated machine" in j.broken[0] and "met saturation and are left out" in j.broken[0]
 
 
@@ -137,7 +148,11 @@ def test_a_slowdown_while_the_machine_was_saturated_is_inconclusive() -> None:
 def test_a_slowdown_only_among_calls_that_met_saturation_is_inconclusive() -> None:
     during = calls(10.0, 80, 10.0) + calls(16.0, 20, 400.0)
     j = judged(resolves(calls(0.0, 100), during), strain=saturated(16.0, 17.0))
-    assert check(j, "during") == ("inconclusive", 93)  # the percentile of the 80 left
+    assert check(j, "during") == ("inconclusive", 95)
+    c = latency(j, "during")
+    assert c.clean_percentile == 93
+    assert c.clean_ms == pytest.approx(10.0)
+    assert c.clean_limit_ms == pytest.approx(35.0)
     (line,) = j.inconclusive
     assert "only among calls that met a saturated machine: the 80 that did not have p93 10.0 ms" in line
 
