@@ -27,6 +27,7 @@ from discovery.errors import InvalidArgument, StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.registry import Registry
 from discovery.replication import Election, RegionStates, ReplicationSettings, Replicator, Session, StallMonitor
+from discovery.replication.transport import GrpcFeed
 from discovery.store import Store, StoreHealth
 from discovery.view import View
 from discovery.xds import SERVICE_NAMES as XDS_SERVICE_NAMES
@@ -157,7 +158,8 @@ class Server:
         )
         self._tasks.append(asyncio.create_task(self.session.run(), name="election-session"))
         for origin, endpoints in peers.items():
-            replicator = Replicator(origin, endpoints, store=self.store, keys=self.keys, settings=settings)
+            feed = GrpcFeed(origin, requester=settings.region, silence=settings.silence)
+            replicator = Replicator(origin, endpoints, feed=feed, store=self.store, keys=self.keys, settings=settings)
             election = Election(self.store, self.session, self.keys.election(origin), identity)
             self.replicators[origin], self.elections[origin] = replicator, election
             self._tasks.append(asyncio.create_task(election.run(replicator.lead), name=f"replicator {origin}"))

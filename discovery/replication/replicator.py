@@ -6,8 +6,9 @@ through a fenced ``ReplicaWriter``, and resumes after the checkpoint. It takes a
 when it has none, when the origin has compacted past it, or when the origin is a different
 etcd cluster or has gone back in revisions (a rebuilt origin).
 
-Inter-region calls never sit on a request path, and a hung peer is noticed by gRPC
-keep-alive and by the origin's heartbeats stopping (``silence`` seconds), not by TCP.
+The origin's servers are reached through a ``Feed`` (``transport.GrpcFeed``: gRPC, its
+keep-alive and the origin's heartbeats notice a hung peer); the loop sees only its messages
+and ``FeedLost``, never on a request path.
 
 Freshness: every message from the origin is contact, and the leader records it in the
 checkpoint at once (at most every ``CONTACT_WRITE_MIN`` seconds), so the age every server of
@@ -18,37 +19,25 @@ travels in the feed; a ``silence`` under three of them is warned about, here and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-
-import grpc
-import grpc.aio
 
 from discovery.errors import StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.replication.election import Fence, Resign
+from discovery.replication.feed import Feed, FeedLost
 from discovery.replication.hold import DeletionHold
 from discovery.replication.state import OLD_ORIGIN_HEARTBEAT_MS, silence_warning
 from discovery.replication.writer import ReplicaWriter, now_ms
 from discovery.retry import RetryPolicy
 from discovery.store import Store
 from discovery_pb.v1 import replication_pb2 as pb
-from discovery_pb.v1.replication_pb2_grpc import ReplicationStub
 from discovery_pb.v1.types_pb2 import Instance
 
 log = logging.getLogger(__name__)
-
-_PEER_CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 1_000),
-    ("grpc.keepalive_timeout_ms", 1_000),
-    ("grpc.http2.ping_timeout_ms", 1_000),  # what actually bounds the wait for a ping's answer
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.keepalive_permit_without_calls", 0),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-]
-
 
 CONTACT_WRITE_MIN = 0.1  # seconds between checkpoint writes that only record contact
 
@@ -77,6 +66,7 @@ class Replicator:
         origin: str,
         endpoints: Sequence[str],
         *,
+        feed: Feed,
         store: Store,
         keys: KeySchema,
         settings: ReplicationSettings,
@@ -84,6 +74,7 @@ class Replicator:
     ) -> None:
         self.origin = origin
         self.endpoints = list(endpoints)
+        self._feed = feed
         self._store = store
         self._keys = keys
         self._s = settings
@@ -133,10 +124,12 @@ class Replicator:
                 except _Restart as exc:
                     log.info("replicator %s: %s", self.origin, exc)
                     continue
-                except (grpc.aio.AioRpcError, TimeoutError, ConnectionError) as exc:
-                    # Once per outage at warning level; the retries that follow at debug.
+                except (FeedLost, TimeoutError, ConnectionError) as exc:
+                    # Not only the feed's: a timeout or a broken connection anywhere in here has
+                    # always meant "try the origin's next server". Once per outage at warning
+                    # level; the retries that follow at debug.
                     level = logging.WARNING if self.source or not failures else logging.DEBUG
-                    log.log(level, "replicator %s: lost %s (%s)", self.origin, endpoint, _why(exc, self._s.silence))
+                    log.log(level, "replicator %s: lost %s (%s)", self.origin, endpoint, exc)
                 except StoreUnavailable as exc:
                     # Our own etcd failed mid-batch: restart from what it has durably.
                     log.warning("replicator %s: local etcd: %s", self.origin, exc)
@@ -166,30 +159,22 @@ class Replicator:
 
     async def _follow(self, endpoint: str, writer: ReplicaWriter) -> None:
         since = writer.applied
-        request = pb.StreamRequest(
-            since_revision=since,
-            origin=self.origin,
-            requester=self._s.region,
-            cluster_id=writer.checkpoint.cluster_id if since else 0,
-        )
-        async with grpc.aio.insecure_channel(endpoint, options=_PEER_CHANNEL_OPTIONS) as channel:
-            call = ReplicationStub(channel).Stream(request)
-            try:
-                parts: list[Instance] = []
-                async for msg in _messages(call, self._s.silence):
-                    if msg.origin != self.origin:
-                        raise ConnectionError(f"{endpoint} is region {msg.origin!r}, not {self.origin!r}: check --peer")
-                    if msg.stale:
-                        # That server has lost its own etcd: nothing it says is fresh. Another may not have.
-                        raise ConnectionError("it has lost contact with its etcd")
-                    if not self._last_message:
-                        self._connected(endpoint)
-                    self._last_message, self._failing_since = time.monotonic(), 0.0
-                    self._hold.note(msg.time_ms, msg.recovered_at_ms)
-                    self._contact.hold_until_ms = self._hold.until_ms
-                    await self._handle(msg, writer, parts)
-            finally:
-                call.cancel()
+        cluster_id = writer.checkpoint.cluster_id if since else 0
+        parts: list[Instance] = []
+        # Closed on the way out, whatever ends the loop, so the call ends now and not at GC.
+        async with contextlib.aclosing(self._feed.follow(endpoint, since, cluster_id)) as messages:
+            async for msg in messages:
+                if msg.origin != self.origin:
+                    raise FeedLost(f"{endpoint} is region {msg.origin!r}, not {self.origin!r}: check --peer")
+                if msg.stale:
+                    # That server has lost its own etcd: nothing it says is fresh. Another may not have.
+                    raise FeedLost("it has lost contact with its etcd")
+                if not self._last_message:
+                    self._connected(endpoint)
+                self._last_message, self._failing_since = time.monotonic(), 0.0
+                self._hold.note(msg.time_ms, msg.recovered_at_ms)
+                self._contact.hold_until_ms = self._hold.until_ms
+                await self._handle(msg, writer, parts)
 
     def _connected(self, endpoint: str) -> None:
         self._connected_at = time.monotonic()
@@ -241,22 +226,3 @@ class Replicator:
             released = await writer.release(self._contact, held_for=self._hold.release_after())
             if released:
                 log.info("replicator %s: applied %d held deletions nobody re-registered", self.origin, released)
-
-
-async def _messages(call: grpc.aio.UnaryStreamCall, silence: float) -> AsyncIterator[pb.StreamResponse]:
-    """The stream's messages; TimeoutError when the origin is silent for ``silence`` seconds
-    (it heartbeats several times within it: a hung peer, a black hole)."""
-    while True:
-        async with asyncio.timeout(silence):
-            msg = await call.read()
-        if msg is grpc.aio.EOF:
-            raise ConnectionError("the origin ended the stream")
-        yield msg
-
-
-def _why(exc: BaseException, silence: float) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    if isinstance(exc, TimeoutError):
-        return f"nothing heard for {silence:g}s"
-    return str(exc)

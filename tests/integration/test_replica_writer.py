@@ -6,15 +6,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
 from discovery.keys import KeySchema
-from discovery.replication import Election, ReplicaWriter, Session
+from discovery.replication import Election, ReplicationSettings, Replicator, ReplicaWriter, Session
+from discovery.replication.feed import FeedLost
 from discovery.replication.replicator import StepDown
 from discovery.store import Fenced, Store
-from discovery_pb.v1.replication_pb2 import Checkpoint
+from discovery_pb.v1.replication_pb2 import Checkpoint, StreamResponse
 from discovery_pb.v1.types_pb2 import Change, Instance
 from tests.helpers import eventually
 
@@ -223,3 +224,52 @@ async def test_a_leader_that_resigns_deletes_its_key_and_waits(store, keys) -> N
         with contextlib.suppress(asyncio.CancelledError):
             await runner
         await session.close()
+
+
+class ScriptedFeed:
+    """A feed with no network: each follow plays the next script, then loses the feed."""
+
+    def __init__(self, *scripts: list[StreamResponse]) -> None:
+        self.asked: list[tuple[str, int, int]] = []
+        self._scripts = list(scripts)
+        self.played = asyncio.Event()
+
+    async def follow(self, endpoint: str, since: int, cluster_id: int) -> AsyncGenerator[StreamResponse, None]:
+        self.asked.append((endpoint, since, cluster_id))
+        if not self._scripts:
+            self.played.set()
+            await asyncio.sleep(3600)
+        for message in self._scripts.pop(0):
+            yield message
+        raise FeedLost("end of script")
+
+
+async def test_the_loop_resumes_on_the_next_server_after_what_it_applied(store, keys) -> None:
+    now = int(time.time() * 1000)
+    snapshot = StreamResponse(
+        kind=StreamResponse.SNAPSHOT,
+        origin=ORIGIN,
+        revision=5,
+        cluster_id=7,
+        time_ms=now,
+        instances=[put("a", 1).instance, put("b", 2).instance],
+    )
+    changes = StreamResponse(kind=StreamResponse.CHANGES, origin=ORIGIN, revision=6, time_ms=now, changes=[put("c", 6)])
+    gone = StreamResponse(kind=StreamResponse.CHANGES, origin=ORIGIN, revision=8, time_ms=now, changes=[delete("b", 8)])
+    feed = ScriptedFeed([snapshot, changes], [gone])
+    settings = ReplicationSettings(region="local", identity="me")
+    replicator = Replicator(ORIGIN, ["x1", "x2"], feed=feed, store=store, keys=keys, settings=settings)
+    _, fence = await win(store, keys, "me")
+    leading = asyncio.create_task(replicator.lead(fence))
+    try:
+        async with asyncio.timeout(10):
+            await feed.played.wait()
+    finally:
+        leading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leading
+    assert feed.asked == [("x1", 0, 0), ("x2", 6, 7), ("x1", 8, 7)]
+    assert await replicas(store, keys) == {"a", "c"}
+    cp = await checkpoint(store, keys)
+    assert (cp.revision, cp.cluster_id, cp.leader, cp.source) == (8, 7, "me", "x2")
+    assert replicator.snapshots == 1
