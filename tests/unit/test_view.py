@@ -6,7 +6,7 @@ hard to time against a real etcd."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import pytest
 
@@ -15,6 +15,7 @@ from discovery.keys import KeySchema
 from discovery.retry import RetryPolicy
 from discovery.store import Compacted, Event, KeyValue, WatchBatch
 from discovery.view import Subscription, View
+from discovery.view.history import History
 from discovery_pb.v1.types_pb2 import Change, Instance
 from tests.helpers import eventually
 
@@ -32,6 +33,7 @@ class ScriptedStore:
         self.feed: asyncio.Queue[WatchBatch | Exception] = asyncio.Queue()
         self.progress_requests = 0
         self.raft_term = 1  # one leader throughout
+        self.cluster_id = 1
         self.listings = 0
 
     def put(self, instance_id: str, version: str = "") -> Event:
@@ -58,7 +60,7 @@ class ScriptedStore:
         self.listings += 1
         return self.revision, [kv for key, kv in sorted(self.kvs.items()) if key.startswith(prefix)]
 
-    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[WatchBatch]:
+    async def watch(self, prefix: bytes, start_revision: int) -> AsyncGenerator[WatchBatch, None]:
         self.watch_starts.append(start_revision)
         yield WatchBatch(0, created=True)
         while True:
@@ -76,7 +78,7 @@ async def running():
     store = ScriptedStore()
     store.put("a")
     store.put("b")
-    view = View(store, KEYS, history=100, retry=FAST_RETRY)  # type: ignore[arg-type]
+    view = View(store, KEYS, history=100, retry=FAST_RETRY)
     task = asyncio.create_task(view.run())
     async with asyncio.timeout(5):
         await view.ready.wait()
@@ -107,7 +109,7 @@ async def test_the_watch_resumes_after_the_last_event_not_a_requested_progress(r
     # resumes after it.
     store.revision = 9
     store.feed.put_nowait(WatchBatch(9, requested=True))
-    await until(lambda: view._progress == 9)
+    await until(lambda: view._applied.progress == 9)
     assert view.revision == 4
     await view.wait_for(9, timeout=2)
     assert view.revision == 9
@@ -137,7 +139,7 @@ async def test_a_progress_answer_ahead_of_its_events_does_not_satisfy_a_read(run
 async def test_stale_while_the_watch_is_down_fresh_once_etcd_answers(running) -> None:
     store, view = running
     assert not view.stale
-    view._retry = RetryPolicy(base_delay=0.3, max_delay=0.3, jitter=0)  # long enough to see it stale
+    view._follower.retry = RetryPolicy(base_delay=0.3, max_delay=0.3, jitter=0)  # long enough to see it stale
     store.feed.put_nowait(StoreUnavailable("etcd went away"))
     await until(lambda: view.stale)
     assert len(store.watch_starts) == 1
@@ -151,7 +153,7 @@ async def test_stale_while_the_watch_is_down_fresh_once_etcd_answers(running) ->
 async def test_back_under_a_new_leader_is_no_recovery(running) -> None:
     """A new etcd leader extends every lease: nothing expires because of the outage."""
     store, view = running
-    view._retry = RetryPolicy(base_delay=0.3, max_delay=0.3, jitter=0)
+    view._follower.retry = RetryPolicy(base_delay=0.3, max_delay=0.3, jitter=0)
     store.feed.put_nowait(StoreUnavailable("leader died"))
     await until(lambda: view.stale)
     store.raft_term += 1
@@ -197,7 +199,7 @@ async def test_a_relist_sends_the_difference_and_resumes_in_between_get_a_snapsh
 
 async def test_history_holds_the_last_changes_only(running) -> None:
     store, view = running
-    view._history = type(view._history)(maxlen=3)  # a small history for this test
+    view._history = History(3)  # a small history for this test
     revisions = []
     for n in range(5):
         store.send(store.put("a", version=str(n)))
@@ -236,7 +238,7 @@ async def test_a_new_term_moments_after_coming_back_withdraws_the_recovery(runni
     (same term), and the new leader's term follows within a second. The recovery is
     withdrawn, so receivers release what they held."""
     store, view = running
-    view._retry = RetryPolicy(base_delay=0.05, max_delay=0.05, jitter=0)
+    view._follower.retry = RetryPolicy(base_delay=0.05, max_delay=0.05, jitter=0)
     store.feed.put_nowait(StoreUnavailable("member died"))
     await until(lambda: len(store.watch_starts) == 2 and not view.stale)
     assert view.recovered_at > 0  # provisional

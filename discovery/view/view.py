@@ -1,0 +1,247 @@
+"""The view: the region's keys in memory, composed of the parts of this package. The follow
+loop (``follow``) reads etcd; each event updates the instance index (``index``) or the other
+keys (``meta``), becomes a change in the history (``history``) and is offered to the
+subscriptions (``subscriptions``); the applied revision and reads waiting for one live in
+``revision``, recovery detection in ``recovery``.
+
+One watch covers the whole prefix: instances (the region's own and its replicas of other
+regions), and the replication checkpoints and election keys, which every server reads from
+here to say how fresh each region's records are (``discovery.replication.state``).
+
+Resolve and Watch are served from here and never read etcd per request. When etcd goes away
+the view keeps its last state, marked stale, and reconnects by itself; when its revision has
+been compacted it re-lists and turns the difference into ordinary changes, so watchers and
+resuming clients lose nothing (docs/architecture.md, read path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+from discovery.keys import KeySchema
+from discovery.retry import RetryPolicy
+from discovery.store import Event, KeyValue
+from discovery.view.follow import Follower, WatchSource
+from discovery.view.history import History
+from discovery.view.index import Index, Key, Record, key_of
+from discovery.view.meta import MetaKeys
+from discovery.view.recovery import Recovery, TermSource
+from discovery.view.revision import AppliedRevision, ProgressSource
+from discovery.view.subscriptions import Subscription, Subscriptions
+from discovery_pb.v1.types_pb2 import Change, Instance
+
+log = logging.getLogger("discovery.view")
+
+
+class ViewSource(WatchSource, ProgressSource, TermSource, Protocol):
+    """What the view needs of the store (``discovery.store.Store`` in the server, a scripted
+    one in unit tests)."""
+
+    @property
+    def cluster_id(self) -> int:
+        """The etcd cluster's id, from the last listing (a rebuilt cluster has a new one)."""
+        ...
+
+
+class View:
+    """Owns the region's one etcd watch. Run ``run()`` as a task; ``ready`` is set after the
+    first listing."""
+
+    def __init__(
+        self, store: ViewSource, keys: KeySchema, *, history: int = 10_000, retry: RetryPolicy | None = None
+    ) -> None:
+        self._store = store
+        self._keys = keys
+        self._index = Index()
+        self._meta = MetaKeys()
+        self._history = History(history)
+        self._subscriptions = Subscriptions()
+        self._applied = AppliedRevision(
+            store, keys.root, key_count=lambda: len(self._index) + len(self._meta), stale=lambda: self.stale
+        )
+        self._recovery = Recovery(store)
+        self._follower = Follower(
+            store,
+            keys.root,
+            self._recovery,
+            listed=self._listed,
+            applied=self._apply,
+            progressed=self._applied.progressed,
+            retry=retry,
+        )
+        self.ready = asyncio.Event()
+        self.reloads = 0
+
+    # --- reads ------------------------------------------------------------------------
+
+    @property
+    def revision(self) -> int:
+        return self._applied.value
+
+    @property
+    def watching(self) -> bool:
+        return self._follower.watching
+
+    @property
+    def last_contact(self) -> float:
+        return self._follower.last_contact
+
+    @property
+    def last_error(self) -> str:
+        return self._follower.last_error
+
+    @property
+    def closing(self) -> bool:
+        """Set by end_subscriptions: no new watchers or waits."""
+        return self._subscriptions.closing
+
+    @property
+    def stale(self) -> bool:
+        return not self._follower.watching
+
+    def stale_seconds(self) -> float:
+        return time.monotonic() - self.last_contact if self.stale and self.last_contact else 0.0
+
+    @property
+    def recovered_at(self) -> float:
+        """time.monotonic() of the last recovery (see ``recovery``); 0: none."""
+        return self._recovery.at
+
+    @property
+    def instance_count(self) -> int:
+        return len(self._index)
+
+    @property
+    def service_count(self) -> int:
+        return self._index.service_count
+
+    def region_count(self, region: str) -> int:
+        return self._index.region_count(region)
+
+    def meta(self, key: bytes) -> bytes | None:
+        """The value of a non-instance key under the prefix (a checkpoint, an election key)."""
+        return self._meta.get(key)
+
+    @property
+    def cluster_id(self) -> int:
+        return self._store.cluster_id
+
+    def service(self, name: str) -> Iterable[Record]:
+        return self._index.service(name)
+
+    def service_generation(self, name: str) -> int:
+        """Changes whenever the service's instances change (0 while it has none); unique
+        across services coming and going, so a cache keyed on it is never fooled."""
+        return self._index.service_generation(name)
+
+    def snapshot(self, service: str, region: str = "") -> list[Instance]:
+        return self._index.snapshot(service, region)
+
+    def changes_since(self, revision: int, service: str, region: str = "") -> list[Change] | None:
+        """Changes after ``revision``, or None when they are no longer held (send a snapshot)."""
+        return self._history.since(revision, service, region)
+
+    async def wait_for(self, revision: int, timeout: float) -> None:
+        """Return once the view has applied ``revision``; RevisionNotReached after ``timeout``,
+        ShuttingDown when the server stops meanwhile."""
+        await self._applied.wait_for(revision, timeout)
+
+    def subscribe(self, service: str, region: str = "") -> Subscription:
+        return self._subscriptions.subscribe(service, region)
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subscriptions.unsubscribe(sub)
+
+    def end_subscriptions(self) -> None:
+        """At shutdown: wake every watcher with ``closed`` set and every ``wait_for``, so
+        streams and waiting reads end now instead of at the end of the grace period."""
+        self._subscriptions.close()
+        self._applied.close()
+
+    # --- the feed from etcd -----------------------------------------------------------
+
+    async def run(self) -> None:
+        """List, then watch; re-list on compaction; reconnect with backoff when etcd fails."""
+        await self._follower.run()
+
+    def _listed(self, revision: int, items: list[KeyValue]) -> None:
+        fresh: dict[Key, KeyValue] = {}
+        foreign: list[Event] = []
+        for kv in items:
+            key = self._keys.parse_instance(kv.key)
+            if key is not None:
+                fresh[key_of(key)] = kv
+            else:
+                foreign.append(Event(False, kv))
+        self._meta.clear()  # the listing (through _apply below) says what is there now
+        first = not self.ready.is_set()
+        events = [Event(False, kv) for key, kv in fresh.items() if first or not self._holds(key, kv.mod_revision)]
+        gone = [
+            Event(True, KeyValue(self._keys.instance(*key), b"", revision, 0))
+            for key in self._index
+            if key not in fresh
+        ]
+        # A re-list turns what changed while we were not watching into changes at `revision`.
+        if not first and revision > self.revision:
+            self._history.gap(self.revision, revision)
+        self._apply(foreign + events + gone, revision, stamp=revision)
+        if first:
+            self._history.restart(revision)
+            self.ready.set()
+        else:
+            self.reloads += 1
+        log.info("view: listed %d instances at revision %d", len(fresh), revision)
+
+    def _holds(self, key: Key, mod_revision: int) -> bool:
+        record = self._index.get(key)
+        return record is not None and record.mod_revision == mod_revision
+
+    def _classify(self, event: Event) -> tuple[Key, Instance | None] | None:
+        """The instance an event is about and its new state (None: gone), or None for a key
+        that is no instance. Keys we cannot serve are still kept (see ``meta``)."""
+        parsed = self._keys.parse_instance(event.kv.key)
+        instance = None
+        if parsed is not None and not event.deleted:
+            try:
+                instance = Instance.FromString(event.kv.value)
+            except Exception:  # a corrupt value must not stop the feed; it is served no more
+                log.warning("view: cannot decode %r; not served", event.kv.key)
+        served = parsed is not None and instance is not None
+        self._meta.set(event.kv.key, None if event.deleted or served else event.kv.value)
+        return None if parsed is None else (key_of(parsed), instance)
+
+    def _apply(self, events: list[Event], revision: int, stamp: int = 0) -> None:
+        for event in events:
+            item = self._classify(event)
+            if item is None:
+                continue
+            key, instance = item
+            region, service, instance_id = key
+            change_revision = stamp or event.kv.mod_revision
+            if instance is None:
+                if not self._index.remove(key):
+                    continue
+                change = Change(
+                    kind=Change.DELETE,
+                    revision=change_revision,
+                    region=region,
+                    service=service,
+                    instance_id=instance_id,
+                )
+            else:
+                self._index.put(key, Record(instance, event.kv.mod_revision, event.kv.lease))
+                change = Change(
+                    kind=Change.PUT,
+                    revision=change_revision,
+                    region=region,
+                    service=service,
+                    instance_id=instance_id,
+                    instance=instance,
+                )
+            self._history.add(change)
+            self._subscriptions.publish(key, change)
+        self._applied.advance(revision)
