@@ -13,9 +13,12 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
+
+if TYPE_CHECKING:  # the type only: telemetry sits below the domain, which may import it
+    from discovery.replication.state import OriginState
 
 _SDK_PROVIDERS: list[Any] = []
 
@@ -90,11 +93,11 @@ class Instruments:
     def timed(counter: metrics.Counter, histogram: metrics.Histogram) -> Timed:
         return Timed(counter, histogram)
 
-    def observe_replication(self, origins: Callable[[], Sequence[OriginLike]]) -> None:
+    def observe_replication(self, origins: Callable[[], Sequence[OriginState]]) -> None:
         """Per-origin replication gauges, read from ``origins()`` (Status's own figures)
         whenever the exporter collects."""
 
-        def gauge(name: str, unit: str, description: str, value: Callable[[OriginLike], float]) -> None:
+        def gauge(name: str, unit: str, description: str, value: Callable[[OriginState], float]) -> None:
             def observe(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
                 return [metrics.Observation(value(o), {"origin": o.origin}) for o in origins()]
 
@@ -116,16 +119,8 @@ class Instruments:
         gauge("discovery.replication.connected", "1", "1 while in contact with the origin", _connected)
 
 
-def _connected(origin: OriginLike) -> float:
+def _connected(origin: OriginState) -> float:
     return 1.0 if origin.connected else 0.0
-
-
-class OriginLike(Protocol):
-    origin: str
-    connected: bool
-    lag_seconds: float
-    lag_revisions: int
-    last_contact_seconds: float
 
 
 class Timed:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import grpc.aio
 
-from discovery.replication.state import RegionStates
+from discovery.replication.state import OriginState, RegionStates
 from discovery.store import StoreHealth
 from discovery.view import View
 from discovery_pb.v1 import admin_pb2 as pb
@@ -48,5 +48,22 @@ class AdminServicer(_Base):
             stale=view.stale,
             server_version=self._version,
             uptime_seconds=time.monotonic() - self._started,
-            origins=self._states.origins(),
+            origins=[_origin_status(o) for o in self._states.origins()],
         )
+
+
+def _origin_status(o: OriginState) -> pb.OriginStatus:
+    return pb.OriginStatus(
+        origin=o.origin,
+        connected=o.connected,
+        leader=o.leader,
+        checkpoint_revision=o.checkpoint_revision,
+        head_revision=o.head_revision,
+        lag_revisions=o.lag_revisions,
+        lag_seconds=o.lag_seconds,
+        last_contact_seconds=o.last_contact_seconds,
+        source=o.source,
+        replicas=o.replicas,
+        heartbeat_seconds=o.heartbeat_seconds,
+        warning=o.warning,
+    )

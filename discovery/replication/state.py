@@ -3,7 +3,8 @@
 The replicator's leader writes its checkpoint (with the time it last heard from the origin)
 at every message from the origin, which heartbeats several times per stale-after; every
 server's view watches those keys, so any server, leader or not, can say how stale its
-replicas of a region are without asking anyone.
+replicas of a region are without asking anyone. What it answers is plain data: the API layer
+turns it into its messages.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from dataclasses import dataclass
 
 from discovery.keys import KeySchema
 from discovery.view import View
-from discovery_pb.v1.admin_pb2 import OriginStatus
 from discovery_pb.v1.replication_pb2 import Checkpoint
 
 HEARTBEATS_PER_SILENCE = 3  # silence (stale-after) must span this many origin heartbeats
@@ -39,6 +39,24 @@ def silence_warning(origin: str, silence: float, heartbeat_ms: int) -> str:
 class Freshness:
     stale: bool
     age: float  # seconds since the source was last heard from (inf: never)
+
+
+@dataclass(frozen=True, slots=True)
+class OriginState:
+    """Replication from one origin into this region, as its checkpoint records it (Status)."""
+
+    origin: str
+    connected: bool  # heard from within stale-after
+    leader: str  # the server running this origin's replicator ("": none)
+    checkpoint_revision: int  # the origin's revision applied up to
+    head_revision: int  # the origin's latest revision, as last heard
+    lag_revisions: int
+    lag_seconds: float  # how far behind the origin the replicas are, in time
+    last_contact_seconds: float
+    source: str  # the origin server the replicator streams from
+    replicas: int  # the origin's instances held here
+    heartbeat_seconds: float  # the origin's feed heartbeat period (0: not known yet)
+    warning: str  # advice when stale-after cannot tell a healthy origin from a silent one
 
 
 class RegionStates:
@@ -93,14 +111,14 @@ class RegionStates:
         fresh = self.freshness(region)
         return not fresh.stale or fresh.age <= self._max_staleness
 
-    def origins(self) -> list[OriginStatus]:
+    def origins(self) -> list[OriginState]:
         out = []
         for origin in self.peers:
             cp = self.checkpoint(origin) or Checkpoint()
             fresh = self.freshness(origin)
             now_ms = time.time() * 1000
             out.append(
-                OriginStatus(
+                OriginState(
                     origin=origin,
                     connected=not fresh.stale,
                     leader=self.leader(origin),
