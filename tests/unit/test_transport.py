@@ -1,16 +1,20 @@
 """The replicator's gRPC feed against an in-process origin: messages pass through as they
-arrive, and every way a feed fails reaches the loop as FeedLost."""
+arrive, every way a feed fails reaches the loop as FeedLost, and no other module of the
+replication package speaks gRPC."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import grpc
 import grpc.aio
 import pytest
 
+import discovery.replication
 from discovery.replication.feed import Feed, FeedLost
 from discovery.replication.transport import GrpcFeed
 from discovery_pb.v1 import replication_pb2 as pb
@@ -126,3 +130,21 @@ async def test_closing_the_feed_ends_the_call_at_once() -> None:
 async def _never() -> AsyncIterator[pb.StreamResponse]:
     await asyncio.sleep(30)
     yield heartbeat(0)
+
+
+def test_only_the_transport_imports_grpc() -> None:
+    # The feed's and checkpoint's protobuf messages are data; gRPC stubs and the admin API's
+    # messages are not the domain's business.
+    package = Path(discovery.replication.__file__).parent
+    for module in package.glob("*.py"):
+        if module.name == "transport.py":
+            continue
+        imported: set[str] = set()
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+        offending = {name for name in imported if name.split(".")[0] == "grpc" or name.endswith("_grpc")}
+        offending |= {name for name in imported if name.startswith("discovery.api") or "admin_pb2" in name}
+        assert not offending, f"{module.name} imports {sorted(offending)}"
