@@ -19,14 +19,13 @@ from discovery.model import validate_service
 from discovery.query import Query, select
 from discovery.replication.state import Freshness, RegionStates
 from discovery.telemetry import Instruments
-from discovery.view import View
+from discovery.view import SNAPSHOT_CHUNK, Changes, Snapshot, View, updates
 from discovery_pb.v1 import lookup_pb2 as pb
 from discovery_pb.v1.lookup_pb2_grpc import LookupServicer as _Base
-from discovery_pb.v1.types_pb2 import Change, Instance, Status
+from discovery_pb.v1.types_pb2 import Status
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_CHUNK = 500
 _SHUTTING_DOWN = "the server is shutting down; resume the watch on another server from the last revision"
 _DEFAULT_STATUSES = frozenset({Status.SERVING})
 
@@ -136,31 +135,24 @@ class LookupServicer(_Base):
             if self.streams.ended(task):
                 return  # shutdown has sent the status already
             await abort(context, exc)
-        # Subscribe and read the history with no await in between: every change is then
-        # either in what we send first or in the subscription, never both, never neither.
-        sub = view.subscribe(request.service)
         self._m.watch_streams.add(1)
         try:
-            changes = view.changes_since(request.since_revision, request.service) if request.since_revision else None
-            revision, stale = view.revision, view.stale
-            if changes is None:
-                for message in _snapshot(view.snapshot(request.service), revision, stale):
-                    yield message
-            else:
-                yield _changes(changes, revision, stale)
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._keepalive):
-                        await sub.ready.wait()
-                if sub.closed:  # shutting down
-                    if self.streams.ended(task):
-                        return
-                    await abort(context, ShuttingDown(_SHUTTING_DOWN))
-                # Taken after the wait: whatever piled up while we were blocked in write()
-                # is coalesced to the latest state per instance.
-                yield _changes(sub.take(), view.revision, view.stale)
+            batches = updates(
+                view, request.service, since=request.since_revision, idle=self._keepalive, chunk=SNAPSHOT_CHUNK
+            )
+            async with contextlib.aclosing(batches):
+                async for batch in batches:
+                    if isinstance(batch, Snapshot):
+                        for message in _snapshot(batch):
+                            yield message
+                    elif batch.closing:
+                        break
+                    else:
+                        yield _changes(batch)
+                if self.streams.ended(task):
+                    return
+                await abort(context, ShuttingDown(_SHUTTING_DOWN))
         finally:
-            view.unsubscribe(sub)
             self._m.watch_streams.add(-1)
 
 
@@ -225,16 +217,16 @@ def _passthrough(data: bytes) -> bytes:
     return data
 
 
-def _snapshot(instances: list[Instance], revision: int, stale: bool) -> list[pb.WatchResponse]:
-    chunks = [instances[i : i + SNAPSHOT_CHUNK] for i in range(0, len(instances), SNAPSHOT_CHUNK)] or [[]]
+def _snapshot(batch: Snapshot) -> list[pb.WatchResponse]:
+    last = len(batch.chunks) - 1
     return [
         pb.WatchResponse(
-            kind=pb.WatchResponse.SNAPSHOT, revision=revision, instances=chunk, stale=stale, more=i < len(chunks) - 1
+            kind=pb.WatchResponse.SNAPSHOT, revision=batch.revision, instances=chunk, stale=batch.stale, more=i < last
         )
-        for i, chunk in enumerate(chunks)
+        for i, chunk in enumerate(batch.chunks)
     ]
 
 
-def _changes(changes: list[Change], revision: int, stale: bool) -> pb.WatchResponse:
-    kind = pb.WatchResponse.CHANGES if changes else pb.WatchResponse.KEEPALIVE
-    return pb.WatchResponse(kind=kind, revision=revision, changes=changes, stale=stale)
+def _changes(batch: Changes) -> pb.WatchResponse:
+    kind = pb.WatchResponse.CHANGES if batch.changes else pb.WatchResponse.KEEPALIVE
+    return pb.WatchResponse(kind=kind, revision=batch.revision, changes=batch.changes, stale=batch.stale)

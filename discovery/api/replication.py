@@ -19,12 +19,11 @@ from discovery.api._streams import OpenStreams
 from discovery.api.errors import abort
 from discovery.errors import DiscoveryError, InvalidArgument, RevisionNotReached, ShuttingDown, StoreUnavailable
 from discovery.store import StoreHealth
-from discovery.view import View
+from discovery.view import SNAPSHOT_CHUNK, Changes, Snapshot, View, updates
 from discovery_pb.v1 import replication_pb2 as pb
 from discovery_pb.v1.replication_pb2_grpc import ReplicationServicer as _Base
 from discovery_pb.v1.types_pb2 import Change, Instance
 
-SNAPSHOT_CHUNK = 500
 CATCH_UP_SECONDS = 2.0  # a receiver ahead of this server's view waits this long before a snapshot
 _SHUTTING_DOWN = "the server is shutting down; replicate from another server of this region"
 _STALE = "this server has lost contact with its etcd; replicate from another server of this region"
@@ -65,31 +64,24 @@ class ReplicationServicer(_Base):
             if self.streams.ended(task):
                 return
             await abort(context, exc)
-        # As in Watch: subscribe and read the history with no await in between.
-        sub = view.subscribe("", region=region)
-        try:
-            changes = view.changes_since(since, "", region=region) if since else None
-            revision = view.revision
-            if changes is None:
-                for message in self._snapshot(view.snapshot("", region=region), revision):
-                    yield message
-            else:
-                yield self._message(pb.StreamResponse.CHANGES, revision, changes=changes)
-            while True:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._heartbeat):
-                        await sub.ready.wait()
-                if sub.closed:
-                    if self.streams.ended(task):
-                        return
-                    await abort(context, ShuttingDown(_SHUTTING_DOWN))
-                if view.stale:  # what follows could not be vouched for: let the receiver move on
-                    await abort(context, StoreUnavailable(_STALE))
-                changes = sub.take()
-                kind = pb.StreamResponse.CHANGES if changes else pb.StreamResponse.HEARTBEAT
-                yield self._message(kind, view.revision, changes=changes)
-        finally:
-            view.unsubscribe(sub)
+        batches = updates(view, "", region, since=since, idle=self._heartbeat, chunk=SNAPSHOT_CHUNK)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                if isinstance(batch, Snapshot):
+                    for message in self._snapshot(batch):
+                        yield message
+                elif batch.closing:
+                    break
+                elif batch.resumed:  # sent even when empty: it tells the receiver where it stands
+                    yield self._message(pb.StreamResponse.CHANGES, batch, changes=batch.changes)
+                else:
+                    if batch.stale:  # what follows could not be vouched for: let the receiver move on
+                        await abort(context, StoreUnavailable(_STALE))
+                    kind = pb.StreamResponse.CHANGES if batch.changes else pb.StreamResponse.HEARTBEAT
+                    yield self._message(kind, batch, changes=batch.changes)
+            if self.streams.ended(task):
+                return
+            await abort(context, ShuttingDown(_SHUTTING_DOWN))
 
     async def _resume_point(self, request: pb.StreamRequest) -> int:
         """The revision to send changes after; 0 for a snapshot."""
@@ -126,30 +118,29 @@ class ReplicationServicer(_Base):
     def _message(
         self,
         kind: pb.StreamResponse.Kind.ValueType,
-        revision: int,
+        batch: Snapshot | Changes,
         *,
         changes: list[Change] | None = None,
         instances: list[Instance] | None = None,
         more: bool = False,
     ) -> pb.StreamResponse:
-        view = self._view
         return pb.StreamResponse(
             kind=kind,
             origin=self._region,
-            cluster_id=view.cluster_id,
-            revision=revision,
+            cluster_id=self._view.cluster_id,
+            revision=batch.revision,
             time_ms=int(time.time() * 1000),
             changes=changes,
             instances=instances,
             more=more,
-            stale=view.stale,
+            stale=batch.stale,
             recovered_at_ms=self._recovered_at_ms(),
             heartbeat_ms=round(self._heartbeat * 1000),
         )
 
-    def _snapshot(self, instances: list[Instance], revision: int) -> list[pb.StreamResponse]:
-        chunks = [instances[i : i + SNAPSHOT_CHUNK] for i in range(0, len(instances), SNAPSHOT_CHUNK)] or [[]]
+    def _snapshot(self, batch: Snapshot) -> list[pb.StreamResponse]:
+        last = len(batch.chunks) - 1
         return [
-            self._message(pb.StreamResponse.SNAPSHOT, revision, instances=chunk, more=i < len(chunks) - 1)
-            for i, chunk in enumerate(chunks)
+            self._message(pb.StreamResponse.SNAPSHOT, batch, instances=chunk, more=i < last)
+            for i, chunk in enumerate(batch.chunks)
         ]

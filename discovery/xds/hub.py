@@ -10,7 +10,6 @@ every stream when a region turns stale or fresh again.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections import OrderedDict
@@ -25,7 +24,7 @@ from google.protobuf.message import Message
 from discovery.errors import InvalidArgument
 from discovery.model import validate_service
 from discovery.replication.state import RegionStates
-from discovery.view import View
+from discovery.view import View, updates
 from discovery.xds import resources as rs
 
 log = logging.getLogger(__name__)
@@ -182,15 +181,13 @@ class XdsHub:
                     del self._watchers[service]
 
     async def run(self) -> None:
-        sub = self.view.subscribe("")
         signature = self.builder.freshness_signature()
-        try:
-            while not sub.closed:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self._interval):
-                        await sub.ready.wait()
+        # The idle batch is the freshness poll: regions turn stale with no change in the view.
+        batches = updates(self.view, since=None, idle=self._interval)
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
                 try:
-                    changed = {change.service for change in sub.take()}
+                    changed = {change.service for change in batch.changes}
                     if changed:
                         self.notify(changed)
                     now = self.builder.freshness_signature()
@@ -201,8 +198,6 @@ class XdsHub:
                         self.notify_all()
                 except Exception:  # a bug must not end every push for good
                     log.exception("xds: failed to notify streams of a change")
-        finally:
-            self.view.unsubscribe(sub)
 
     def notify(self, services: set[str]) -> None:
         touched: dict[Watcher, list[str]] = {}

@@ -6,6 +6,7 @@ hard to time against a real etcd."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 
 import pytest
@@ -14,7 +15,7 @@ from discovery.errors import RevisionNotReached, ShuttingDown, StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.retry import RetryPolicy
 from discovery.store import Compacted, Event, KeyValue, WatchBatch
-from discovery.view import Subscription, View
+from discovery.view import Changes, Snapshot, Subscription, View, updates
 from discovery.view.history import History
 from discovery_pb.v1.types_pb2 import Change, Instance
 from tests.helpers import eventually
@@ -244,3 +245,47 @@ async def test_a_new_term_moments_after_coming_back_withdraws_the_recovery(runni
     assert view.recovered_at > 0  # provisional
     store.raft_term += 1  # the election
     assert view.recovered_at == 0
+
+
+async def test_the_feed_resumes_from_the_history_then_follows_and_idles(running) -> None:
+    store, view = running
+    resume_at = view.revision
+    store.send(store.put("c"))
+    await until(lambda: view.revision == store.revision)
+    async with contextlib.aclosing(updates(view, "svc", since=resume_at, idle=0.05)) as batches:
+        first = await anext(batches)
+        assert isinstance(first, Changes) and first.resumed and kinds(first.changes) == [(Change.PUT, "c")]
+        store.send(store.put("d"))
+        live = await anext(batches)
+        assert isinstance(live, Changes) and not live.resumed and kinds(live.changes) == [(Change.PUT, "d")]
+        assert live.revision == store.revision and not live.stale
+        idle = await anext(batches)  # nothing for `idle` seconds: an empty batch, for a keep-alive
+        assert isinstance(idle, Changes) and idle.changes == [] and not idle.closing
+
+
+async def test_the_feed_sends_a_snapshot_in_chunks_when_it_cannot_resume(running) -> None:
+    store, view = running
+    store.send(store.put("c"))
+    await until(lambda: view.revision == store.revision)
+    for since in (0, -1):  # a fresh reader; one behind the history's floor
+        async with contextlib.aclosing(updates(view, "svc", since=since, idle=5, chunk=2)) as batches:
+            first = await anext(batches)
+            assert isinstance(first, Snapshot) and first.revision == view.revision
+            assert [[i.instance_id for i in chunk] for chunk in first.chunks] == [["a", "b"], ["c"]]
+    async with contextlib.aclosing(updates(view, "none", since=0, idle=5)) as batches:
+        empty = await anext(batches)
+        assert isinstance(empty, Snapshot) and empty.chunks == [[]]
+
+
+async def test_the_feed_ends_at_shutdown_after_a_batch_marked_closing(running) -> None:
+    _, view = running
+    async with contextlib.aclosing(updates(view, since=None, idle=5)) as batches:
+        waiting = asyncio.create_task(anext(batches))
+        await asyncio.sleep(0.01)  # subscribed, waiting for a change
+        view.end_subscriptions()
+        last = await asyncio.wait_for(waiting, 2)
+        assert last.closing and last.changes == []
+        with pytest.raises(StopAsyncIteration):
+            await anext(batches)
+    # Started during shutdown: nothing to follow.
+    assert [batch async for batch in updates(view, since=None, idle=5)] == []
