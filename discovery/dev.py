@@ -402,8 +402,8 @@ class DevCluster:
                 raise EarlierCluster(f"{what}: {named}; {advice}")
             if earlier.owner is not None and not _is_dev(_argv(earlier.owner.pid)):
                 raise EarlierCluster(
-                    f"{what}, run by {earlier.owner}, which is not a `discovery dev`: --replace stops only those; "
-                    "stop it yourself, or choose another --state-dir"
+                    f"{what}, run by {earlier.owner}, which is not a `discovery dev`, so --replace leaves it "
+                    "alone: stop it yourself, or choose another --state-dir"
                 )
             progress(f"replacing the earlier cluster of state dir {earlier.state_dir}: stopping {named}")
             left: list[Pinned] = []

@@ -6,29 +6,32 @@ process dies, however it dies: exit, crash, SIGHUP with no handler, SIGKILL. ``d
 and the test fixtures start etcd and the servers through it, so closing the terminal or
 ``kill -9`` leaves nothing running.
 
-Why ``PR_SET_PDEATHSIG``, set in the child between fork and exec, and not a lifeline pipe:
+Why ``PR_SET_PDEATHSIG`` and not a lifeline pipe:
 
 * It works on any program: etcd is a Go binary we cannot teach to watch a pipe. A pipe would
   need a supervisor process between us and etcd, and the pid we report (that the drills
   SIGSTOP and SIGKILL) would no longer be etcd itself. The setting survives ``execve`` (for
   binaries that are not set-uid and have no file capabilities, as here), so etcd and the
-  server's Python carry it with their real pid.
+  server's Python carry it under their real pid.
 * The trap: the kernel sends the signal when the *thread* that forked the child ends, not the
   process (``prctl(2)``: "the 'parent' in this case is considered to be the thread that
   created this process"). ``DevCluster`` starts regions from pool threads that end once the
   cluster is up, which would kill every child then. So every child is forked by one thread
-  (``_spawner``) that waits for requests forever: it ends only when the process ends, which is
+  (``_Spawner``) that waits for requests forever: it ends only when the process ends, which is
   exactly when the children must go.
 * The race: if this process dies after the fork but before ``prctl``, the child has already
-  been handed to another parent and no signal will come. The child compares ``getppid()`` with
-  the pid that forked it right after ``prctl`` and kills itself if they differ; from then on
-  the kernel is bound to signal it.
+  been handed to another parent and no signal will come. Right after ``prctl`` the child
+  compares ``getppid()`` with the pid that forked it and kills itself if they differ; from
+  then on the kernel is bound to signal it.
 * SIGKILL, not SIGTERM: a child paused by a drill (SIGSTOP) acts on nothing else, and with the
   process that would have stopped things in order gone, there is no order to keep.
-* ``preexec_fn`` runs Python in the child of a threaded process, which the ``subprocess`` docs
-  warn may deadlock when the code needs a lock another thread held at the fork. Ours takes
-  none: CPython re-creates its own locks in the child before calling it, and it makes two
-  system calls (``prctl`` through a ctypes function bound at import, then ``getppid``).
+* ``prctl`` runs in a small Python program that then becomes the real one by ``execvp``, same
+  pid (``_SHIM``), not in ``preexec_fn``: ``preexec_fn`` makes ``Popen`` use ``fork()``
+  instead of ``vfork()``, and ``fork()`` runs the fork handlers of every library in this
+  process around it. gRPC's handlers pause its threads for the fork, or log "Other threads are
+  currently calling into gRPC, skipping fork() handlers" (seen in the test suite); and Python
+  code between fork and exec in a threaded process is what the ``subprocess`` docs warn
+  against. ``vfork()`` runs no handlers; the shim costs a bare interpreter start (~20 ms).
 
 Children started otherwise (``asyncio.create_subprocess_exec``...) are not covered. Linux only;
 elsewhere ``popen`` is plain ``Popen``.
@@ -37,11 +40,10 @@ elsewhere ``popen`` is plain ``Popen``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import os
 import queue
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,22 +53,22 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any, cast
 
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _load_prctl() -> Callable[[int, int], int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return prctl
-
-
-_prctl = _load_prctl()
+# argv: PARENT_PID PROGRAM ARGS... Exits 126 when prctl fails, 127 when PROGRAM cannot run.
+_SHIM = """\
+import ctypes, os, signal, sys
+prctl = ctypes.CDLL(None, use_errno=True).prctl
+prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+if prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG
+    print(f"lifeline: prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}", file=sys.stderr)
+    sys.exit(126)
+if os.getppid() != int(sys.argv[1]):
+    os.kill(os.getpid(), signal.SIGKILL)  # the parent died before prctl: no signal would come
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as exc:
+    print(f"lifeline: cannot run {sys.argv[2]}: {exc}", file=sys.stderr)
+    sys.exit(127)
+"""
 
 _Request = tuple["Future[subprocess.Popen[bytes]]", Sequence[str], dict[str, Any]]
 
@@ -95,8 +97,8 @@ class _Spawner:
             if not done.set_running_or_notify_cancel():
                 continue
             try:
-                pdeathsig = functools.partial(_die_with, os.getpid())
-                proc = subprocess.Popen(args, preexec_fn=pdeathsig, **kwargs)  # noqa: PLW1509
+                shim = [sys.executable, "-I", "-S", "-c", _SHIM, str(os.getpid()), *args]
+                proc = subprocess.Popen(shim, **kwargs)
             except BaseException as exc:
                 done.set_exception(exc)
             else:
@@ -114,23 +116,19 @@ os.register_at_fork(after_in_child=_spawner.forget)
 
 
 def popen(args: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-    """``subprocess.Popen(args, **kwargs)``, its child killed by the kernel when this process
-    dies. Safe from any thread; the fork happens on the spawner thread (see the module doc)."""
-    if _prctl is None:
+    """``subprocess.Popen(args, **kwargs)`` (an argument list, no shell), its child killed by
+    the kernel when this process dies. Safe from any thread; the fork happens on the spawner
+    thread (see the module doc). The pid is the program's from the start, but until the shim
+    has exec'd it (milliseconds), /proc/PID/cmdline shows the shim."""
+    if not sys.platform.startswith("linux"):
         return cast("subprocess.Popen[bytes]", subprocess.Popen(args, **kwargs))
-    if "preexec_fn" in kwargs:
-        raise TypeError("lifeline.popen sets preexec_fn itself")
+    if {"shell", "executable", "preexec_fn"} & kwargs.keys():
+        raise TypeError("lifeline.popen takes neither shell, executable nor preexec_fn")
+    env = kwargs.get("env")
+    if shutil.which(args[0], path=(env if env is not None else os.environ).get("PATH")) is None:
+        # As Popen would, here rather than from the shim, which could only exit 127.
+        raise FileNotFoundError(2, "No such file or directory", args[0])
     return _spawner.popen(args, kwargs)
-
-
-def _die_with(parent: int) -> None:
-    """In the child, before exec: SIGKILL when the forking thread ends; if the parent died
-    already, now."""
-    assert _prctl is not None
-    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- processes of someone else --------------------------------------------------------------
