@@ -465,8 +465,8 @@ async def test_dev_terminal_closed_sighup_and_no_terminal_to_print_to_still_stop
     )
     try:
         await lines_until(reader, lambda line: line == "ready", timeout=60)
-    finally:
         cluster = json.loads((state_dir / "cluster.json").read_text())
+    finally:
         # Closing the last descriptor of the master hangs the terminal up: the kernel sends
         # SIGHUP to its session, and every later write of `discovery dev` to it fails (EIO).
         transport.close()
