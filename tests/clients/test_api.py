@@ -23,6 +23,7 @@ from discovery_client import (
     ServerError,
     Status,
     Unavailable,
+    Unreachable,
 )
 from discovery_client.model import Query, select
 from discovery_client.picker import Picker
@@ -31,6 +32,7 @@ PUBLIC = {
     "AioServiceChannel",
     "ClientConfig",
     "ConfigError",
+    "DirectClient",
     "DiscoveryClient",
     "DiscoveryClientError",
     "Endpoint",
@@ -50,6 +52,8 @@ PUBLIC = {
     "SyncRegistration",
     "SyncServiceChannel",
     "Unavailable",
+    "Unreachable",
+    "from_rpc_error",
 }
 
 
@@ -71,6 +75,7 @@ def test_exception_tree() -> None:
     for cls in (ConfigError, Unavailable, InvalidArgument, NotFound, ServerError):
         assert issubclass(cls, DiscoveryClientError)
     assert issubclass(NoEndpoints, NotFound)
+    assert issubclass(Unreachable, Unavailable)
     assert issubclass(ConfigError, ValueError)
 
 

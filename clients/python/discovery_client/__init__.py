@@ -2,12 +2,14 @@
 
 Resolve from a local cache fed by Watch, fail over between servers and regions, keep
 answering (stale) when every server is gone, register and drain, and gRPC channels that
-follow a service's endpoints. Needs grpcio and protobuf only. See clients/README.md.
+follow a service's endpoints; ``DirectClient``, the low-level face, makes one call at a time
+to servers you name. Needs grpcio and protobuf only. See clients/README.md.
 """
 
 from discovery_client.channel import AioServiceChannel, SyncServiceChannel
 from discovery_client.client import DiscoveryClient
 from discovery_client.config import ClientConfig, RegionServers
+from discovery_client.direct import DirectClient
 from discovery_client.errors import (
     ConfigError,
     DiscoveryClientError,
@@ -16,6 +18,8 @@ from discovery_client.errors import (
     NotFound,
     ServerError,
     Unavailable,
+    Unreachable,
+    from_rpc_error,
 )
 from discovery_client.guard import GuardPolicy
 from discovery_client.model import Endpoint, Resolution, Scope, Status
@@ -28,6 +32,7 @@ __all__ = [
     "AioServiceChannel",
     "ClientConfig",
     "ConfigError",
+    "DirectClient",
     "DiscoveryClient",
     "DiscoveryClientError",
     "Endpoint",
@@ -47,4 +52,6 @@ __all__ = [
     "SyncRegistration",
     "SyncServiceChannel",
     "Unavailable",
+    "Unreachable",
+    "from_rpc_error",
 ]

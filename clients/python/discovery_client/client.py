@@ -18,10 +18,9 @@ from discovery_client.errors import NoEndpoints, Unavailable
 from discovery_client.filecache import FileCache
 from discovery_client.model import Endpoint, Query, Resolution, Scope, Status, to_scope, to_statuses
 from discovery_client.picker import Picker, Strategy
-from discovery_client.registration import Registration
+from discovery_client.registration import Registration, instance_message
 from discovery_client.servers import ServerPool
 from discovery_client.watch import ServiceWatch
-from discovery_pb.v1.types_pb2 import Instance
 
 log = logging.getLogger(__name__)
 
@@ -171,16 +170,16 @@ class DiscoveryClient:
         instance in this region for the block, heartbeating its lease (``ttl`` seconds, 0 for
         a static registration) and registering again if the lease is lost; on exit it turns
         DRAINING, waits ``drain_seconds`` and deregisters. ``zone`` defaults to the config's."""
-        instance = Instance(
-            service=service,
-            address=address,
+        instance = instance_message(
+            service,
+            address,
             instance_id=instance_id,
             zone=self.config.zone if zone is None else zone,
-            tags=list(tags),
-            metadata=dict(metadata or {}),
+            tags=tags,
+            metadata=metadata,
             weight=weight,
             version=version,
-            ttl_seconds=ttl,
+            ttl=ttl,
         )
         return Registration(self._pool, instance, drain_seconds=drain_seconds)
 

@@ -85,16 +85,7 @@ class ClientConfig:
             seen.add(other.region)
         for address in self.servers + tuple(s for r in self.failover for s in r.servers):
             _check_address(address)
-        positive = ("call_timeout", "watch_idle_timeout", "stream_max_seconds", "home_retry_seconds")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0")
-        if self.keepalive_seconds < 1:
-            raise ConfigError("keepalive_seconds must be >= 1 (servers refuse more frequent pings)")
-        if self.cache_file_interval < 0 or self.channel_drain_seconds < 0:
-            raise ConfigError("cache_file_interval and channel_drain_seconds must be >= 0")
-        self.retry.validate()
-        self.guard.validate()
+        check_settings(self)
         return self
 
     @property
@@ -129,6 +120,21 @@ class ClientConfig:
     def with_(self, **changes: Any) -> ClientConfig:
         """A copy with ``changes`` applied, validated."""
         return replace(self, **changes).validate()
+
+
+def check_settings(config: ClientConfig) -> None:
+    """Check the timings and policies; apart from ``validate`` for DirectClient, whose config
+    has no region and whose servers are gRPC targets of any form."""
+    positive = ("call_timeout", "watch_idle_timeout", "stream_max_seconds", "home_retry_seconds")
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{name} must be > 0")
+    if config.keepalive_seconds < 1:
+        raise ConfigError("keepalive_seconds must be >= 1 (servers refuse more frequent pings)")
+    if config.cache_file_interval < 0 or config.channel_drain_seconds < 0:
+        raise ConfigError("cache_file_interval and channel_drain_seconds must be >= 0")
+    config.retry.validate()
+    config.guard.validate()
 
 
 def parse_servers(text: str) -> tuple[str, ...]:

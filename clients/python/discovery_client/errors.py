@@ -5,14 +5,16 @@
     DiscoveryClientError            anything this library raises on purpose
     ├── ConfigError                 a bad ClientConfig or environment variable (also a ValueError)
     ├── Unavailable                 no configured server answered within the deadline, and no
-    │                               cached or file view of the service exists to answer from
+    │   │                           cached or file view of the service exists to answer from
+    │   └── Unreachable             ... and no connection to any of them could even be made
     ├── InvalidArgument             a server refused the request as malformed (bad service name, ...)
     ├── NotFound                    a server does not know the thing asked about (instance, lease)
     │   └── NoEndpoints             pick() or grpc_channel() found no endpoint to use
     └── ServerError                 any other status a server answered with
 
-Callers usually catch ``DiscoveryClientError`` or ``Unavailable``; the gRPC error a failure
-came from (when there is one) is the exception's ``__cause__``.
+Callers usually catch ``DiscoveryClientError`` or ``Unavailable``. An error that comes from a
+call carries its gRPC status: ``code``, ``details`` and the ``server`` that answered (or that
+the call was made to), so nothing needs to parse the message.
 """
 
 from __future__ import annotations
@@ -23,7 +25,23 @@ import grpc
 
 
 class DiscoveryClientError(Exception):
-    """Base of every exception the client raises on purpose."""
+    """Base of every exception the client raises on purpose.
+
+    Attributes:
+        code: the ``grpc.StatusCode`` the call ended with (for ``Unavailable`` after several
+            attempts, the last one's); None when the client gave up by itself (its own
+            deadline, a closed client, a bad setting).
+        details: the status details, as the server (or gRPC) wrote them.
+        server: the server that answered, or the last one tried; "" when none was.
+    """
+
+    def __init__(
+        self, message: str = "", *, code: grpc.StatusCode | None = None, details: str = "", server: str = ""
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details
+        self.server = server
 
 
 class ConfigError(DiscoveryClientError, ValueError):
@@ -32,6 +50,11 @@ class ConfigError(DiscoveryClientError, ValueError):
 
 class Unavailable(DiscoveryClientError):
     """Raised when every server was tried (with retries) within the deadline and none answered."""
+
+
+class Unreachable(Unavailable):
+    """Raised when no connection could be made to any server tried: refused, no route, a name
+    that does not resolve, a handshake refused. ``code`` is UNAVAILABLE."""
 
 
 class InvalidArgument(DiscoveryClientError):
@@ -61,11 +84,26 @@ _TABLE: dict[Any, type[DiscoveryClientError]] = {
 }
 
 
-def from_rpc_error(exc: Any, server: str) -> DiscoveryClientError:
-    """The client exception for a ``grpc.RpcError`` answered by ``server``."""
+def from_rpc_error(exc: Any, server: str, channel: Any = None) -> DiscoveryClientError:
+    """The client exception for a ``grpc.RpcError`` of a call to ``server`` over ``channel``.
+
+    The one place that tells "no connection could be made" from "a server answered
+    UNAVAILABLE" (its etcd is down, it is shutting down). gRPC gives both the same code and
+    says which only in its message text, so the text is not read: the channel's state is.
+    A call fails for want of a connection only while its channel is in TRANSIENT_FAILURE
+    (gRPC keeps it there until a connection succeeds), and a server can only answer over a
+    READY one. Without ``channel`` the error is a plain ``Unavailable``.
+    """
     code = exc.code()
+    details = exc.details() or ""
     cls = _TABLE.get(code, ServerError)
-    return cls(f"{server}: {code.name}: {exc.details()}")
+    if code == grpc.StatusCode.UNAVAILABLE and channel is not None and not _connected(channel):
+        cls = Unreachable
+    return cls(f"{server}: {code.name}: {details}", code=code, details=details, server=server)
+
+
+def _connected(channel: Any) -> bool:
+    return bool(channel.get_state(try_to_connect=False) != grpc.ChannelConnectivity.TRANSIENT_FAILURE)
 
 
 def is_retryable(exc: Any) -> bool:

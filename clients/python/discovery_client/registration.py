@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -15,8 +16,38 @@ from discovery_client.errors import DiscoveryClientError, NotFound, from_rpc_err
 from discovery_client.model import Status
 from discovery_client.servers import ServerPool
 from discovery_pb.v1 import registry_pb2 as pb
+from discovery_pb.v1 import types_pb2
 
 log = logging.getLogger(__name__)
+
+
+def instance_message(
+    service: str,
+    address: str,
+    *,
+    instance_id: str = "",
+    zone: str = "",
+    tags: Sequence[str] = (),
+    metadata: Mapping[str, str] | None = None,
+    weight: int = 0,
+    version: str = "",
+    ttl: int = 0,
+    status: Status | None = None,
+) -> types_pb2.Instance:
+    """The Instance a Register call sends; zero values are the server's defaults (an id derived
+    from the address, weight 100, SERVING)."""
+    return types_pb2.Instance(
+        service=service,
+        address=address,
+        instance_id=instance_id,
+        zone=zone,
+        tags=list(tags),
+        metadata=dict(metadata or {}),
+        weight=weight,
+        version=version,
+        ttl_seconds=ttl,
+        status=types_pb2.Status.ValueType(int(status) if status is not None else 0),
+    )
 
 
 class _LeaseLost(Exception):
@@ -38,7 +69,8 @@ class Registration:
     2. waits ``drain_seconds`` for in-flight work and for clients' caches to catch up;
     3. stops the heartbeats;
     4. deregisters (a lost lease or an unknown instance is fine: it is gone either way;
-       with no server answering, the lease expires by itself).
+       with no server answering, the lease expires by itself, and ``deregister_error``
+       says why it was not removed at once).
 
     Attributes:
         instance_id, lease_id, revision, ttl_seconds: from the latest Register.
@@ -46,6 +78,8 @@ class Registration:
         registrations: how many times Register succeeded (> 1 after a lease loss or drain).
         heartbeats: heartbeats the server acknowledged.
         lease_losses: how many times the server said the lease was gone.
+        deregister_error: after leaving, the error that kept the deregistration from being
+            acknowledged, or None.
     """
 
     def __init__(self, pool: ServerPool, instance: Any, *, drain_seconds: float) -> None:
@@ -60,6 +94,7 @@ class Registration:
         self.registrations = 0
         self.heartbeats = 0
         self.lease_losses = 0
+        self.deregister_error: DiscoveryClientError | None = None
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
@@ -109,6 +144,7 @@ class Registration:
         except NotFound:
             pass
         except DiscoveryClientError as exc:
+            self.deregister_error = exc
             log.warning("discovery client: could not deregister %s (its lease will expire): %s", self.instance_id, exc)
 
     async def _register(self) -> None:

@@ -13,8 +13,8 @@ import grpc
 import grpc.aio
 
 from discovery_client.config import ClientConfig
-from discovery_client.errors import Unavailable, from_rpc_error, is_retryable
-from discovery_pb.v1 import lookup_pb2_grpc, registry_pb2_grpc
+from discovery_client.errors import DiscoveryClientError, Unavailable, Unreachable, from_rpc_error, is_retryable
+from discovery_pb.v1 import admin_pb2_grpc, lookup_pb2_grpc, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,13 @@ class ServerEntry:
 
 
 class Stubs:
-    __slots__ = ("channel", "lookup", "registry")
+    __slots__ = ("admin", "channel", "lookup", "registry")
 
     def __init__(self, channel: Any) -> None:
         self.channel = channel
         self.lookup = lookup_pb2_grpc.LookupStub(channel)
         self.registry = registry_pb2_grpc.RegistryStub(channel)
+        self.admin = admin_pb2_grpc.AdminStub(channel)
 
 
 def channel_options(keepalive_seconds: float) -> list[tuple[str, int]]:
@@ -111,26 +112,28 @@ class ServerPool:
         between, until one answers; returns (response, the server that answered).
 
         Raises:
-            Unavailable: no server answered within the retry policy's attempts and deadline.
+            Unavailable: no server answered within the retry policy's attempts and deadline
+                (``Unreachable`` when no attempt even connected); ``code``, ``details`` and
+                ``server`` are the last attempt's.
             DiscoveryClientError: a server answered with a non-retryable status.
         """
         loop = asyncio.get_running_loop()
         policy = self.config.retry
         end = loop.time() + (policy.deadline if deadline is None else deadline)
-        errors: list[str] = []
+        errors: list[DiscoveryClientError] = []
         for attempt in range(policy.attempts):
             for entry in self.order(home_only=home_only, last=last):
                 remaining = end - loop.time()
                 if remaining <= 0:
                     break
+                stubs = self.stubs(entry)
                 try:
-                    response = await method(self.stubs(entry))(
-                        request, timeout=min(self.config.call_timeout, remaining)
-                    )
+                    response = await method(stubs)(request, timeout=min(self.config.call_timeout, remaining))
                 except grpc.aio.AioRpcError as exc:
+                    error = from_rpc_error(exc, entry.address, stubs.channel)
                     if not is_retryable(exc):
-                        raise from_rpc_error(exc, entry.address) from exc
-                    errors.append(f"{entry.address}: {exc.code().name}")
+                        raise error from exc
+                    errors.append(error)
                     continue
                 self.answered(entry)
                 return response, entry
@@ -138,7 +141,13 @@ class ServerPool:
             if remaining <= 0 or attempt == policy.attempts - 1:
                 break
             await asyncio.sleep(min(policy.delay(attempt), remaining))
-        raise Unavailable(f"no discovery server answered ({'; '.join(errors[-4:]) or 'deadline reached'})")
+        tried = "; ".join(f"{e.server}: {e.code.name if e.code else '?'}" for e in errors[-4:])
+        message = f"no discovery server answered ({tried or 'deadline reached'})"
+        if not errors:
+            raise Unavailable(message)
+        cls = Unreachable if all(isinstance(e, Unreachable) for e in errors) else Unavailable
+        final = errors[-1]
+        raise cls(message, code=final.code, details=final.details, server=final.server)
 
     async def home_answers(self, request: Any) -> ServerEntry | None:
         """A server of this region that answers ``request`` (a ResolveRequest) now, if any."""

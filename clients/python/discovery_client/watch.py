@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Set
+from collections.abc import AsyncGenerator, Mapping, Set
 from typing import Any
 
 import grpc
@@ -28,8 +28,50 @@ _CONFIRM_RETRY_FIRST = 0.25  # seconds before an unconfirming read is retried; d
 _CONFIRM_RETRY_MAX = 5.0
 
 
-class _StreamBroken(Exception):
-    """A Watch stream ended in a way that another server (or a retry) may fix."""
+class StreamBroken(Exception):
+    """A Watch stream ended in a way that another server (or a retry) may fix; ``error`` is
+    what to report if none does."""
+
+    def __init__(self, error: DiscoveryClientError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def follow_watch(pool: ServerPool, entry: ServerEntry, request: Any) -> AsyncGenerator[Any, None]:
+    """Every message of one server's Watch stream, until it breaks (``StreamBroken``), the
+    server refuses the request (``DiscoveryClientError``), or the stream reaches its deadline,
+    ``stream_max_seconds`` (it returns: resume it)."""
+    config = pool.config
+    stubs = pool.stubs(entry)
+    call = stubs.lookup.Watch(request, timeout=config.stream_max_seconds)
+    heard = False
+    try:
+        messages = call.__aiter__()
+        while True:
+            # A hung server sends nothing: the first answer is due within a call's deadline,
+            # the next ones at least every server keep-alive.
+            idle = config.watch_idle_timeout if heard else config.call_timeout
+            try:
+                async with asyncio.timeout(idle):
+                    message = await messages.__anext__()
+            except StopAsyncIteration:
+                raise StreamBroken(Unavailable(f"{entry.address} ended the watch", server=entry.address)) from None
+            except TimeoutError:
+                error = Unavailable(f"{entry.address} sent nothing for {idle:g}s", server=entry.address)
+                raise StreamBroken(error) from None
+            except grpc.aio.AioRpcError as exc:
+                if heard and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return  # stream_max_seconds reached
+                failure = from_rpc_error(exc, entry.address, stubs.channel)
+                if is_retryable(exc):
+                    raise StreamBroken(failure) from None
+                raise failure from exc
+            if not heard:
+                heard = True
+                pool.answered(entry)
+            yield message
+    finally:
+        call.cancel()
 
 
 class ServiceWatch:
@@ -79,7 +121,7 @@ class ServiceWatch:
             for entry in self._pool.order():
                 try:
                     restart = await self._follow(entry)
-                except _StreamBroken as exc:
+                except StreamBroken as exc:
                     reason = str(exc)
                     continue
                 except DiscoveryClientError as exc:  # refused, not failed: retrying will not help
@@ -100,37 +142,15 @@ class ServiceWatch:
             attempt += 1
 
     async def _follow(self, entry: ServerEntry) -> bool:
-        """Follow one server's Watch until it breaks (raises _StreamBroken) or until it is
+        """Follow one server's Watch until it breaks (raises StreamBroken) or until it is
         time to start over from the preferred server (returns True)."""
         config, loop = self._config, asyncio.get_running_loop()
         resume = entry.region == self._revision_region and self.cache.revision > 0
         request = pb.WatchRequest(service=self.service, since_revision=self.cache.revision if resume else 0)
-        call = self._pool.stubs(entry).lookup.Watch(request, timeout=config.stream_max_seconds)
         self._parts = None
-        heard = False
         next_home = loop.time() + config.home_retry_seconds
-        try:
-            messages = call.__aiter__()
-            while True:
-                # A hung server sends nothing: the first answer is due within a call's
-                # deadline, the next ones at least every server keep-alive.
-                idle = config.watch_idle_timeout if heard else config.call_timeout
-                try:
-                    async with asyncio.timeout(idle):
-                        message = await messages.__anext__()
-                except StopAsyncIteration:
-                    raise _StreamBroken(f"{entry.address} ended the watch") from None
-                except TimeoutError:
-                    raise _StreamBroken(f"{entry.address} sent nothing for {idle:g}s") from None
-                except grpc.aio.AioRpcError as exc:
-                    if heard and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                        return True  # stream_max_seconds reached: start over, resuming
-                    if is_retryable(exc):
-                        raise _StreamBroken(f"{entry.address}: {exc.code().name}: {exc.details()}") from None
-                    raise from_rpc_error(exc, entry.address) from exc
-                if not heard:
-                    heard = True
-                    self._pool.answered(entry)
+        async with contextlib.aclosing(follow_watch(self._pool, entry, request)) as messages:
+            async for message in messages:
                 self._on_message(message, entry)
                 if not entry.home and loop.time() >= next_home:
                     next_home = loop.time() + config.home_retry_seconds
@@ -139,8 +159,7 @@ class ServiceWatch:
                         log.info("discovery client: %s answers again; moving the watch of %s home", home, self.service)
                         self._pool.answered(home)
                         return True
-        finally:
-            call.cancel()
+        return True  # stream_max_seconds reached: start over, resuming
 
     def _on_message(self, message: Any, entry: ServerEntry) -> None:
         self.messages += 1
