@@ -1,4 +1,4 @@
-"""What every client command shares: the server address, the channel, errors and exit codes."""
+"""What every client command shares: the client, the server address, errors and exit codes."""
 
 from __future__ import annotations
 
@@ -6,21 +6,42 @@ import argparse
 import json
 import os
 import sys
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import grpc
 import grpc.aio
 
+from discovery import errors as server_errors
+from discovery_client import (
+    ConfigError,
+    DirectClient,
+    DiscoveryClientError,
+    InvalidArgument,
+    NotFound,
+    RetryPolicy,
+    Unavailable,
+    Unreachable,
+    from_rpc_error,
+)
+
 DEFAULT_SERVER = "127.0.0.1:7400"
 
 # Exit codes, for scripts.
 OK, FAILED, USAGE, NOT_FOUND, UNAVAILABLE = 0, 1, 2, 3, 4
-_EXIT_FOR = {
-    grpc.StatusCode.INVALID_ARGUMENT: USAGE,
-    grpc.StatusCode.NOT_FOUND: NOT_FOUND,
-    grpc.StatusCode.UNAVAILABLE: UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED: UNAVAILABLE,
+
+# The one table from failures to exit codes: the client's exceptions (the client picks their
+# class from the gRPC code), then the server's own, raised in-process by the commands that run
+# server code (serve, dev, xds-bootstrap's checks). A class not listed takes its nearest
+# listed base's code, else FAILED.
+EXIT_CODES: dict[type[Exception], int] = {
+    InvalidArgument: USAGE,
+    ConfigError: USAGE,
+    NotFound: NOT_FOUND,
+    Unavailable: UNAVAILABLE,
+    server_errors.InvalidArgument: USAGE,
+    server_errors.StoreUnavailable: UNAVAILABLE,
 }
 
 EXIT_CODES_HELP = """exit codes:
@@ -30,11 +51,17 @@ EXIT_CODES_HELP = """exit codes:
   3  not found
   4  server or its etcd unavailable, or the call timed out"""
 
+# The library restarts its streams every 10 minutes to move between servers; a command has
+# one server, and a restarted Watch would print an empty change. Follow one stream for a day.
+_STREAM_SECONDS = 24 * 3600.0
+
 _CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
+# Channels made by channel(), so rpc_error() can ask a failed call's channel whether it was connected.
+_channels: weakref.WeakValueDictionary[str, grpc.aio.Channel] = weakref.WeakValueDictionary()
 
 
 class CommandError(Exception):
@@ -43,6 +70,24 @@ class CommandError(Exception):
     def __init__(self, message: str, code: int = FAILED) -> None:
         super().__init__(message)
         self.code = code
+
+
+def exit_code(exc: BaseException) -> int:
+    if isinstance(exc, CommandError):
+        return exc.code
+    for cls in type(exc).__mro__:
+        if cls in EXIT_CODES:
+            return EXIT_CODES[cls]
+    return FAILED
+
+
+def describe(exc: BaseException) -> str:
+    """The failure as one line: a server's answer as its gRPC status and details."""
+    if isinstance(exc, Unreachable):
+        return f"unavailable: cannot reach the discovery server at {exc.server}"
+    if isinstance(exc, DiscoveryClientError) and exc.code is not None:
+        return f"{exc.code.name.lower()}: {exc.details or exc.code.name.lower()}"
+    return str(exc)
 
 
 def bounded_int(low: int, high: int) -> Callable[[str], int]:
@@ -83,6 +128,17 @@ def add_verb(
     )
 
 
+def seconds(text: str) -> float:
+    """An argparse type for a deadline: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} is not above 0")
+    return value
+
+
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
@@ -92,20 +148,33 @@ def add_client_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
-        "--timeout", type=float, default=5.0, metavar="SECONDS", help="deadline of each call (default: %(default)s)"
+        "--timeout", type=seconds, default=5.0, metavar="SECONDS", help="deadline of each call (default: %(default)s)"
+    )
+
+
+def client(args: argparse.Namespace) -> DirectClient:
+    """The client library's low-level face, talking to --server with --timeout per call."""
+    return DirectClient(
+        args.server,
+        call_timeout=args.timeout,
+        # One attempt, as a command always made: whoever runs it decides whether to try
+        # again (and a Deregister repeated after a lost answer would say NOT_FOUND).
+        retry=RetryPolicy(attempts=1, deadline=args.timeout),
+        stream_max_seconds=_STREAM_SECONDS,
     )
 
 
 def channel(args: argparse.Namespace) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(args.server, options=_CHANNEL_OPTIONS)
+    """A plain channel to --server, for services the client library does not speak (CSDS)."""
+    made = grpc.aio.insecure_channel(args.server, options=_CHANNEL_OPTIONS)
+    _channels[args.server] = made
+    return made
 
 
-def rpc_error(exc: grpc.aio.AioRpcError, server: str) -> CommandError:
-    code = exc.code()
-    details = exc.details() or code.name.lower()
-    if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in details.lower():
-        details = f"cannot reach the discovery server at {server}"
-    return CommandError(f"{code.name.lower()}: {details}", _EXIT_FOR.get(code, FAILED))
+def rpc_error(exc: grpc.aio.AioRpcError, server: str) -> DiscoveryClientError:
+    """The client's exception for a failed call over ``channel()``, classified as the client
+    classifies its own (the channel tells whether the server was reached at all)."""
+    return from_rpc_error(exc, server, _channels.get(server))
 
 
 def print_json(value: Any) -> None:

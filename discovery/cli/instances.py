@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import signal
-import sys
-from collections.abc import AsyncIterator
+from typing import Any
 
-import grpc
-import grpc.aio
+from discovery.cli._common import OK, UINT32, CommandError, add_client_flags, add_verb, client, print_json
 
-from discovery.cli._common import OK, UINT32, CommandError, add_client_flags, add_verb, channel, print_json, rpc_error
-from discovery.retry import RetryPolicy
-from discovery_pb.v1 import registry_pb2 as pb
-from discovery_pb.v1.registry_pb2_grpc import RegistryStub
-from discovery_pb.v1.types_pb2 import Instance
+DRAIN_SECONDS = 5.0  # the client library's default drain
 
 REGISTER_EXAMPLES = """examples:
   discovery register web 10.0.0.5:8080 --id web-1 --zone us-east-1a --tag canary --meta version=1.4
       static: stays until `discovery deregister web web-1`
   discovery register web 10.0.0.5:8080 --ttl 10
-      leased: stays in the foreground sending heartbeats; Ctrl-C or SIGTERM deregisters
+      leased: stays in the foreground sending heartbeats; Ctrl-C or SIGTERM marks it DRAINING,
+      waits --drain seconds (clients stop picking it), then deregisters
   discovery register web 10.0.0.5:8080 --ttl 10 --json
       prints {"service", "instance_id", "revision"} once registered"""
 
@@ -45,6 +39,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--meta", action="append", default=[], metavar="K=V", help="metadata entry; repeatable")
     p.add_argument("--weight", type=UINT32, default=0, metavar="N", help="1..10000 (default 100)")
     p.add_argument("--version", default="", help="the instance's software version")
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=DRAIN_SECONDS,
+        metavar="SECONDS",
+        help="leased: on Ctrl-C or SIGTERM, stay DRAINING this long before deregistering (default: %(default)s)",
+    )
     add_client_flags(p)
     p.set_defaults(func=register)
 
@@ -60,7 +61,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     d.set_defaults(func=deregister)
 
 
-def _instance(args: argparse.Namespace) -> Instance:
+def _fields(args: argparse.Namespace) -> dict[str, Any]:
     metadata = {}
     for item in args.meta:
         key, sep, value = item.partition("=")
@@ -69,117 +70,63 @@ def _instance(args: argparse.Namespace) -> Instance:
         metadata[key] = value
     if args.ttl < 0 or args.weight < 0:
         raise CommandError("--ttl and --weight must not be negative", 2)
-    return Instance(
-        service=args.service,
-        instance_id=args.id,
-        address=args.address,
-        zone=args.zone,
-        tags=args.tag,
-        metadata=metadata,
-        weight=args.weight,
-        ttl_seconds=args.ttl,
-        version=args.version,
-    )
+    if args.drain < 0:
+        raise CommandError("--drain must not be negative", 2)
+    return {
+        "instance_id": args.id,
+        "zone": args.zone,
+        "tags": args.tag,
+        "metadata": metadata,
+        "weight": args.weight,
+        "version": args.version,
+        "ttl": args.ttl,
+    }
+
+
+def _registered(args: argparse.Namespace, instance_id: str, revision: int, kind: str) -> None:
+    if args.json:
+        print_json({"service": args.service, "instance_id": instance_id, "revision": revision})
+    else:
+        print(f"registered {args.service}/{instance_id} at revision {revision} ({kind})", flush=True)
 
 
 async def register(args: argparse.Namespace) -> int:
-    instance = _instance(args)
-    async with channel(args) as ch:
-        stub = RegistryStub(ch)
-        try:
-            resp = await stub.Register(pb.RegisterRequest(instance=instance), timeout=args.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc, args.server) from None
-        if args.json:
-            print_json({"service": args.service, "instance_id": resp.instance_id, "revision": resp.revision})
-        else:
-            kind = f"leased, ttl {resp.ttl_seconds}s" if resp.lease_id else "static"
-            print(f"registered {args.service}/{resp.instance_id} at revision {resp.revision} ({kind})", flush=True)
-        if not resp.lease_id:
+    fields = _fields(args)
+    async with client(args) as api:
+        if not args.ttl:
+            resp = await api.register(args.service, args.address, **fields)
+            _registered(args, resp.instance_id, resp.revision, "static")
             return OK
-        instance.instance_id = resp.instance_id
-        await _keep_alive(stub, instance, resp, args)
+        # Listening before anything is printed: whoever reads the first line may signal at once.
+        stop = _stop_on_signals()
+        # The library's registration: heartbeats (on another stream when one breaks), a new
+        # registration when the lease is lost, and on the way out DRAINING, then deregister.
+        async with api.registration(args.service, args.address, **fields, drain_seconds=args.drain) as registration:
+            kind = f"leased, ttl {registration.ttl_seconds}s"
+            _registered(args, registration.instance_id, registration.revision, kind)
+            await stop.wait()
+            if args.drain and not args.json:
+                print(f"draining {args.service}/{registration.instance_id} for {args.drain:g}s", flush=True)
+        if registration.deregister_error is not None:
+            raise registration.deregister_error
+        if not args.json:
+            print(f"deregistered {args.service}/{registration.instance_id}", flush=True)
     return OK
 
 
-async def _keep_alive(
-    stub: RegistryStub, instance: Instance, first: pb.RegisterResponse, args: argparse.Namespace
-) -> None:
-    """Heartbeat until Ctrl-C/SIGTERM, re-registering if the lease was lost; then deregister."""
+def _stop_on_signals() -> asyncio.Event:
+    """An event Ctrl-C or SIGTERM sets. The handlers stay on, so another signal during the
+    drain does not end the process before it has deregistered."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(_heartbeat_loop(stub, instance, first, args, stop))
-    await stop.wait()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    try:
-        await stub.Deregister(
-            pb.DeregisterRequest(service=instance.service, instance_id=instance.instance_id), timeout=args.timeout
-        )
-        if not args.json:
-            print(f"deregistered {instance.service}/{instance.instance_id}", flush=True)
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() != grpc.StatusCode.NOT_FOUND:
-            raise rpc_error(exc, args.server) from None
-
-
-async def _heartbeat_loop(
-    stub: RegistryStub, instance: Instance, reg: pb.RegisterResponse, args: argparse.Namespace, stop: asyncio.Event
-) -> None:
-    interval = max(0.5, reg.ttl_seconds / 3)
-    retry, attempt = RetryPolicy(base_delay=0.5, max_delay=interval), 0
-    lease_id = reg.lease_id
-    while not stop.is_set():
-        try:
-            async for _ in _heartbeats(stub, lease_id, interval):
-                attempt = 0
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                print(f"lease lost ({exc.details()}); registering again", file=sys.stderr, flush=True)
-                with contextlib.suppress(grpc.aio.AioRpcError):
-                    again = await stub.Register(pb.RegisterRequest(instance=instance), timeout=args.timeout)
-                    lease_id = again.lease_id
-                    continue
-            else:
-                print(f"heartbeat failed ({exc.code().name.lower()}); retrying", file=sys.stderr, flush=True)
-        await asyncio.sleep(retry.delay(attempt))
-        attempt += 1
-
-
-async def _heartbeats(stub: RegistryStub, lease_id: int, interval: float) -> AsyncIterator[pb.HeartbeatResponse]:
-    async def requests() -> AsyncIterator[pb.HeartbeatRequest]:
-        while True:
-            yield pb.HeartbeatRequest(lease_id=lease_id)
-            await asyncio.sleep(interval)
-
-    call = stub.Heartbeat(requests())
-    try:
-        while True:
-            # A response must come back within an interval, or the stream is dead.
-            async with asyncio.timeout(interval * 2):
-                response = await call.read()
-            if response is grpc.aio.EOF:
-                return
-            yield response
-    except TimeoutError:
-        raise grpc.aio.AioRpcError(
-            grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "heartbeat not answered"
-        ) from None
-    finally:
-        call.cancel()
+    return stop
 
 
 async def deregister(args: argparse.Namespace) -> int:
-    async with channel(args) as ch:
-        try:
-            resp = await RegistryStub(ch).Deregister(
-                pb.DeregisterRequest(service=args.service, instance_id=args.instance_id), timeout=args.timeout
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc, args.server) from None
+    async with client(args) as api:
+        resp = await api.deregister(args.service, args.instance_id)
     if args.json:
         print_json({"service": args.service, "instance_id": args.instance_id, "revision": resp.revision})
     else:

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
 import sys
-
-import grpc
-import grpc.aio
 
 from discovery.cli._common import (
     OK,
     REVISION,
-    UNAVAILABLE,
     CommandError,
     add_client_flags,
     add_verb,
     bounded_int,
-    channel,
+    client,
+    describe,
+    exit_code,
     print_json,
     print_table,
-    rpc_error,
 )
 from discovery.cli._render import (
     INSTANCE_HEADER,
@@ -31,13 +28,14 @@ from discovery.cli._render import (
     watch_dict,
     watch_lines,
 )
-from discovery.retry import RetryPolicy
-from discovery_pb.v1 import lookup_pb2 as pb
-from discovery_pb.v1.lookup_pb2_grpc import LookupStub
-from discovery_pb.v1.types_pb2 import Status
+from discovery_client import DiscoveryClientError, RetryPolicy, Scope, Status, Unavailable
+from discovery_pb.v1.lookup_pb2 import WatchResponse
 
-SCOPES = {"local": pb.LOCAL, "failover": pb.FAILOVER, "all": pb.ALL}
-STATUSES = {"serving": Status.SERVING, "draining": Status.DRAINING, "not_serving": Status.NOT_SERVING}
+SCOPES = sorted(s.name.lower() for s in Scope)
+STATUSES = sorted(s.name.lower() for s in Status)
+# Reconnecting: 0.2 s doubling to 5 s between attempts; after 31 in a row, about two
+# minutes, the command gives up.
+WATCH_RETRY = RetryPolicy(attempts=31, deadline=24 * 3600.0, base_delay=0.2, max_delay=5.0)
 
 RESOLVE_EXAMPLES = """examples:
   discovery resolve web
@@ -62,7 +60,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         epilog=RESOLVE_EXAMPLES,
     )
     r.add_argument("service")
-    r.add_argument("--scope", choices=sorted(SCOPES), default="local", help="regions to include (default: local)")
+    r.add_argument("--scope", choices=SCOPES, default="local", help="regions to include (default: local)")
     r.add_argument(
         "--min-healthy",
         type=bounded_int(1, 10_000),
@@ -71,7 +69,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="failover: add regions, nearest first, until N serving endpoints (default 1)",
     )
     r.add_argument("--min-revision", type=REVISION, default=0, metavar="N", help="wait until the view has reached N")
-    r.add_argument("--status", action="append", choices=sorted(STATUSES), default=[], help="default: serving")
+    r.add_argument("--status", action="append", choices=STATUSES, default=[], help="default: serving")
     r.add_argument("--tag", action="append", default=[], help="require this tag; repeatable")
     r.add_argument("--zone", default="", help="only this zone")
     add_client_flags(r)
@@ -91,20 +89,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 async def resolve(args: argparse.Namespace) -> int:
-    request = pb.ResolveRequest(
-        service=args.service,
-        scope=SCOPES[args.scope],
-        min_revision=args.min_revision,
-        statuses=[STATUSES[s] for s in args.status],
-        tags=args.tag,
-        zone=args.zone,
-        min_healthy=args.min_healthy,
-    )
-    async with channel(args) as ch:
-        try:
-            resp = await LookupStub(ch).Resolve(request, timeout=args.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc, args.server) from None
+    async with client(args) as api:
+        resp = await api.resolve(
+            args.service,
+            scope=args.scope,
+            statuses=args.status,
+            tags=args.tag,
+            zone=args.zone,
+            min_healthy=args.min_healthy,
+            min_revision=args.min_revision,
+        )
     if args.json:
         print_json(
             {
@@ -125,31 +119,23 @@ async def resolve(args: argparse.Namespace) -> int:
 
 
 async def watch(args: argparse.Namespace) -> int:
-    """Stream changes; on a broken stream, resume from the last revision with backoff."""
-    since, attempt, retry = args.since, 0, RetryPolicy(base_delay=0.2, max_delay=5.0)
-    async with channel(args) as ch:
-        stub = LookupStub(ch)
-        while True:
-            try:
-                async for msg in stub.Watch(pb.WatchRequest(service=args.service, since_revision=since)):
-                    attempt = 0
-                    if msg.kind != pb.WatchResponse.SNAPSHOT or not msg.more:
-                        since = msg.revision
-                    if msg.kind == pb.WatchResponse.KEEPALIVE and not args.keepalives:
+    """Print every message of the client's resumable Watch until Ctrl-C."""
+
+    def interrupted(error: DiscoveryClientError) -> None:
+        print(f"watch interrupted ({describe(error)}); reconnecting", file=sys.stderr, flush=True)
+
+    async with client(args) as api:
+        messages = api.watch(args.service, since_revision=args.since, retry=WATCH_RETRY, on_interrupt=interrupted)
+        try:
+            async with contextlib.aclosing(messages):
+                async for msg in messages:
+                    if msg.kind == WatchResponse.KEEPALIVE and not args.keepalives:
                         continue
                     if args.json:
                         print_json(watch_dict(msg))
                     else:
                         for line in watch_lines(msg) or [f"# alive at revision {msg.revision}"]:
                             print(line, flush=True)
-                return OK
-            except grpc.aio.AioRpcError as exc:
-                error = rpc_error(exc, args.server)
-                if error.code != UNAVAILABLE:
-                    raise error from None
-                if attempt == 0:
-                    print(f"watch interrupted ({error}); reconnecting", file=sys.stderr, flush=True)
-                await asyncio.sleep(retry.delay(attempt))
-                attempt += 1
-                if attempt > 30:
-                    raise CommandError(f"gave up reconnecting: {error}", UNAVAILABLE) from None
+        except Unavailable as exc:
+            raise CommandError(f"gave up reconnecting: {describe(exc)}", exit_code(exc)) from None
+    return OK

@@ -9,8 +9,9 @@ import os
 import sys
 
 from discovery.cli import dev, drill, instances, lookup, serve, status, xds
-from discovery.cli._common import EXIT_CODES_HELP, FAILED, OK, UNAVAILABLE, USAGE, CommandError
-from discovery.errors import DiscoveryError, InvalidArgument, StoreUnavailable
+from discovery.cli._common import EXIT_CODES_HELP, FAILED, OK, CommandError, describe, exit_code
+from discovery.errors import DiscoveryError
+from discovery_client import DiscoveryClientError
 
 DESCRIPTION = """Multi-region service discovery: regional gRPC servers on etcd.
 
@@ -53,6 +54,10 @@ def _setup_logging(level: str) -> None:
     for handler in (out, err):
         handler.setFormatter(fmt)
     logging.basicConfig(level=level.upper(), handlers=[out, err])
+    if level != "debug":
+        # Its information lines (which server answered, a stream resumed) would land on
+        # stdout among a command's output, and in its JSON; its warnings still show.
+        logging.getLogger("discovery_client").setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,18 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code: int = asyncio.run(args.func(args))
         return code
-    except CommandError as exc:
-        print(f"discovery {args.command}: error: {exc}", file=sys.stderr)
-        return exc.code
-    except InvalidArgument as exc:
-        print(f"discovery {args.command}: error: {exc}", file=sys.stderr)
-        return USAGE
-    except StoreUnavailable as exc:
-        print(f"discovery {args.command}: error: {exc}", file=sys.stderr)
-        return UNAVAILABLE
-    except DiscoveryError as exc:
-        print(f"discovery {args.command}: error: {exc}", file=sys.stderr)
-        return FAILED
+    except (CommandError, DiscoveryClientError, DiscoveryError) as exc:
+        print(f"discovery {args.command}: error: {describe(exc)}", file=sys.stderr)
+        return exit_code(exc)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

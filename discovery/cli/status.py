@@ -5,13 +5,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-import grpc
-import grpc.aio
-
-from discovery.cli._common import OK, add_client_flags, add_verb, channel, print_json, print_table, rpc_error
+from discovery.cli._common import OK, add_client_flags, add_verb, client, print_json, print_table
 from discovery.cli._render import ORIGIN_HEADER, origin_dict, origin_row
-from discovery_pb.v1 import admin_pb2 as pb
-from discovery_pb.v1.admin_pb2_grpc import AdminStub
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -26,11 +21,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 async def status(args: argparse.Namespace) -> int:
-    async with channel(args) as ch:
-        try:
-            resp = await AdminStub(ch).Status(pb.StatusRequest(), timeout=args.timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(exc, args.server) from None
+    async with client(args) as api:
+        resp = await api.status()
     etcd = {
         "endpoints": list(resp.etcd.endpoints),
         "healthy": resp.etcd.healthy,

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from discovery.etcd_process import EtcdProcess, free_port
+from discovery_pb.v1 import types_pb2
 from tests.helpers import eventually
 
 CLI = [sys.executable, "-m", "discovery"]
@@ -39,6 +40,14 @@ async def read_line(proc: asyncio.subprocess.Process, timeout: float = 20.0) -> 
         line = await proc.stdout.readline()
     assert line, "process closed its output"
     return line.decode()
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether the process has its SIGTERM handler on (until then SIGTERM kills it outright,
+    and a loaded machine can take over a second to import and get there)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
 
 
 @pytest.fixture
@@ -178,6 +187,40 @@ async def test_leased_register_heartbeats_then_deregisters_on_sigterm(server_add
             await proc.wait()
 
 
+async def test_leased_register_drains_before_deregistering(etcd, servers, connect) -> None:
+    """SIGTERM: the instance turns DRAINING (seen by a watcher while the command still
+    runs), stays for --drain, and only then is deregistered; stdout keeps its one JSON line."""
+    from tests.helpers import watch
+
+    server = await servers.start(etcd)
+    s = ("--server", f"127.0.0.1:{server.port}")
+    observer = watch(connect(server).lookup, "api")
+    proc = await start("register", "api", "10.0.0.9:9000", "--id", "api-1", "--ttl", "2", "--drain", "2", "--json", *s)
+    key = ("us-east", "api", "api-1")
+    try:
+        registered = json.loads(await read_line(proc))
+        assert registered["instance_id"] == "api-1"
+        await observer.until(lambda w: key in w.state)
+        proc.send_signal(signal.SIGTERM)
+        await observer.until(lambda w: key in w.state and w.state[key].status == types_pb2.DRAINING)
+        assert proc.returncode is None  # still draining
+        await observer.until(lambda w: key not in w.state)
+        async with asyncio.timeout(10):
+            out, err = await proc.communicate()
+        assert proc.returncode == 0 and out.decode() == "" and err.decode() == ""
+        kinds = [
+            (types_pb2.Change.Kind.Name(c.kind), types_pb2.Status.Name(c.instance.status) if c.instance.status else "")
+            for c in observer.changes
+            if c.instance_id == "api-1"
+        ]
+        assert kinds[-2:] == [("PUT", "DRAINING"), ("DELETE", "")], kinds
+    finally:
+        await observer.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
 async def test_watch_prints_snapshot_then_changes(server_addr: str) -> None:
     s = ("--server", server_addr)
     await run("register", "db", "10.0.0.1:5432", "--id", "db-1", *s)
@@ -232,7 +275,12 @@ async def test_serve_stops_cleanly_on_sigterm_while_waiting_for_etcd() -> None:
     proc = await start("serve", "--region", "us-east", "--listen", f"127.0.0.1:{free_port()}",
                        "--etcd", f"127.0.0.1:{free_port()}")  # fmt: skip
     try:
-        await asyncio.sleep(1.0)  # let it get into its wait for etcd; nothing to observe from outside
+
+        async def handler_on() -> bool:
+            return catches_sigterm(proc.pid)
+
+        await eventually(handler_on, timeout=20, interval=0.05)
+        await asyncio.sleep(0.5)  # into its wait for etcd: nothing else to observe from outside
         assert proc.returncode is None
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(10):
