@@ -3,8 +3,14 @@
 grpc.aio decodes a request before any handler runs, and a decoding error there reaches the
 caller as UNKNOWN ("Unexpected <class 'DecodeError'>"), which reads as a server fault. This
 interceptor takes decoding over for every service on the port (Registry, Lookup, Admin,
-Replication, xDS, health, reflection alike): the handler is given the raw bytes, decodes them
-itself, and a payload that does not decode ends the call as bad input.
+Replication, xDS, health, reflection alike): the handler is given the raw bytes decoded by
+a wrapper, and a payload that does not decode ends the call as bad input.
+
+A streamed request that does not decode raises ``Undecodable`` into the handler, and the
+wrapper answers it once the handler has ended, in the handler's own task: the ADS handler
+reads requests in a task of its own while it writes responses, and an abort from the reading
+task can meet a write in progress (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS: no status is sent
+and the client waits out its deadline).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError
 
-Decode = Callable[[bytes], Any]
+
+class Undecodable(Exception):
+    """A request's bytes are not a message of the method's request type."""
 
 
 class DecodeRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -33,63 +41,56 @@ class DecodeRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    decode: Decode = handler.request_deserializer
-    serialize = handler.response_serializer
+    decode: Callable[[bytes], Any] = handler.request_deserializer
+    detail = f"{method}: the request is not a valid protobuf message of the method's type"
 
-    async def one(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+    def one(raw: bytes) -> Any:
         try:
             return decode(raw)
         except DecodeError:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{method}: the request is not a valid protobuf message of the method's type",
-            )
+            raise Undecodable(detail) from None
 
-    async def many(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def many(raws: AsyncIterator[bytes]) -> AsyncIterator[Any]:
         async for raw in raws:
-            yield await one(raw, context)
+            yield one(raw)
 
+    serialize = handler.response_serializer
     if handler.unary_unary is not None:
-        unary = handler.unary_unary
-
-        async def unary_unary(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
-            return await unary(await one(raw, context), context)
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=serialize)
+        return grpc.unary_unary_rpc_method_handler(
+            _guarded(handler.unary_unary, one, detail), response_serializer=serialize
+        )
     if handler.unary_stream is not None:
         return grpc.unary_stream_rpc_method_handler(
-            _streaming(handler.unary_stream, one), response_serializer=serialize
+            _guarded(handler.unary_stream, one, detail), response_serializer=serialize
         )
-
-    async def requests(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        return many(raws, context)
-
     if handler.stream_unary is not None:
-        stream_unary = handler.stream_unary
-
-        async def decoded_stream_unary(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-            return await stream_unary(many(raws, context), context)
-
-        return grpc.stream_unary_rpc_method_handler(decoded_stream_unary, response_serializer=serialize)
+        return grpc.stream_unary_rpc_method_handler(
+            _guarded(handler.stream_unary, many, detail), response_serializer=serialize
+        )
     return grpc.stream_stream_rpc_method_handler(
-        _streaming(handler.stream_stream, requests), response_serializer=serialize
+        _guarded(handler.stream_stream, many, detail), response_serializer=serialize
     )
 
 
-def _streaming(
-    behaviour: Callable[..., Any], request: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-) -> Callable[..., Any]:
-    """A handler that streams responses: an async generator (ours), or a coroutine that writes
-    through ``context.write`` (grpc's own health servicer)."""
+def _guarded(behaviour: Callable[..., Any], requests: Callable[[Any], Any], detail: str) -> Callable[..., Any]:
+    """``behaviour`` on decoded ``requests(raw)``; Undecodable ends the call as INVALID_ARGUMENT.
+    Streaming handlers are async generators (ours) or coroutines that write through
+    ``context.write`` (grpc's health servicer); both keep their kind."""
     if inspect.isasyncgenfunction(behaviour):
 
         async def generator(raw: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            async for response in behaviour(await request(raw, context), context):
-                yield response
+            try:
+                async for response in behaviour(requests(raw), context):
+                    yield response
+            except Undecodable:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
 
         return generator
 
     async def coroutine(raw: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await behaviour(await request(raw, context), context)
+        try:
+            return await behaviour(requests(raw), context)
+        except Undecodable:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, detail)
 
     return coroutine
