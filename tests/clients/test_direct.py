@@ -120,6 +120,10 @@ async def test_unreachable_only_when_no_server_connected(direct) -> None:
         with pytest.raises(Unavailable) as failed:
             await api.status()
         assert type(failed.value) is Unavailable and failed.value.server == f"127.0.0.1:{port}"
+        assert [(type(a), a.code) for a in failed.value.attempts] == [
+            (Unreachable, grpc.StatusCode.UNAVAILABLE),
+            (Unavailable, grpc.StatusCode.UNAVAILABLE),
+        ]
     finally:
         await server.stop(0)
 

@@ -33,15 +33,24 @@ class DiscoveryClientError(Exception):
             deadline, a closed client, a bad setting).
         details: the status details, as the server (or gRPC) wrote them.
         server: the server that answered, or the last one tried; "" when none was.
+        attempts: for ``Unavailable`` after several attempts, each attempt's error in order
+            (whether any of them timed out, so may have been applied, is in their codes).
     """
 
     def __init__(
-        self, message: str = "", *, code: grpc.StatusCode | None = None, details: str = "", server: str = ""
+        self,
+        message: str = "",
+        *,
+        code: grpc.StatusCode | None = None,
+        details: str = "",
+        server: str = "",
+        attempts: tuple[DiscoveryClientError, ...] = (),
     ) -> None:
         super().__init__(message)
         self.code = code
         self.details = details
         self.server = server
+        self.attempts = attempts
 
 
 class ConfigError(DiscoveryClientError, ValueError):

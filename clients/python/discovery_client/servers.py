@@ -147,7 +147,7 @@ class ServerPool:
             raise Unavailable(message)
         cls = Unreachable if all(isinstance(e, Unreachable) for e in errors) else Unavailable
         final = errors[-1]
-        raise cls(message, code=final.code, details=final.details, server=final.server)
+        raise cls(message, code=final.code, details=final.details, server=final.server, attempts=tuple(errors))
 
     async def home_answers(self, request: Any) -> ServerEntry | None:
         """A server of this region that answers ``request`` (a ResolveRequest) now, if any."""
