@@ -222,7 +222,10 @@ class Replicator:
         else:
             self._contact.caught_up_ms = msg.time_ms
             await writer.heartbeat(msg.revision, self._contact, every=CONTACT_WRITE_MIN)
+        # Asked at every message, held or not: a withdrawal concerns what is held now, and left
+        # unasked it would release a later, genuine hold at once.
+        held_for = self._hold.release_after()
         if writer.holding:
-            released = await writer.release(self._contact, held_for=self._hold.release_after())
+            released = await writer.release(self._contact, held_for=held_for)
             if released:
                 log.info("replicator %s: applied %d held deletions nobody re-registered", self.origin, released)

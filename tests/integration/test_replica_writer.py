@@ -273,3 +273,49 @@ async def test_the_loop_resumes_on_the_next_server_after_what_it_applied(store, 
     cp = await checkpoint(store, keys)
     assert (cp.revision, cp.cluster_id, cp.leader, cp.source) == (8, 7, "me", "x2")
     assert replicator.snapshots == 1
+
+
+async def test_a_withdrawal_with_nothing_held_does_not_release_a_later_hold_at_once(store, keys) -> None:
+    # The origin reports a recovery, withdraws it before anything was held (a new etcd term),
+    # then recovers again for real: the deletion that follows waits the grace like any other.
+    now = int(time.time() * 1000)
+
+    def message(revision: int, recovered: int, *changes: Change) -> StreamResponse:
+        return StreamResponse(
+            kind=StreamResponse.CHANGES if changes else StreamResponse.HEARTBEAT,
+            origin=ORIGIN,
+            revision=revision,
+            cluster_id=7,
+            time_ms=now,
+            recovered_at_ms=recovered,
+            changes=changes,
+        )
+
+    snapshot = StreamResponse(
+        kind=StreamResponse.SNAPSHOT,
+        origin=ORIGIN,
+        revision=5,
+        cluster_id=7,
+        time_ms=now,
+        instances=[put("a", 1).instance],
+    )
+    script = [
+        snapshot,
+        message(5, now - 100),
+        message(5, 0),
+        message(6, now - 50, delete("a", 6)),
+        message(6, now - 50),
+    ]
+    feed = ScriptedFeed(script)
+    settings = ReplicationSettings(region="local", identity="me", resume_grace=30.0)
+    replicator = Replicator(ORIGIN, ["x1"], feed=feed, store=store, keys=keys, settings=settings)
+    _, fence = await win(store, keys, "me")
+    leading = asyncio.create_task(replicator.lead(fence))
+    try:
+        async with asyncio.timeout(10):
+            await feed.played.wait()
+    finally:
+        leading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leading
+    assert await replicas(store, keys) == {"a"}  # held, not applied at once
