@@ -7,6 +7,10 @@
      +-- StoreUnavailable    etcd did not answer in time or refused the connection
      +-- RevisionNotReached  the view did not reach a requested revision before the deadline
      +-- ShuttingDown        the server is stopping and takes no new work
+     +-- Fenced              a replicator's fenced write found it no longer leads
+     +-- Compacted           the view's watch asked for a revision etcd has compacted away
+
+The last two never reach a caller: the election and the view handle them.
 """
 
 from __future__ import annotations
@@ -39,3 +43,17 @@ class RevisionNotReached(DiscoveryError):
 
 class ShuttingDown(DiscoveryError):
     """Raised for new work that arrives after shutdown has begun."""
+
+
+class Fenced(DiscoveryError):
+    """Raised by ``Store.fenced`` when the fence key (the writer's election key) is gone or
+    was re-created: a deposed replicator's late write must not land, so the election steps down."""
+
+
+class Compacted(DiscoveryError):
+    """Raised by ``Store.watch`` when its start revision has been compacted away: the view
+    re-lists and watches from there, since skipping ahead would lose events."""
+
+    def __init__(self, compact_revision: int) -> None:
+        super().__init__(f"revision compacted (compact revision {compact_revision})")
+        self.compact_revision = compact_revision

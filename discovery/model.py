@@ -28,6 +28,8 @@ MAX_METADATA_VALUE_LEN = 1024
 MAX_RECORD_BYTES = 16 * 1024
 MIN_TTL, MAX_TTL = 1, 3600
 DEFAULT_WEIGHT, MAX_WEIGHT = 100, 10_000
+# What a Resolve or Watch returns when it names no status.
+SERVING_STATUSES: frozenset[int] = frozenset({Status.SERVING})
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _SERVICE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")

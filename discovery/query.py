@@ -5,18 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from discovery.model import SERVING_STATUSES
 from discovery.view import Record
 from discovery_pb.v1.lookup_pb2 import Scope
 from discovery_pb.v1.types_pb2 import Status
-
-_SERVING = frozenset({Status.SERVING})
 
 
 @dataclass(frozen=True, slots=True)
 class Query:
     service: str
     scope: int = Scope.LOCAL
-    statuses: frozenset[int] = frozenset({Status.SERVING})
+    statuses: frozenset[int] = SERVING_STATUSES
     tags: frozenset[str] = frozenset()
     zone: str = ""
     min_healthy: int = 1
@@ -26,7 +25,7 @@ class Query:
         """Serving endpoints of the local region, unfiltered: what most Resolve calls ask."""
         return (
             self.scope == Scope.LOCAL
-            and self.statuses == _SERVING
+            and self.statuses == SERVING_STATUSES
             and not self.tags
             and not self.zone
             and self.min_healthy == 1

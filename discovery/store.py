@@ -32,7 +32,7 @@ from etcd3aio.connections import ConnectionManager
 from etcd3aio.kv import KVService, prefix_range_end
 from etcd3aio.lease import LeaseService
 
-from discovery.errors import NotFound, StoreUnavailable
+from discovery.errors import Compacted, Fenced, NotFound, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -41,24 +41,12 @@ _EVENT_DELETE = 1  # mvccpb.Event.DELETE
 _REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends the watch when its member loses the leader
 
 
-class Fenced(Exception):
-    """A fenced write found its fence key gone or re-created: its writer no longer leads."""
-
-
 @dataclass(frozen=True, slots=True)
 class Write:
     """One operation of a fenced transaction: a put, or a delete when ``value`` is None."""
 
     key: bytes
     value: bytes | None
-
-
-class Compacted(Exception):
-    """The watch's start revision has been compacted away; re-list and watch again."""
-
-    def __init__(self, compact_revision: int) -> None:
-        super().__init__(f"revision compacted (compact revision {compact_revision})")
-        self.compact_revision = compact_revision
 
 
 @dataclass(frozen=True, slots=True)

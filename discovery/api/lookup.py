@@ -15,7 +15,7 @@ import grpc.aio
 from discovery.api._streams import OpenStreams
 from discovery.api.errors import abort
 from discovery.errors import DiscoveryError, InvalidArgument, ShuttingDown
-from discovery.model import validate_service
+from discovery.model import SERVING_STATUSES, validate_service
 from discovery.query import Query, select
 from discovery.replication.state import Freshness, RegionStates
 from discovery.telemetry import Instruments
@@ -27,7 +27,6 @@ from discovery_pb.v1.types_pb2 import Status
 log = logging.getLogger(__name__)
 
 _SHUTTING_DOWN = "the server is shutting down; resume the watch on another server from the last revision"
-_DEFAULT_STATUSES = frozenset({Status.SERVING})
 
 
 class LookupServicer(_Base):
@@ -179,7 +178,7 @@ def _query(request: pb.ResolveRequest) -> Query:
     return Query(
         service=request.service,
         scope=request.scope or pb.LOCAL,
-        statuses=frozenset(request.statuses) or _DEFAULT_STATUSES,
+        statuses=frozenset(request.statuses) or SERVING_STATUSES,
         tags=frozenset(request.tags),
         zone=request.zone,
         min_healthy=request.min_healthy or 1,

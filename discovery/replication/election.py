@@ -15,9 +15,9 @@ import random
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from discovery.errors import StoreUnavailable
+from discovery.errors import Fenced, StoreUnavailable
 from discovery.replication.lease import Session
-from discovery.store import Fenced, Store, Write
+from discovery.store import Store, Write
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,8 @@ from discovery.replication.feed import Feed, FeedLost
 from discovery.replication.hold import DeletionHold
 from discovery.replication.state import OLD_ORIGIN_HEARTBEAT_MS, silence_warning
 from discovery.replication.writer import ReplicaWriter, now_ms
-from discovery.retry import RetryPolicy
 from discovery.store import Store
+from discovery_client import RetryPolicy
 from discovery_pb.v1 import replication_pb2 as pb
 from discovery_pb.v1.types_pb2 import Instance
 
@@ -78,6 +78,7 @@ class Replicator:
         self._store = store
         self._keys = keys
         self._s = settings
+        # Only the backoff fields apply: it retries until it steps down (``step_down_after``).
         self._retry = retry or RetryPolicy(base_delay=0.2, max_delay=2.0)
         self._next_endpoint = 0
         self.source = ""

@@ -12,10 +12,10 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Protocol
 
-from discovery.errors import StoreUnavailable
-from discovery.retry import RetryPolicy
-from discovery.store import Compacted, Event, KeyValue, WatchBatch
+from discovery.errors import Compacted, StoreUnavailable
+from discovery.store import Event, KeyValue, WatchBatch
 from discovery.view.recovery import Recovery
+from discovery_client import RetryPolicy
 
 log = logging.getLogger("discovery.view")  # one logger for the whole view, whichever part speaks
 
@@ -55,6 +55,7 @@ class Follower:
         self._listed = listed
         self._applied = applied
         self._progressed = progressed
+        # Only the backoff fields apply: the watch reconnects until the server stops it.
         self.retry = retry or RetryPolicy()
         self.watching = False
         self.last_contact = 0.0  # time.monotonic() of the last word from etcd

@@ -23,7 +23,6 @@ from collections.abc import Iterable
 from typing import Protocol
 
 from discovery.keys import KeySchema
-from discovery.retry import RetryPolicy
 from discovery.store import Event, KeyValue
 from discovery.view.follow import Follower, WatchSource
 from discovery.view.history import History
@@ -32,6 +31,7 @@ from discovery.view.meta import MetaKeys
 from discovery.view.recovery import Recovery, TermSource
 from discovery.view.revision import AppliedRevision, ProgressSource
 from discovery.view.subscriptions import Subscription, Subscriptions
+from discovery_client import RetryPolicy
 from discovery_pb.v1.types_pb2 import Change, Instance
 
 log = logging.getLogger("discovery.view")

@@ -10,11 +10,12 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import pytest
 
+from discovery.errors import Fenced
 from discovery.keys import KeySchema
 from discovery.replication import Election, ReplicationSettings, Replicator, ReplicaWriter, Session
 from discovery.replication.feed import FeedLost
 from discovery.replication.replicator import StepDown
-from discovery.store import Fenced, Store
+from discovery.store import Store
 from discovery_pb.v1.replication_pb2 import Checkpoint, StreamResponse
 from discovery_pb.v1.types_pb2 import Change, Instance
 from tests.helpers import eventually

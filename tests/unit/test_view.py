@@ -11,12 +11,12 @@ from collections.abc import AsyncGenerator
 
 import pytest
 
-from discovery.errors import RevisionNotReached, ShuttingDown, StoreUnavailable
+from discovery.errors import Compacted, RevisionNotReached, ShuttingDown, StoreUnavailable
 from discovery.keys import KeySchema
-from discovery.retry import RetryPolicy
-from discovery.store import Compacted, Event, KeyValue, WatchBatch
+from discovery.store import Event, KeyValue, WatchBatch
 from discovery.view import Changes, Snapshot, Subscription, View, updates
 from discovery.view.history import History
+from discovery_client import RetryPolicy
 from discovery_pb.v1.types_pb2 import Change, Instance
 from tests.helpers import eventually
 
