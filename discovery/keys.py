@@ -11,12 +11,15 @@ share one etcd.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 DEFAULT_PREFIX = "/discovery/v1/"
 
 
-@dataclass(frozen=True, slots=True)
-class InstanceKey:
+class InstanceKey(NamedTuple):
+    """An instance's identity, the one shape the server keys instances by in memory; its etcd
+    key is ``KeySchema.instance_key``. A tuple: the view hashes one for every event it applies."""
+
     region: str
     service: str
     instance_id: str
@@ -47,6 +50,9 @@ class KeySchema:
     def instance(self, region: str, service: str, instance_id: str) -> bytes:
         return f"{self.prefix}instances/{region}/{service}/{instance_id}".encode()
 
+    def instance_key(self, key: InstanceKey) -> bytes:
+        return self.instance(key.region, key.service, key.instance_id)
+
     def parse_instance(self, key: bytes) -> InstanceKey | None:
         """Split an instance key; None for a key that is not one (never raises on foreign keys)."""
         head = self.instances
@@ -55,4 +61,4 @@ class KeySchema:
         parts = key[len(head) :].decode("utf-8", "replace").split("/")
         if len(parts) != 3 or not all(parts):
             return None
-        return InstanceKey(parts[0], parts[1], parts[2])
+        return InstanceKey(*parts)

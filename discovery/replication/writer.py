@@ -53,7 +53,8 @@ class ReplicaWriter:
         self._fence = fence
         self.checkpoint = checkpoint  # as last committed
         self._applied = checkpoint.revision
-        # key -> (the checkpoint that is safe while it is held, time.monotonic() it was held at)
+        # etcd key -> (the checkpoint that is safe while it is held, time.monotonic() it was held at).
+        # Keyed by etcd's bytes, not InstanceKey: a snapshot diffs them against a listing.
         self._held: dict[bytes, tuple[int, float]] = {}
         self.totals = Applied()
         self._written_at = 0.0

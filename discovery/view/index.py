@@ -11,12 +11,6 @@ from dataclasses import dataclass
 from discovery.keys import InstanceKey
 from discovery_pb.v1.types_pb2 import Instance
 
-Key = tuple[str, str, str]  # (region, service, instance_id)
-
-
-def key_of(key: InstanceKey) -> Key:
-    return (key.region, key.service, key.instance_id)
-
 
 @dataclass(slots=True)
 class Record:
@@ -27,8 +21,8 @@ class Record:
 
 class Index:
     def __init__(self) -> None:
-        self._records: dict[Key, Record] = {}
-        self._by_service: dict[str, dict[Key, Record]] = {}
+        self._records: dict[InstanceKey, Record] = {}
+        self._by_service: dict[str, dict[InstanceKey, Record]] = {}
         self._generations: dict[str, int] = {}
         self._next_generation = itertools.count(1)
         self._region_counts: dict[str, int] = {}
@@ -36,10 +30,10 @@ class Index:
     def __len__(self) -> int:
         return len(self._records)
 
-    def __iter__(self) -> Iterator[Key]:
+    def __iter__(self) -> Iterator[InstanceKey]:
         return iter(self._records)
 
-    def get(self, key: Key) -> Record | None:
+    def get(self, key: InstanceKey) -> Record | None:
         return self._records.get(key)
 
     @property
@@ -61,24 +55,24 @@ class Index:
         records = self._by_service.get(service, {}).values() if service else self._records.values()
         return [r.instance for r in records if not region or r.instance.region == region]
 
-    def put(self, key: Key, record: Record) -> None:
+    def put(self, key: InstanceKey, record: Record) -> None:
         if key not in self._records:
-            self._count(key[0], 1)
+            self._count(key.region, 1)
         self._records[key] = record
-        self._by_service.setdefault(key[1], {})[key] = record
-        self._touch(key[1])
+        self._by_service.setdefault(key.service, {})[key] = record
+        self._touch(key.service)
 
-    def remove(self, key: Key) -> bool:
+    def remove(self, key: InstanceKey) -> bool:
         """Whether there was such an instance (a delete of an unknown key is no change)."""
         if self._records.pop(key, None) is None:
             return False
-        self._count(key[0], -1)
-        bucket = self._by_service.get(key[1])
+        self._count(key.region, -1)
+        bucket = self._by_service.get(key.service)
         if bucket is not None:
             bucket.pop(key, None)
             if not bucket:
-                del self._by_service[key[1]]
-        self._touch(key[1])
+                del self._by_service[key.service]
+        self._touch(key.service)
         return True
 
     def _touch(self, service: str) -> None:

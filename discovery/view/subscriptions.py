@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from discovery.view.index import Key
+from discovery.keys import InstanceKey
 from discovery_pb.v1.types_pb2 import Change
 
 
@@ -16,11 +16,11 @@ class Subscription:
     def __init__(self, service: str, region: str = "") -> None:
         self.service = service
         self.region = region  # "": every region (replication follows only its own)
-        self._pending: dict[Key, Change] = {}
+        self._pending: dict[InstanceKey, Change] = {}
         self.ready = asyncio.Event()
         self.closed = False  # set by View.end_subscriptions at shutdown
 
-    def offer(self, key: Key, change: Change) -> None:
+    def offer(self, key: InstanceKey, change: Change) -> None:
         self._pending.pop(key, None)  # re-insert so dict order stays revision order
         self._pending[key] = change
         self.ready.set()
@@ -48,7 +48,7 @@ class Subscriptions:
     def unsubscribe(self, sub: Subscription) -> None:
         self._open.discard(sub)
 
-    def publish(self, key: Key, change: Change) -> None:
+    def publish(self, key: InstanceKey, change: Change) -> None:
         for sub in self._open:
             if (not sub.service or sub.service == change.service) and (not sub.region or sub.region == change.region):
                 sub.offer(key, change)

@@ -22,11 +22,11 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
-from discovery.keys import KeySchema
+from discovery.keys import InstanceKey, KeySchema
 from discovery.store import Event, KeyValue
 from discovery.view.follow import Follower, WatchSource
 from discovery.view.history import History
-from discovery.view.index import Index, Key, Record, key_of
+from discovery.view.index import Index, Record
 from discovery.view.meta import MetaKeys
 from discovery.view.recovery import Recovery, TermSource
 from discovery.view.revision import AppliedRevision, ProgressSource
@@ -169,19 +169,19 @@ class View:
         await self._follower.run()
 
     def _listed(self, revision: int, items: list[KeyValue]) -> None:
-        fresh: dict[Key, KeyValue] = {}
+        fresh: dict[InstanceKey, KeyValue] = {}
         foreign: list[Event] = []
         for kv in items:
             key = self._keys.parse_instance(kv.key)
             if key is not None:
-                fresh[key_of(key)] = kv
+                fresh[key] = kv
             else:
                 foreign.append(Event(False, kv))
         self._meta.clear()  # the listing (through _apply below) says what is there now
         first = not self.ready.is_set()
         events = [Event(False, kv) for key, kv in fresh.items() if first or not self._holds(key, kv.mod_revision)]
         gone = [
-            Event(True, KeyValue(self._keys.instance(*key), b"", revision, 0))
+            Event(True, KeyValue(self._keys.instance_key(key), b"", revision, 0))
             for key in self._index
             if key not in fresh
         ]
@@ -196,11 +196,11 @@ class View:
             self.reloads += 1
         log.info("view: listed %d instances at revision %d", len(fresh), revision)
 
-    def _holds(self, key: Key, mod_revision: int) -> bool:
+    def _holds(self, key: InstanceKey, mod_revision: int) -> bool:
         record = self._index.get(key)
         return record is not None and record.mod_revision == mod_revision
 
-    def _classify(self, event: Event) -> tuple[Key, Instance | None] | None:
+    def _classify(self, event: Event) -> tuple[InstanceKey, Instance | None] | None:
         """The instance an event is about and its new state (None: gone), or None for a key
         that is no instance. Keys we cannot serve are still kept (see ``meta``)."""
         parsed = self._keys.parse_instance(event.kv.key)
@@ -212,7 +212,7 @@ class View:
                 log.warning("view: cannot decode %r; not served", event.kv.key)
         served = parsed is not None and instance is not None
         self._meta.set(event.kv.key, None if event.deleted or served else event.kv.value)
-        return None if parsed is None else (key_of(parsed), instance)
+        return None if parsed is None else (parsed, instance)
 
     def _apply(self, events: list[Event], revision: int, stamp: int = 0) -> None:
         for event in events:
