@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 import grpc
 import grpc.aio
@@ -29,6 +29,7 @@ from discovery.registry import Registry
 from discovery.replication import Election, RegionStates, ReplicationSettings, Replicator, Session, StallMonitor
 from discovery.replication.transport import GrpcFeed
 from discovery.store import Store, StoreHealth
+from discovery.tasks import TaskSet
 from discovery.view import View
 from discovery.xds import SERVICE_NAMES as XDS_SERVICE_NAMES
 from discovery.xds import AdsServicer, CsdsServicer, XdsHub, add_ads_to_server, add_csds_to_server
@@ -76,6 +77,9 @@ class Server:
        region takes over at once; then the view's watch and the etcd health probe stop;
     4. the etcd client closes;
     5. (the caller, `discovery serve`, then flushes telemetry: it set it up).
+
+    Whatever fails on the way (a broken task, the gRPC server's stop), the later steps still
+    run, so the lease and the etcd client are never left open; the first failure is raised.
     """
 
     def __init__(self, config: ServerConfig, *, startup_timeout: float = 30.0, tracing: bool = False) -> None:
@@ -102,7 +106,10 @@ class Server:
         self.etcd_health = StoreHealth(False, 0, "not probed yet")
         self._health = health.aio.HealthServicer()
         self._grpc: grpc.aio.Server | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
+        # Two sets because the lease is revoked between them (step 3 of the order above).
+        self._replicating = TaskSet("server")
+        self._background = TaskSet("server")
+        self._resources = contextlib.AsyncExitStack()
         self._lookup: LookupServicer | None = None
         self._registry_api: RegistryServicer | None = None
         self.xds = XdsHub(self.view, self.states, control_plane=f"discovery {VERSION} region {config.region}")
@@ -121,8 +128,8 @@ class Server:
         await self.stop()
 
     async def start(self) -> None:
-        await self.store.__aenter__()
-        self._tasks.append(asyncio.create_task(self.view.run(), name="view"))
+        await self._resources.enter_async_context(self.store)
+        self._background.start("view", self.view.run())
         try:
             async with asyncio.timeout(self._startup_timeout):
                 await self.view.ready.wait()
@@ -131,9 +138,9 @@ class Server:
                 f"could not load the view from etcd at {','.join(self.config.etcd)} within "
                 f"{self._startup_timeout:g}s: {self.view.last_error or 'no answer'}"
             ) from None
-        self._tasks.append(asyncio.create_task(self._probe_etcd(), name="etcd-probe"))
-        self._tasks.append(asyncio.create_task(self.stalls.run(), name="stall-monitor"))
-        self._tasks.append(asyncio.create_task(self.xds.run(), name="xds"))
+        self._background.start("etcd-probe", self._probe_etcd())
+        self._background.start("stall-monitor", self.stalls.run())
+        self._background.start("xds", self.xds.run())
         self._grpc = self._build_grpc()
         try:
             self.port = self._grpc.add_insecure_port(self.config.listen)
@@ -156,13 +163,13 @@ class Server:
             silence=self.config.stale_after_seconds,
             resume_grace=self.config.resume_grace_seconds,
         )
-        self._tasks.append(asyncio.create_task(self.session.run(), name="election-session"))
+        self._replicating.start("election-session", self.session.run())
         for origin, endpoints in peers.items():
             feed = GrpcFeed(origin, requester=settings.region, silence=settings.silence)
             replicator = Replicator(origin, endpoints, feed=feed, store=self.store, keys=self.keys, settings=settings)
             election = Election(self.store, self.session, self.keys.election(origin), identity)
             self.replicators[origin], self.elections[origin] = replicator, election
-            self._tasks.append(asyncio.create_task(election.run(replicator.lead), name=f"replicator {origin}"))
+            self._replicating.start(f"replicator {origin}", election.run(replicator.lead))
 
     def _recovered_at_ms(self) -> int:
         """When this server last came back from being impaired (frozen, or its etcd lost under
@@ -238,23 +245,32 @@ class Server:
 
     async def stop(self) -> None:
         """Shut down in the documented order; safe to call twice."""
-        if self._grpc is not None:
-            await self._health.enter_graceful_shutdown()
-            for api in (self._lookup, self._registry_api, self._replication, self._ads):
-                if api is not None:
-                    await api.streams.end_all()
-            self.view.end_subscriptions()  # reads waiting for a revision end now
-            await self._grpc.stop(self.config.grace_seconds)
-            self._grpc = None
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        steps = (
+            self._stop_serving,  # 1, 2
+            self._replicating.stop,  # 3
+            self.session.close,
+            self._background.stop,
+            self._resources.aclose,  # 4
+        )
+        failure: BaseException | None = None
+        for step in steps:
             try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # one broken task must not leave the lease and etcd client open
-                log.exception("server task %s failed", task.get_name())
-        self._tasks.clear()
-        await self.session.close()
-        await self.store.close()
+                await step()
+            except Exception as exc:
+                log.exception("server stop: %s failed", getattr(step, "__qualname__", step))
+                failure = failure or exc
+            except BaseException as exc:  # cancelled: the later steps still revoke the lease and close etcd
+                failure = failure or exc
+        if failure is not None:
+            raise failure
+
+    async def _stop_serving(self) -> None:
+        if self._grpc is None:
+            return
+        await self._health.enter_graceful_shutdown()
+        for api in (self._lookup, self._registry_api, self._replication, self._ads):
+            if api is not None:
+                await api.streams.end_all()
+        self.view.end_subscriptions()  # reads waiting for a revision end now
+        await self._grpc.stop(self.config.grace_seconds)
+        self._grpc = None

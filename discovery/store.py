@@ -33,6 +33,7 @@ from etcd3aio.kv import KVService, prefix_range_end
 from etcd3aio.lease import LeaseService
 
 from discovery.errors import Compacted, Fenced, NotFound, StoreUnavailable
+from discovery.tasks import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +367,7 @@ class Store:
             if self._watch_requests is requests:
                 self._watch_requests = None
             call.cancel()
-            await _stop(writer)
+            await stop_task(writer)
 
     def request_progress(self) -> None:
         """Ask the current watch to report the revision it has delivered everything up to
@@ -406,7 +407,7 @@ class _LeaseKeepAliveStream:
     def _open(self) -> None:
         self._requests = asyncio.Queue()
         call = LeaseStub(self._store.channel).LeaseKeepAlive()
-        self._reader = asyncio.get_running_loop().create_task(self._read(call, self._requests))
+        self._reader = asyncio.create_task(self._read(call, self._requests), name="etcd-keepalive-reader")
 
     async def _read(self, call: Any, requests: asyncio.Queue[Any]) -> None:
         writer = asyncio.create_task(_pump(requests, call), name="etcd-keepalive-writer")
@@ -419,7 +420,7 @@ class _LeaseKeepAliveStream:
             self._fail(StoreUnavailable(f"etcd lease keep-alive stream broke: {_describe(exc)}"))
         finally:
             call.cancel()
-            await _stop(writer)
+            await stop_task(writer)
             self._fail(StoreUnavailable("etcd lease keep-alive stream ended"))
 
     def _fail(self, exc: Exception) -> None:
@@ -431,9 +432,7 @@ class _LeaseKeepAliveStream:
 
     async def close(self) -> None:
         if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+            await stop_task(self._reader)
             self._reader = None
 
 
@@ -445,12 +444,6 @@ async def _pump(requests: asyncio.Queue[Any], call: Any) -> None:
             await call.write(await requests.get())
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
         call.cancel()  # the call is over; its reader sees why
-
-
-async def _stop(task: asyncio.Task[Any]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def _describe(exc: BaseException) -> str:
