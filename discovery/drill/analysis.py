@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from discovery.drill.history import AFTER, BEFORE, DURING, PHASES, History, Op, OpStats, Outcome, Timeline, percentile
-from discovery.drill.load import LEASED, Presence
+from discovery.drill.load import LEASED, InstanceKey, Presence
 from discovery.drill.saturation import Strain
-from discovery_client.model import InstanceKey
 
 
 @dataclass(frozen=True)

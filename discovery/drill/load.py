@@ -1,14 +1,20 @@
 """The steady load a drill drives in every region, and what every region sees.
 
-Built on the client library, as our users are: each region's load is a client of that
-region (its servers first, then the other regions through the fault proxy's routes), so a
-cut-off region's clients are cut off too. Calls are open-loop (a fixed rate whatever the
-answers take), so a hung region cannot slow its own load down and hide the outage.
+Built on the client library's public names, as our users' tools are: each region's load
+has two ``DirectClient``s, one over that region's servers for its writes (an instance
+belongs to its region), one over its servers then the other regions' through the fault
+proxy's routes for its resolves, so a cut-off region's clients are cut off too. Calls are
+open-loop (a fixed rate whatever the answers take), so a hung region cannot slow its own
+load down and hide the outage.
 
 Per region: static registrations of new instances (``churn-N``), deregistration of every
 few of them, Resolve calls, a handful of leased instances kept alive by the library's
 ``Registration`` (these are the ones that can flap), and an observer: a Watch on that
 region's servers only, whose every change is recorded with its time.
+
+Outcomes are told by the gRPC status codes the client's errors carry, never by their text
+(``outcome_of``): a call that timed out, or any of whose attempts did, is unknown (it may
+have been applied); one that got another status back, or no connection at all, failed.
 """
 
 from __future__ import annotations
@@ -16,24 +22,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
 from discovery.drill.history import History, Op, Outcome
-from discovery_client import ClientConfig, DiscoveryClient, GuardPolicy, RegionServers, RetryPolicy, Scope
-from discovery_client.errors import DiscoveryClientError
-from discovery_client.model import InstanceKey
-from discovery_client.servers import ServerPool, Stubs
-from discovery_pb.v1 import lookup_pb2, registry_pb2, types_pb2
+from discovery_client import DirectClient, DiscoveryClientError, RetryPolicy, Scope, Unavailable, Unreachable
+from discovery_pb.v1 import lookup_pb2, types_pb2
 
 log = logging.getLogger("discovery.drill")
 
 CHURN, LEASED = "churn-", "leased-"
+
+InstanceKey = tuple[str, str]  # (region, instance_id): unique within a service
 
 
 @dataclass(frozen=True)
@@ -57,22 +63,51 @@ class LoadSettings:
             raise ValueError("op timeout must be > 0")
 
 
-def client_config(
-    region: str, servers: tuple[str, ...], failover: tuple[RegionServers, ...], op_timeout: float
-) -> ClientConfig:
-    """Fast failure detection: the drill wants to see an outage within its op timeout."""
-    return ClientConfig(
-        region=region,
-        servers=servers,
-        failover=failover,
+def direct_client(servers: tuple[str, ...], op_timeout: float) -> DirectClient:
+    """Fast failure detection: the drill wants to see an outage within its op timeout (two
+    attempts of half of it each, keep-alive pings every second, a silent Watch given up
+    after 3 s)."""
+    return DirectClient(
+        servers,
         call_timeout=op_timeout / 2,
         retry=RetryPolicy(attempts=2, deadline=op_timeout, base_delay=0.05, max_delay=0.5),
         keepalive_seconds=1.0,
         watch_idle_timeout=3.0,
-        home_retry_seconds=2.0,
-        # The observer must see what the servers say, not what the guard lets through.
-        guard=GuardPolicy(enabled=False),
-    ).validate()
+    )
+
+
+# The observer never gives up on its region: between passes over its servers that got no
+# message, the backoff of the load's calls, and no deadline; after this many passes the
+# Watch is started again from the same revision (the backoff's exponent stays small).
+_OBSERVER_RETRY = RetryPolicy(attempts=64, deadline=math.inf, base_delay=0.05, max_delay=0.5)
+
+
+def outcome_of(exc: DiscoveryClientError) -> Outcome:
+    """UNKNOWN when the write may have been applied: the client gave up by itself with no
+    status (its deadline), or a call or any of its attempts ended DEADLINE_EXCEEDED (the
+    request may have reached the server). FAILED for any other status, including UNAVAILABLE
+    (no connection, or a server that said so) and NOT_FOUND / INVALID_ARGUMENT."""
+    if any(a.code is None or a.code == grpc.StatusCode.DEADLINE_EXCEEDED for a in (exc, *exc.attempts)):
+        return Outcome.UNKNOWN
+    return Outcome.FAILED
+
+
+def short(exc: DiscoveryClientError) -> str:
+    """The error as grouped in the report: its status code's name (DEADLINE_EXCEEDED when any
+    attempt timed out), never its text."""
+    if exc.code is None:
+        return "no status"
+    if any(a.code == grpc.StatusCode.DEADLINE_EXCEEDED for a in exc.attempts):
+        return "DEADLINE_EXCEEDED"
+    if isinstance(exc, Unreachable):
+        return f"{exc.code.name} (unreachable)"
+    return str(exc.code.name)
+
+
+def answered_by(response: lookup_pb2.ResolveResponse) -> str:
+    """The region of the server that answered a Resolve: the one the answer marks local; ""
+    when that region contributed no endpoint (the answer does not name it then)."""
+    return next((r.region for r in response.regions if r.local), "")
 
 
 @dataclass
@@ -94,42 +129,130 @@ class Presence:
         self.updates += 1
 
 
+class ViewFold:
+    """The set of instances a Watch's messages describe, as ``DirectClient.watch`` yields
+    them across resumed streams: a snapshot (in parts at one revision) replaces the view,
+    changes edit it, keep-alives only move the revision.
+
+    A snapshot cut off by a broken stream is dropped: the stream is resumed from the revision
+    before it, so a new snapshot (a new revision, or the same one: the same instances) or
+    changes follow.
+    """
+
+    def __init__(self) -> None:
+        self.view: frozenset[InstanceKey] = frozenset()
+        self.has_view = False
+        self.revision = 0  # where to resume from: the last message's, but a snapshot's unfinished parts
+        self._parts: set[InstanceKey] | None = None
+        self._parts_revision = 0
+
+    def apply(self, message: lookup_pb2.WatchResponse) -> frozenset[InstanceKey] | None:
+        """The view after ``message`` when it completes a snapshot or carries changes, else None."""
+        if message.kind == lookup_pb2.WatchResponse.SNAPSHOT:
+            if self._parts is None or self._parts_revision != message.revision:
+                self._parts, self._parts_revision = set(), message.revision
+            self._parts.update((i.region, i.instance_id) for i in message.instances)
+            if message.more:
+                return None
+            self.view, self._parts = frozenset(self._parts), None
+        elif message.kind == lookup_pb2.WatchResponse.CHANGES:
+            self._parts = None
+            view = set(self.view)
+            for change in message.changes:
+                key = (change.region, change.instance_id)
+                if change.kind == types_pb2.Change.DELETE:
+                    view.discard(key)
+                else:
+                    view.add(key)
+            self.view = frozenset(view)
+        else:  # KEEPALIVE: nothing changed
+            self._parts = None
+            self.revision = message.revision
+            return None
+        self.revision = message.revision
+        self.has_view = True
+        return self.view
+
+
 class Observer:
-    """A Watch on one region's servers only (no failover: a region's view is its own)."""
+    """A Watch on one region's servers only (no failover: a region's view is its own); every
+    change of the view is applied to ``presence`` with the time it arrived."""
 
     def __init__(self, region: str, servers: tuple[str, ...], service: str, op_timeout: float) -> None:
         self.presence = Presence(region)
         self.service = service
         self.changed = asyncio.Event()
-        self._client = DiscoveryClient(client_config(region, servers, (), op_timeout))
+        self.error: DiscoveryClientError | None = None  # why the Watch stopped, or did not start
+        self._fold = ViewFold()
+        self._settled = asyncio.Event()  # a first view, or a first pass over the servers failed
+        self._client = direct_client(servers, op_timeout)
+        self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float) -> None:
-        await self._client.resolve(self.service, scope=Scope.ALL, timeout=timeout)
-        watch = self._client.watch_of(self.service)
-        assert watch is not None
-        cache = watch.cache
-
-        def on_change() -> None:
-            self.presence.apply(frozenset(cache.instances), time.monotonic())
-            self.changed.set()
-
-        cache.listeners.append(on_change)
-        on_change()
+        """Until the first view arrives; raises the error when a first pass over the region's
+        servers got nothing (or nothing came within ``timeout``)."""
+        self._task = asyncio.create_task(self._follow(), name=f"drill-observer-{self.presence.region}")
+        try:
+            async with asyncio.timeout(timeout):
+                await self._settled.wait()
+        except TimeoutError:
+            raise Unavailable(f"no view of {self.service!r} within {timeout:g}s") from None
+        if not self._fold.has_view:
+            assert self.error is not None
+            raise self.error
 
     async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         await self._client.close()
+
+    async def _follow(self) -> None:
+        while True:
+            watch = self._client.watch(
+                self.service, since_revision=self._fold.revision, retry=_OBSERVER_RETRY, on_interrupt=self._interrupted
+            )
+            try:
+                async with contextlib.aclosing(watch) as messages:
+                    async for message in messages:
+                        view = self._fold.apply(message)
+                        if view is not None:
+                            self.presence.apply(view, time.monotonic())
+                            self.changed.set()
+                            self._settled.set()
+            except Unavailable as exc:  # a long outage: keep waiting for the region, from the same revision
+                self._interrupted(exc)
+                await asyncio.sleep(_OBSERVER_RETRY.max_delay)
+            except DiscoveryClientError as exc:  # refused (INVALID_ARGUMENT, ...): retrying will not help
+                log.warning("drill: the watch of %s in %s was refused: %s", self.service, self.presence.region, exc)
+                self.error = exc
+                self._settled.set()
+                return
+
+    def _interrupted(self, error: DiscoveryClientError) -> None:
+        log.info("drill: the watch of %s in %s lost every server: %s", self.service, self.presence.region, error)
+        if not self._fold.has_view:
+            self.error = error
+            self._settled.set()
 
 
 class RegionLoad:
     """Open-loop registrations, deregistrations and resolves for one region, plus its leased
-    instances. Every call goes into ``history``."""
+    instances. Every call goes into ``history``.
+
+    ``servers`` are the region's own; ``failover`` the other regions' as this region reaches
+    them, in failover order: resolves go to the first server that answers of both, the one
+    that answered last first; writes, leases and heartbeats to the region's own only.
+    """
 
     def __init__(
         self,
         *,
         region: str,
         index: int,
-        config: ClientConfig,
+        servers: tuple[str, ...],
+        failover: tuple[str, ...],
         service: str,
         history: History,
         settings: LoadSettings,
@@ -141,8 +264,8 @@ class RegionLoad:
         # the load generator's own punctuality (a starved drill process runs its ticks late).
         self.ticks: list[tuple[float, float]] = []
         self.skips: list[float] = []  # when a tick was skipped (too many calls in flight)
-        self._pool = ServerPool(config)
-        self._client = DiscoveryClient(config)
+        self._writes = direct_client(servers, settings.op_timeout)
+        self._reads = direct_client((*servers, *failover), settings.op_timeout)
         self._next = 0
         self._acked: list[str] = []  # registered, not yet picked for deregistration
         self._left: set[str] = set()  # may be registered: removed when the drill ends
@@ -152,7 +275,7 @@ class RegionLoad:
 
     async def start(self) -> None:
         for i in range(self.settings.leased):
-            registration = self._client.register(
+            registration = self._writes.registration(
                 self.service,
                 f"10.{200 + self.index}.0.{i + 1}:80",
                 instance_id=f"{LEASED}{i}",
@@ -181,7 +304,7 @@ class RegionLoad:
     async def close(self) -> None:
         """Each part on its own deadline, so one that hangs does not leak the others."""
         await self.stop_calls()
-        for part in (self._leases.aclose(), self._clean_up(), self._client.close(), self._pool.close()):
+        for part in (self._leases.aclose(), self._clean_up(), self._writes.close(), self._reads.close()):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(part, self.settings.op_timeout + 5)
 
@@ -208,21 +331,24 @@ class RegionLoad:
         if self._acked and n % self.settings.deregister_every == 0:
             await self._deregister(self._acked.pop(0))
         iid = f"{CHURN}{n}"
-        instance = types_pb2.Instance(
-            service=self.service,
-            instance_id=iid,
-            address=f"10.{self.index}.{n // 250 % 250}.{n % 250 + 1}:{80 + n // 62500}",
-            ttl_seconds=0,
-        )
+        address = f"10.{self.index}.{n // 250 % 250}.{n % 250 + 1}:{80 + n // 62500}"
+
+        async def register() -> str:
+            await self._writes.register(self.service, address, instance_id=iid, ttl=0)
+            return self.region
+
         op = self.history.invoke("register", self.region, iid)
         self._left.add(iid)
-        if await self._call(op, lambda s: s.registry.Register, registry_pb2.RegisterRequest(instance=instance), True):
+        if await self._call(op, register):
             self._acked.append(iid)
 
     async def _deregister(self, iid: str) -> None:
+        async def deregister() -> str:
+            await self._writes.deregister(self.service, iid)
+            return self.region
+
         op = self.history.invoke("deregister", self.region, iid)
-        request = registry_pb2.DeregisterRequest(service=self.service, instance_id=iid)
-        if await self._call(op, lambda s: s.registry.Deregister, request, True):
+        if await self._call(op, deregister):
             self._left.discard(iid)
 
     async def _clean_up(self) -> None:
@@ -231,44 +357,29 @@ class RegionLoad:
         limit = asyncio.Semaphore(16)
 
         async def remove(iid: str) -> None:
-            request = registry_pb2.DeregisterRequest(service=self.service, instance_id=iid)
             async with limit:
                 with contextlib.suppress(DiscoveryClientError):
-                    await self._pool.call(lambda s: s.registry.Deregister, request, home_only=True)
+                    await self._writes.deregister(self.service, iid)
 
         await asyncio.gather(*(remove(iid) for iid in sorted(self._left)))
 
     async def _resolve(self) -> None:
-        op = self.history.invoke("resolve", self.region)
-        request = lookup_pb2.ResolveRequest(service=self.service, scope=lookup_pb2.FAILOVER)
-        await self._call(op, lambda s: s.lookup.Resolve, request, False)
+        async def resolve() -> str:
+            return answered_by(await self._reads.resolve(self.service, scope=Scope.FAILOVER))
 
-    async def _call(self, op: Op, method: Callable[[Stubs], Any], request: Any, home_only: bool) -> bool:
-        """One call through the client library's failover; registrations stay in the region."""
+        op = self.history.invoke("resolve", self.region)
+        await self._call(op, resolve)
+
+    async def _call(self, op: Op, call: Callable[[], Awaitable[str]]) -> bool:
+        """One call within the op timeout; ``call`` returns the region that served it."""
         try:
             async with asyncio.timeout(self.settings.op_timeout):
-                _, entry = await self._pool.call(method, request, home_only=home_only)
+                served_by = await call()
         except TimeoutError:
             self.history.complete(op, Outcome.UNKNOWN, "timeout")
             return False
         except DiscoveryClientError as exc:
-            self.history.complete(op, _outcome_of(str(exc)), _short(str(exc)))
+            self.history.complete(op, outcome_of(exc), short(exc))
             return False
-        except grpc.RpcError as exc:  # pragma: no cover - the pool turns these into client errors
-            self.history.complete(op, Outcome.FAILED, _short(str(exc)))
-            return False
-        self.history.complete(op, Outcome.OK, served_by=entry.region)
+        self.history.complete(op, Outcome.OK, served_by=served_by)
         return True
-
-
-def _outcome_of(message: str) -> Outcome:
-    # A deadline inside the pool is as unknown as ours: the request may have been applied.
-    return Outcome.UNKNOWN if "DEADLINE_EXCEEDED" in message or "deadline" in message else Outcome.FAILED
-
-
-def _short(message: str) -> str:
-    """Error texts grouped in the report: drop addresses and details after the status."""
-    for name in ("DEADLINE_EXCEEDED", "UNAVAILABLE", "NOT_FOUND", "INVALID_ARGUMENT", "FAILED_PRECONDITION"):
-        if name in message:
-            return name
-    return message[:80]

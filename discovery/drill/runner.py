@@ -17,13 +17,11 @@ import grpc
 from discovery.drill.analysis import Bounds, expected_state, judge, phase_figures, verdict
 from discovery.drill.cluster import ClusterFile, Control, FaultError, run_hook
 from discovery.drill.history import AFTER, BEFORE, DURING, History, Op, Outcome, Timeline
-from discovery.drill.load import LoadSettings, Observer, Presence, RegionLoad, client_config
+from discovery.drill.load import InstanceKey, LoadSettings, Observer, Presence, RegionLoad
 from discovery.drill.report import Report
 from discovery.drill.saturation import HostMonitor, Strain, Thresholds
 from discovery.drill.scenarios import SCENARIOS, FaultContext, LinkSettings, Scenario, region_status
 from discovery.errors import StoreUnavailable
-from discovery_client import RegionServers
-from discovery_client.model import InstanceKey
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, types_pb2
 
 
@@ -175,16 +173,19 @@ class _Drill:
                     f"{region.name}'s servers ({', '.join(region.servers)}) do not answer: {exc}"
                 ) from None
         for index, region in enumerate(regions):
+            # The other regions' servers as this region reaches them (through the fault
+            # proxy), in the file's order: the order its resolves fail over in.
             failover = tuple(
-                RegionServers(o.name, self.cluster.servers_seen_from(region.name, o.name))
+                address
                 for o in regions
                 if o.name != region.name
+                for address in self.cluster.servers_seen_from(region.name, o.name)
             )
-            config = client_config(region.name, region.servers, failover, op_timeout)
             load = RegionLoad(
                 region=region.name,
                 index=index,
-                config=config,
+                servers=region.servers,
+                failover=failover,
                 service=self.service,
                 history=self.history,
                 settings=self.settings.load,
