@@ -1,13 +1,16 @@
-"""Server processes for the benchmarks, run apart from the load generator (their own GIL).
+"""Server processes for the benchmarks and tests, run apart from the load generator (their own GIL).
 
-    python bench/_servers.py discovery --etcd HOST:PORT --region R [--prefix P]
-    python bench/_servers.py empty
+    python bench/_servers.py discovery --listen 127.0.0.1:PORT --etcd HOST:PORT --region R [--prefix P]
+    python bench/_servers.py empty --listen 127.0.0.1:PORT
 
+Start them with ``discovery.devtools.process.ServerProcess``, which waits for gRPC health to
+say SERVING and stops them with SIGTERM (they never outlive the process that started them).
 Once listening, prints one JSON line ``{"port": N, "pid": N}`` on stdout, then serves until
-SIGTERM or SIGINT, or until stdin closes (the parent died or is done with us).
+SIGTERM or SIGINT.
 
 ``empty`` is the ceiling: a grpc.aio server whose Lookup/Resolve handler returns a prebuilt
-empty response, so a client measures the same method path with no work behind it.
+empty response, so a client measures the same method path with no work behind it (and gRPC
+health, SERVING, so it is started like any other).
 """
 
 from __future__ import annotations
@@ -18,11 +21,11 @@ import json
 import os
 import signal
 import sys
-import threading
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc
 
@@ -47,24 +50,21 @@ def _announce(port: int) -> None:
 
 
 def _stop_event() -> asyncio.Event:
-    """Set on SIGTERM/SIGINT or when stdin reaches EOF."""
+    """Set on SIGTERM/SIGINT."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-
-    def watch_stdin() -> None:
-        sys.stdin.buffer.read()
-        loop.call_soon_threadsafe(stop.set)
-
-    threading.Thread(target=watch_stdin, name="stdin-eof", daemon=True).start()
     return stop
 
 
-async def serve_empty() -> None:
+async def serve_empty(listen: str) -> None:
     server = grpc.aio.server()
     lookup_pb2_grpc.add_LookupServicer_to_server(EmptyLookup(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    serving = health.aio.HealthServicer()
+    await serving.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(serving, server)
+    port = server.add_insecure_port(listen)
     await server.start()
     stop = _stop_event()
     _announce(port)
@@ -72,12 +72,12 @@ async def serve_empty() -> None:
     await server.stop(0.5)
 
 
-async def serve_discovery(etcd: str, region: str, prefix: str) -> None:
+async def serve_discovery(listen: str, etcd: str, region: str, prefix: str) -> None:
     from discovery import telemetry
     from discovery.config import ServerConfig
     from discovery.server import Server
 
-    config = ServerConfig(region=region, listen="127.0.0.1:0", etcd=(etcd,), key_prefix=prefix, grace_seconds=0.5)
+    config = ServerConfig(region=region, listen=listen, etcd=(etcd,), key_prefix=prefix, grace_seconds=0.5)
     tracing = telemetry.setup("discovery", region)  # as `discovery serve` would: no-op unless OTEL_* asks
     async with Server(config.validate(), startup_timeout=60, tracing=tracing) as server:
         stop = _stop_event()
@@ -89,15 +89,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="kind", required=True)
     disc = sub.add_parser("discovery", help="the discovery server (discovery.server.Server)")
+    disc.add_argument("--listen", default="127.0.0.1:0")
     disc.add_argument("--etcd", required=True)
     disc.add_argument("--region", required=True)
     disc.add_argument("--prefix", default="/discovery/v1/")
-    sub.add_parser("empty", help="an empty grpc.aio unary handler (the ceiling)")
+    empty = sub.add_parser("empty", help="an empty grpc.aio unary handler (the ceiling)")
+    empty.add_argument("--listen", default="127.0.0.1:0")
     args = parser.parse_args(argv)
     if args.kind == "empty":
-        asyncio.run(serve_empty())
+        asyncio.run(serve_empty(args.listen))
     else:
-        asyncio.run(serve_discovery(args.etcd, args.region, args.prefix))
+        asyncio.run(serve_discovery(args.listen, args.etcd, args.region, args.prefix))
     return 0
 
 

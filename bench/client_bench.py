@@ -27,9 +27,7 @@ import contextlib
 import json
 import os
 import platform
-import select
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +40,8 @@ import grpc.aio
 from etcd3aio._protobuf import KVStub, RangeRequest
 from etcd3aio.kv import prefix_range_end
 
-from discovery.etcd_process import EtcdProcess
+from discovery.devtools.etcd import EtcdProcess
+from discovery.devtools.process import ServerProcess, free_port
 from discovery.keys import DEFAULT_PREFIX, KeySchema
 from discovery_pb.v1 import registry_pb2, registry_pb2_grpc
 from discovery_pb.v1.types_pb2 import Instance
@@ -61,30 +60,14 @@ CALL_TIMEOUT = 10.0
 @contextlib.contextmanager
 def discovery_server(etcd: str, log_dir: Path) -> Iterator[int]:
     """A discovery server in its own process (its own GIL); yields its port."""
-    with (log_dir / "server.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(RUNNER), "discovery", "--etcd", etcd, "--region", REGION],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            start_new_session=True,
-        )
+    address = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, str(RUNNER), "discovery", "--listen", address, "--etcd", etcd, "--region", REGION]
+    server = ServerProcess(command, address, log_dir / "server.log", name="the discovery server")
+    server.start(60)
     try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 60)
-        line = proc.stdout.readline() if ready else b""
-        if not line:
-            raise RuntimeError(f"the server did not start: {(log_dir / 'server.log').read_text()[-2000:]}")
-        yield int(json.loads(line)["port"])
+        yield server.port
     finally:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.close()  # EOF: the runner shuts down by itself
-        proc.stdout.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        server.stop(10.0)
 
 
 async def per_call_us(call: Callable[[], Awaitable[object]], calls: int, repeats: int) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any
 
-from discovery.dev import DevCluster
+from discovery.devtools.cluster import DevCluster
 from discovery.drill import SCENARIOS, ClusterFile, DrillSettings, Report, run_drill
 
 

@@ -21,7 +21,7 @@ import grpc
 import grpc.aio
 
 from discovery.config import ServerConfig
-from discovery.etcd_process import EtcdProcess
+from discovery.devtools.etcd import EtcdProcess
 from discovery.server import Server
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, registry_pb2, registry_pb2_grpc, types_pb2
 

@@ -37,7 +37,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from discovery.dev import DevCluster
+from discovery.devtools.cluster import DevCluster
 from discovery_pb.v1 import (
     admin_pb2,
     admin_pb2_grpc,

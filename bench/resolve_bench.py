@@ -33,7 +33,6 @@ import os
 import platform
 import random
 import re
-import select
 import shutil
 import signal
 import subprocess
@@ -53,7 +52,8 @@ from etcd3aio._protobuf import KVStub, PutRequest, RangeRequest, RequestOp, TxnR
 from etcd3aio.kv import prefix_range_end
 from google.protobuf.internal import api_implementation
 
-from discovery.etcd_process import EtcdProcess
+from discovery.devtools.etcd import EtcdProcess
+from discovery.devtools.process import ServerProcess, free_port
 from discovery.keys import DEFAULT_PREFIX, KeySchema
 from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, lookup_pb2, lookup_pb2_grpc
 from discovery_pb.v1.types_pb2 import Instance, Status
@@ -71,50 +71,15 @@ _MVCC_RANGE = re.compile(r"^etcd_mvcc_range_total (\S+)$", re.M)
 # --- processes ----------------------------------------------------------------------------
 
 
-@dataclass
-class Child:
-    """A server process from ``_servers.py``; its stdin is its lifeline."""
-
-    name: str
-    proc: subprocess.Popen[bytes]
-    port: int
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                assert self.proc.stdin is not None
-                self.proc.stdin.close()  # EOF: the runner shuts down by itself
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.terminate()
-                try:
-                    self.proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(5)
-
-
-def start_child(name: str, args: Sequence[str], log_dir: Path, stack: contextlib.ExitStack, timeout: float) -> Child:
-    log = (log_dir / f"{name}.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, str(RUNNER), *args],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        start_new_session=True,  # Ctrl-C reaches us only; we stop it in order
-    )
-    log.close()
-    child = Child(name, proc, 0)
-    stack.callback(child.stop)
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    line = proc.stdout.readline() if ready else b""
-    if not line:
-        tail = (log_dir / f"{name}.log").read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{name} server did not start within {timeout:g}s:\n{tail}")
-    child.port = json.loads(line)["port"]
-    return child
+def start_child(
+    name: str, args: Sequence[str], log_dir: Path, stack: contextlib.ExitStack, timeout: float
+) -> ServerProcess:
+    """A server process from ``_servers.py`` on a free port, serving; stopped when ``stack`` closes."""
+    address = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, str(RUNNER), args[0], "--listen", address, *args[1:]]
+    child = ServerProcess(command, address, log_dir / f"{name}.log", name=f"{name} server")
+    stack.callback(child.stop, 10.0)
+    return child.start(timeout)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -503,14 +468,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         server_start = time.perf_counter() - t0
         empty = start_child("empty", ["empty"], tmp, stack, 30)
-        log(f"discovery server :{server.port} (pid {server.proc.pid}), empty server :{empty.port}")
+        log(f"discovery server :{server.port} (pid {server.pid}), empty server :{empty.port}")
         endpoints = {
             "resolve": f"127.0.0.1:{server.port}",
             "empty": f"127.0.0.1:{empty.port}",
             "etcd": etcd.endpoint,
         }
-        pids = Pids(server.proc.pid, empty.proc.pid, etcd.pid)
-        with py_spy(server.proc.pid, args.profile):
+        pids = Pids(server.pid, empty.pid, etcd.pid)
+        with py_spy(server.pid, args.profile):
             phases = asyncio.run(measure(endpoints, keys, services, args, pids))
         setup = {"load_seconds": round(load_seconds, 2), "server_start_seconds": round(server_start, 2)}
         out = report(phases, args, machine, setup)

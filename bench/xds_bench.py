@@ -43,7 +43,8 @@ from envoy.config.endpoint.v3.endpoint_pb2 import ClusterLoadAssignment
 from envoy.service.discovery.v3.ads_pb2_grpc import AggregatedDiscoveryServiceStub
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
-from discovery.etcd_process import EtcdProcess
+from discovery.devtools.etcd import EtcdProcess
+from discovery.devtools.process import ServerProcess, free_port
 from discovery.xds import CLUSTER, ENDPOINTS, LISTENER, bootstrap
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, registry_pb2, registry_pb2_grpc, types_pb2
 
@@ -293,23 +294,12 @@ async def _count(stream: Stream) -> int:
     return max(stream.arrived)
 
 
-async def start_server(etcd: EtcdProcess) -> asyncio.subprocess.Process:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(HERE / "_servers.py"),
-        "discovery",
-        "--etcd",
-        etcd.endpoint,
-        "--region",
-        "us-east",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    async with asyncio.timeout(60):
-        line = await process.stdout.readline()
-    process.port = json.loads(line)["port"]  # type: ignore[attr-defined]
-    return process
+async def start_server(etcd: EtcdProcess, log_dir: Path) -> ServerProcess:
+    address = f"127.0.0.1:{free_port()}"
+    command = [sys.executable, str(HERE / "_servers.py"), "discovery", "--listen", address]
+    command += ["--etcd", etcd.endpoint, "--region", "us-east"]
+    server = ServerProcess(command, address, log_dir / "server.log", name="the discovery server")
+    return await asyncio.to_thread(server.start, 60)
 
 
 async def main() -> None:
@@ -321,8 +311,8 @@ async def main() -> None:
     counts = [int(n) for n in args.streams.split(",") if n]
     with tempfile.TemporaryDirectory(prefix="xds-bench-") as tmp:
         etcd = await asyncio.to_thread(EtcdProcess(Path(tmp) / "etcd").start)
-        server = await start_server(etcd)
-        address = f"127.0.0.1:{server.port}"  # type: ignore[attr-defined]
+        server = await start_server(etcd, Path(tmp))
+        address = server.address
         try:
             print(f"server on {address}; traffic, {args.samples} samples", file=sys.stderr)
             result: dict[str, Any] = {"traffic": await measure_traffic(address, args.samples, Path(tmp))}
@@ -332,10 +322,7 @@ async def main() -> None:
                 fanout.append(await measure_fanout(address, n, args.changes))
             result["fanout"] = fanout
         finally:
-            assert server.stdin is not None
-            server.stdin.close()
-            async with asyncio.timeout(30):
-                await server.wait()
+            await asyncio.to_thread(server.stop, 30.0)
             await asyncio.to_thread(etcd.stop)
     result["machine"] = {
         "cores": os.cpu_count(),

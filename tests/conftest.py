@@ -13,7 +13,7 @@ import grpc.aio
 import pytest
 
 from discovery.config import ServerConfig
-from discovery.etcd_process import EtcdNotFound, EtcdProcess, find_etcd
+from discovery.devtools.etcd import EtcdNotFound, EtcdProcess, find_etcd
 from discovery.server import Server
 from discovery_pb.v1 import admin_pb2_grpc, lookup_pb2_grpc, registry_pb2_grpc
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from discovery.etcd_process import EtcdProcess, free_port
+from discovery.devtools.etcd import EtcdProcess
+from discovery.devtools.process import free_port
 from discovery.server import Server
 from tests.conftest import Servers
 

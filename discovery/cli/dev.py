@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import TextIO
 
 from discovery.cli._common import OK, USAGE, CommandError, add_verb, bounded_int
-from discovery.dev import DEFAULT_REGIONS, DevCluster, EarlierCluster
-from discovery.etcd_process import StartAborted
+from discovery.devtools.cluster import DEFAULT_REGIONS, DevCluster, EarlierCluster
+from discovery.devtools.process import StartAborted
 
 DEV_DESCRIPTION = """Run a whole local cluster in the foreground, like `consul agent -dev`.
 
@@ -146,7 +146,7 @@ async def dev(args: argparse.Namespace) -> int:
 
     loop = asyncio.get_running_loop()
     # SIGHUP: the terminal was closed. Its default action would end this process without the
-    # cleanup (the children would die with it, see discovery.lifeline, but drain nothing and
+    # cleanup (the children would die with it, see discovery.devtools.lifeline, but drain nothing and
     # leave the state dir behind).
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(sig, on_signal)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from discovery.devcontrol import ControlClient, ControlError
+from discovery.devtools.control import ControlClient, ControlError
 
 
 class ClusterFileError(ValueError):

@@ -13,7 +13,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from discovery.etcd_process import free_port
+from discovery.devtools.process import free_port
 from discovery_client import (
     DirectClient,
     DiscoveryClientError,

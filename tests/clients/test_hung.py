@@ -3,16 +3,14 @@ within about the Watch idle timeout, found by keep-alive and the idle check, not
 
 from __future__ import annotations
 
-import json
-import select
 import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from discovery.devtools.process import ServerProcess, free_port
 from tests.clients.conftest import config
 from tests.helpers import eventually, register
 
@@ -20,40 +18,21 @@ RUNNER = Path(__file__).resolve().parents[2] / "bench" / "_servers.py"
 
 
 @pytest.fixture
-def server_process(etcd, key_prefix: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def server_process(etcd, key_prefix: str, tmp_path: Path) -> Iterator[ServerProcess]:
     """A discovery server in a process of its own (so it can be stopped), on the test's etcd and prefix."""
-    args = ["discovery", "--etcd", etcd.endpoint, "--region", "us-east", "--prefix", key_prefix]
-    with (tmp_path / "server.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, str(RUNNER), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log,
-            start_new_session=True,
-        )
-    assert proc.stdin is not None and proc.stdout is not None
-    try:
-        ready, _, _ = select.select([proc.stdout], [], [], 30)
-        line = proc.stdout.readline() if ready else b""
-        assert line, (tmp_path / "server.log").read_text()[-2000:]
-        yield proc, int(json.loads(line)["port"])
-    finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.stdin.close()
-        proc.stdout.close()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    address = f"127.0.0.1:{free_port()}"
+    args = ["discovery", "--listen", address, "--etcd", etcd.endpoint, "--region", "us-east", "--prefix", key_prefix]
+    server = ServerProcess([sys.executable, str(RUNNER), *args], address, tmp_path / "server.log")
+    server.start(30)
+    yield server
+    server.stop(10)  # SIGCONT first: the test leaves it stopped
 
 
 async def test_hung_server_is_left_for_the_next(etcd, servers, connect, make_client, server_process) -> None:
-    proc, port = server_process
     good = await servers.start(etcd)
     stubs = connect(good)
     await register(stubs, "web", "10.0.0.1:80")
-    hung = f"127.0.0.1:{port}"
+    hung = server_process.address
     client = make_client(config([hung, good]))
 
     async def from_hung() -> bool:
@@ -62,7 +41,7 @@ async def test_hung_server_is_left_for_the_next(etcd, servers, connect, make_cli
 
     await eventually(from_hung)
 
-    proc.send_signal(signal.SIGSTOP)
+    server_process.send(signal.SIGSTOP)
     await register(stubs, "web", "10.0.0.2:80")
 
     async def moved() -> bool:

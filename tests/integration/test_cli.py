@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from discovery.etcd_process import EtcdProcess, free_port
+from discovery.devtools.etcd import EtcdProcess
+from discovery.devtools.process import free_port
 from discovery_pb.v1 import types_pb2
 from tests.helpers import eventually
 

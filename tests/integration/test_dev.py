@@ -21,8 +21,9 @@ import grpc
 import grpc.aio
 import pytest
 
-from discovery.dev import DevCluster
-from discovery.etcd_process import EtcdProcess, free_ports
+from discovery.devtools.cluster import DevCluster
+from discovery.devtools.etcd import EtcdProcess
+from discovery.devtools.process import free_ports
 from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.helpers import CALL_TIMEOUT, eventually, instance
 
@@ -630,7 +631,7 @@ async def test_dev_replace_stops_leftover_processes_but_never_a_reused_pid(
 
 LIFELINE_PARENT = """
 import os, sys, threading, time
-from discovery import lifeline
+from discovery.devtools import lifeline
 # Asked from a thread that ends at once, as DevCluster's region threads do: the trap of
 # PR_SET_PDEATHSIG is that it fires when the forking *thread* ends, not the process.
 thread = threading.Thread(target=lambda: print(lifeline.popen(["sleep", "60"]).pid, flush=True))

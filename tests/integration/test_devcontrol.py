@@ -18,8 +18,8 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from discovery.dev import DevCluster
-from discovery.devcontrol import ControlClient, ControlError, ControlServer
+from discovery.devtools.cluster import DevCluster
+from discovery.devtools.control import ControlClient, ControlError, ControlServer
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.helpers import CALL_TIMEOUT, instance
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from discovery.dev import DevCluster
+from discovery.devtools.cluster import DevCluster
 from discovery.drill import Bounds, ClusterFile, DrillError, DrillSettings, LoadSettings, Report, run_drill
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, types_pb2
 from tests.helpers import CALL_TIMEOUT, eventually
@@ -167,7 +167,7 @@ async def test_etcd_leader_kill(three_member_cluster: ClusterFile) -> None:
 async def test_a_broken_guarantee_fails_the_drill(cluster: ClusterFile) -> None:
     """The fault hits a region the drill holds to its bounds (a's processes are frozen by
     the --inject command while the drill believes c is the target): the report must fail."""
-    control = f"from discovery.devcontrol import ControlClient; ControlClient({cluster.control!r}).call"
+    control = f"from discovery.devtools.control import ControlClient; ControlClient({cluster.control!r}).call"
     report = await drill(
         cluster,
         "region-hang",

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from discovery.faultproxy import FaultProxy, LinkFault
+from discovery.devtools.faultproxy import FaultProxy, LinkFault
 
 WAIT = 5.0  # seconds: the bound of every wait here
 

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 
-from discovery.etcd_process import EtcdProcess
+from discovery.devtools.etcd import EtcdProcess
 from discovery.keys import KeySchema
 from discovery.store import Store
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2

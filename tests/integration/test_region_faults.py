@@ -15,7 +15,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from discovery.dev import DevCluster
+from discovery.devtools.cluster import DevCluster
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
 from tests.conftest import Stubs
 from tests.helpers import CALL_TIMEOUT, eventually, instance, watch

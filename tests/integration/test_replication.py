@@ -8,7 +8,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from discovery.etcd_process import EtcdProcess
+from discovery.devtools.etcd import EtcdProcess
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
 from tests.helpers import CALL_TIMEOUT, eventually, register, resolve
 from tests.multiregion import Regions

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from discovery.etcd_process import EtcdProcess
+from discovery.devtools.etcd import EtcdProcess
 from discovery.store import Store
 
 

@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 
-from discovery.etcd_process import EtcdProcess, free_port
+from discovery.devtools.etcd import EtcdProcess
+from discovery.devtools.process import free_port
 from tests.helpers import eventually
 from tests.integration.test_cli import run
 

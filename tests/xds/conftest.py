@@ -17,7 +17,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from discovery.etcd_process import EtcdProcess
+from discovery.devtools.etcd import EtcdProcess
 from discovery.server import Server
 from discovery.xds import bootstrap
 from tests.conftest import Servers

@@ -14,7 +14,7 @@ from envoy.service.status.v3.csds_pb2 import ClientStatusRequest, ConfigStatus
 from envoy.service.status.v3.csds_pb2_grpc import ClientStatusDiscoveryServiceStub
 from google.protobuf.message import Message
 
-from discovery.etcd_process import free_port
+from discovery.devtools.process import free_port
 from discovery.xds import ENDPOINTS, Builder
 from tests.helpers import CALL_TIMEOUT, eventually, register
 from tests.xds.ads_client import AdsClient

