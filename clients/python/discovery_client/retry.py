@@ -1,5 +1,5 @@
-"""One retry policy for every call and stream the client makes (the same shape as the
-server's ``discovery.retry``, copied because the client must not import the server)."""
+"""One retry policy for every call and stream the client makes, and for the server's own
+reconnecting loops (the view's etcd watch, the replicator), which import it from here."""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before pass number ``attempt`` + 1 (0-based), with jitter."""
-        raw = min(self.max_delay, self.base_delay * self.multiplier ** max(0, attempt))
+        try:
+            raw = min(self.max_delay, self.base_delay * self.multiplier ** max(0, attempt))
+        except OverflowError:  # a long outage's count (2.0 ** 1100 is no float): the cap holds
+            raw = self.max_delay
         return raw * random.uniform(1 - self.jitter, 1 + self.jitter)
 
     def validate(self) -> RetryPolicy:
