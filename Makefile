@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install dev test lint proto bench clean
+.PHONY: install dev test test-fast lint proto bench clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,8 +26,15 @@ lint: install
 	$(BIN)/ruff format --check discovery tests scripts bench clients
 	$(BIN)/mypy
 
-test: lint  ## lint, types, then the whole suite against real etcd processes
+test: lint  ## lint, types, then the whole suite against real etcd processes (what CI runs)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install  ## the inner loop, under a minute: ruff, then unit and integration tests not marked slow, stop at the first failure
+	$(BIN)/ruff check discovery tests scripts bench clients
+	@# Not the command line's subprocess tests, etcd outages nor multi-region replication (test_cli.py,
+	@# test_faults.py, test_replication.py: about 70 s together), nor tests/clients and tests/xds: `make test` runs them.
+	$(BIN)/python -m pytest -x -q -m "not slow" tests/unit tests/integration --ignore=tests/integration/test_cli.py \
+		--ignore=tests/integration/test_faults.py --ignore=tests/integration/test_replication.py $(PYTEST_ARGS)
 
 proto: install  ## regenerate clients/python/discovery_pb/ from proto/
 	$(BIN)/python scripts/gen_proto.py

@@ -6,16 +6,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
 
-from discovery.config import ServerConfig
 from discovery.devtools.etcd import EtcdNotFound, EtcdProcess, find_etcd
 from discovery.server import Server
-from discovery_pb.v1 import admin_pb2_grpc, lookup_pb2_grpc, registry_pb2_grpc
+from tests.support.regions import Regions
+from tests.support.servers import Servers, Stubs
 
 _prefixes = itertools.count()
 
@@ -61,48 +60,12 @@ def key_prefix() -> str:
     return f"/t{next(_prefixes)}-{id(object())}/discovery/v1/"
 
 
-class Servers:
-    """Starts servers for one test and stops them all at teardown."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.running: list[Server] = []
-
-    async def start(self, etcd: EtcdProcess, region: str = "us-east", **overrides: Any) -> Server:
-        settings: dict[str, Any] = {
-            "region": region,
-            "listen": "127.0.0.1:0",
-            "etcd": (etcd.endpoint,),
-            "key_prefix": self.prefix,
-            "grace_seconds": 1.0,
-            "etcd_timeout_seconds": 2.0,
-            "watch_keepalive_seconds": 0.5,
-        }
-        config = ServerConfig(**{**settings, **overrides}).validate()  # overrides win, defaults too
-        server = Server(config, startup_timeout=10)
-        await server.__aenter__()
-        self.running.append(server)
-        return server
-
-    async def stop(self, server: Server) -> None:
-        await server.stop()
-        self.running.remove(server)
-
-
 @pytest.fixture
 async def servers(key_prefix: str) -> AsyncIterator[Servers]:
     s = Servers(key_prefix)
     yield s
     for server in list(s.running):
         await server.stop()
-
-
-class Stubs:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.channel = channel
-        self.registry = registry_pb2_grpc.RegistryStub(channel)
-        self.lookup = lookup_pb2_grpc.LookupStub(channel)
-        self.admin = admin_pb2_grpc.AdminStub(channel)
 
 
 @pytest.fixture
@@ -120,8 +83,6 @@ async def connect() -> AsyncIterator[Callable[[Server], Stubs]]:
 
 
 @pytest.fixture
-async def regions(servers: Servers) -> AsyncIterator[Any]:
-    """Several regions in this process, peered (tests/multiregion.py)."""
-    from tests.multiregion import Regions
-
+async def regions(servers: Servers) -> AsyncIterator[Regions]:
+    """Several regions in this process, peered (tests/support/regions.py)."""
     yield Regions(servers)

@@ -13,8 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from discovery_client import NoEndpoints, SyncDiscoveryClient
 from discovery_pb.v1 import registry_pb2
-from tests.clients.conftest import config
-from tests.helpers import CALL_TIMEOUT, eventually, register
+from tests.support.clients import config
+from tests.support.helpers import CALL_TIMEOUT, eventually, register
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 

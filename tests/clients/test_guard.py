@@ -7,8 +7,8 @@ import time
 
 from discovery_client import GuardPolicy
 from discovery_pb.v1 import registry_pb2
-from tests.clients.conftest import config
-from tests.helpers import CALL_TIMEOUT, eventually, register
+from tests.support.clients import config
+from tests.support.helpers import CALL_TIMEOUT, eventually, register
 
 
 async def deregister(stubs, service: str, instance_id: str) -> None:

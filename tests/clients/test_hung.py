@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from discovery.devtools.process import ServerProcess, free_port
-from tests.clients.conftest import config
-from tests.helpers import eventually, register
+from tests.support.clients import config
+from tests.support.helpers import eventually, register
 
 RUNNER = Path(__file__).resolve().parents[2] / "bench" / "_servers.py"
 

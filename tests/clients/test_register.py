@@ -6,8 +6,8 @@ import asyncio
 
 from discovery.store import Store
 from discovery_client import Status
-from tests.clients.conftest import config
-from tests.helpers import eventually, watch
+from tests.support.clients import config
+from tests.support.helpers import eventually, watch
 
 
 async def test_register_keepalive_lease_loss_reregister_drain_deregister(etcd, servers, connect, make_client) -> None:

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from discovery_client import InvalidArgument, Scope, Status, Unavailable
-from tests.clients.conftest import config
-from tests.helpers import eventually, register
+from tests.support.clients import config
+from tests.support.helpers import eventually, register
 
 
 async def test_first_resolve_subscribes_later_ones_are_in_memory(etcd, servers, connect, make_client) -> None:

@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 
 from discovery_client import Status, SyncDiscoveryClient
-from tests.clients.conftest import config
-from tests.helpers import register
+from tests.support.clients import config
+from tests.support.helpers import register
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:

@@ -18,7 +18,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from tests.helpers import register
+from tests.support.helpers import register
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_DIST = REPO / "clients" / "python"

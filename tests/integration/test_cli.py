@@ -14,7 +14,7 @@ import pytest
 from discovery.devtools.etcd import EtcdProcess
 from discovery.devtools.process import free_port
 from discovery_pb.v1 import types_pb2
-from tests.helpers import eventually
+from tests.support.helpers import eventually
 
 CLI = [sys.executable, "-m", "discovery"]
 
@@ -191,7 +191,7 @@ async def test_leased_register_heartbeats_then_deregisters_on_sigterm(server_add
 async def test_leased_register_drains_before_deregistering(etcd, servers, connect) -> None:
     """SIGTERM: the instance turns DRAINING (seen by a watcher while the command still
     runs), stays for --drain, and only then is deregistered; stdout keeps its one JSON line."""
-    from tests.helpers import watch
+    from tests.support.helpers import watch
 
     server = await servers.start(etcd)
     s = ("--server", f"127.0.0.1:{server.port}")
@@ -317,7 +317,7 @@ async def test_out_of_range_numbers_are_usage_errors() -> None:
 
 
 async def test_output_into_a_closed_pipe_is_not_an_error(etcd, servers, connect) -> None:
-    from tests.helpers import register
+    from tests.support.helpers import register
 
     server = await servers.start(etcd)
     stubs = connect(server)

@@ -25,7 +25,10 @@ from discovery.devtools.cluster import DevCluster
 from discovery.devtools.etcd import EtcdProcess
 from discovery.devtools.process import free_ports
 from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, registry_pb2, registry_pb2_grpc
-from tests.helpers import CALL_TIMEOUT, eventually, instance
+from tests.support.helpers import CALL_TIMEOUT, eventually, instance
+
+# Whole `discovery dev` clusters of processes, about 30 s together: not in `make test-fast`.
+pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "discovery"]
 REGIONS = ["us-east", "eu-west", "ap-south"]

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from discovery.devtools.cluster import DevCluster
 from discovery.devtools.control import ControlClient, ControlError, ControlServer
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, registry_pb2, registry_pb2_grpc
-from tests.helpers import CALL_TIMEOUT, instance
+from tests.support.helpers import CALL_TIMEOUT, instance
 
 REGIONS = ("us-east", "eu-west")
 

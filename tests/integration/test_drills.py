@@ -25,7 +25,7 @@ import pytest
 from discovery.devtools.cluster import DevCluster
 from discovery.drill import Bounds, ClusterFile, DrillError, DrillSettings, LoadSettings, Report, run_drill
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, types_pb2
-from tests.helpers import CALL_TIMEOUT, eventually
+from tests.support.helpers import CALL_TIMEOUT, eventually
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from discovery.devtools.etcd import EtcdProcess
 from discovery.keys import KeySchema
 from discovery.store import Store
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
-from tests.helpers import CALL_TIMEOUT, eventually, register, resolve, watch
+from tests.support.helpers import CALL_TIMEOUT, eventually, register, resolve, watch
 
 KEEPALIVE = lookup_pb2.WatchResponse.KEEPALIVE
 PUT = types_pb2.Change.PUT

@@ -13,8 +13,8 @@ import pytest
 from discovery.api import replication as replication_api
 from discovery.replication.state import HEARTBEATS_PER_SILENCE
 from discovery_pb.v1 import admin_pb2, lookup_pb2, replication_pb2
-from tests.helpers import CALL_TIMEOUT, eventually, register, resolve
-from tests.multiregion import FAST
+from tests.support.helpers import CALL_TIMEOUT, eventually, register, resolve
+from tests.support.regions import FAST
 
 IDLE_SECONDS = 30.0
 LOADED_SECONDS = 30.0

@@ -11,7 +11,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, replication_pb2
-from tests.helpers import CALL_TIMEOUT, instance, register
+from tests.support.helpers import CALL_TIMEOUT, instance, register
 
 _GARBAGE = b"\xff\xff\xff\xff"  # field 0 / wire type 7: never valid protobuf
 

@@ -17,8 +17,8 @@ import pytest
 
 from discovery.devtools.cluster import DevCluster
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
-from tests.conftest import Stubs
-from tests.helpers import CALL_TIMEOUT, eventually, instance, watch
+from tests.support.helpers import CALL_TIMEOUT, eventually, instance, watch
+from tests.support.servers import Stubs
 
 pytestmark = pytest.mark.slow
 

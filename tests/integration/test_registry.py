@@ -11,7 +11,7 @@ import grpc.aio
 import pytest
 
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
-from tests.helpers import ALL_STATUSES, CALL_TIMEOUT, register, resolve
+from tests.support.helpers import ALL_STATUSES, CALL_TIMEOUT, register, resolve
 
 SERVING, DRAINING, NOT_SERVING = types_pb2.SERVING, types_pb2.DRAINING, types_pb2.NOT_SERVING
 LEASE_TTL = 2  # etcd's minimum lease TTL is about 2 s

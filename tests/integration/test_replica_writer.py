@@ -18,7 +18,7 @@ from discovery.replication.replicator import StepDown
 from discovery.store import Store
 from discovery_pb.v1.replication_pb2 import Checkpoint, StreamResponse
 from discovery_pb.v1.types_pb2 import Change, Instance
-from tests.helpers import eventually
+from tests.support.helpers import eventually
 
 ORIGIN = "eu"
 

@@ -10,8 +10,8 @@ import pytest
 
 from discovery.devtools.etcd import EtcdProcess
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
-from tests.helpers import CALL_TIMEOUT, eventually, register, resolve
-from tests.multiregion import Regions
+from tests.support.helpers import CALL_TIMEOUT, eventually, register, resolve
+from tests.support.regions import Regions
 
 
 def addresses(response: lookup_pb2.ResolveResponse) -> dict[str, str]:

@@ -10,7 +10,7 @@ import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tests.helpers import CALL_TIMEOUT, register
+from tests.support.helpers import CALL_TIMEOUT, register
 
 SERVICES = ("discovery.v1.Registry", "discovery.v1.Lookup", "discovery.v1.Admin")
 

@@ -10,8 +10,8 @@ import sys
 
 from discovery.devtools.etcd import EtcdProcess
 from discovery.devtools.process import free_port
-from tests.helpers import eventually
 from tests.integration.test_cli import run
+from tests.support.helpers import eventually
 
 
 async def test_console_exporters_show_spans_and_metrics(private_etcd: EtcdProcess) -> None:

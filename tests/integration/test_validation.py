@@ -14,7 +14,7 @@ import grpc.aio
 import pytest
 
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2
-from tests.helpers import ALL_STATUSES, CALL_TIMEOUT, instance, register, resolve
+from tests.support.helpers import ALL_STATUSES, CALL_TIMEOUT, instance, register, resolve
 
 REGION = "us-east"
 

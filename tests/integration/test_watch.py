@@ -12,7 +12,7 @@ import pytest
 from discovery.api.lookup import SNAPSHOT_CHUNK
 from discovery.store import Store
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, registry_pb2, types_pb2
-from tests.helpers import CALL_TIMEOUT, eventually, instance, register, resolve, watch
+from tests.support.helpers import CALL_TIMEOUT, eventually, instance, register, resolve, watch
 
 SNAPSHOT = lookup_pb2.WatchResponse.SNAPSHOT
 CHANGES = lookup_pb2.WatchResponse.CHANGES

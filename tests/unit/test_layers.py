@@ -7,7 +7,9 @@
   gRPC servicer and nothing of the layers above it (api, xds, server, cli, devtools, drill);
 * in the server and the client, only ``discovery/store.py`` imports ``etcd3aio``;
 * the client library and the generated stubs import nothing from ``discovery``;
-* no module imports a private (underscore) module of another package.
+* no module imports a private (underscore) module of another package;
+* nothing imports a conftest, and tests/support imports nothing of tests/ but itself, so the
+  shared test code has no cycle.
 """
 
 from __future__ import annotations
@@ -153,6 +155,11 @@ def _violations() -> set[tuple[str, str, str]]:
             found.add(("etcd3aio", i.importer, i.module))
         if _within(i.importer, ("discovery_client", "discovery_pb")) and _within(i.module, "discovery"):
             found.add(("client", i.importer, i.module))
+        support = "tests.support"
+        if i.module.rpartition(".")[2] == "conftest" or (
+            _within(i.importer, support) and _within(i.module, "tests") and not _within(i.module, support)
+        ):
+            found.add(("tests", i.importer, i.module))
         generated = _within(i.importer, "discovery_pb")  # grpc_tools' output imports grpc._utilities
         if _private_of_another_package(i) and not generated and (i.importer, i.module) not in FOREIGN_PRIVATE_ALLOWED:
             found.add(("private", i.importer, i.module))

@@ -18,7 +18,7 @@ from discovery.view import Changes, Snapshot, Subscription, View, updates
 from discovery.view.history import History
 from discovery_client import RetryPolicy
 from discovery_pb.v1.types_pb2 import Change, Instance
-from tests.helpers import eventually
+from tests.support.helpers import eventually
 
 KEYS = KeySchema("/unit/")
 FAST_RETRY = RetryPolicy(base_delay=0.001, max_delay=0.005)

@@ -20,8 +20,8 @@ import pytest
 from discovery.devtools.etcd import EtcdProcess
 from discovery.server import Server
 from discovery.xds import bootstrap
-from tests.conftest import Servers
-from tests.helpers import until_progress
+from tests.support.helpers import until_progress
+from tests.support.servers import Servers
 
 CLIENT_SCRIPT = Path(__file__).with_name("stock_client.py")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from tests.helpers import register
 from tests.integration.test_cli import run
+from tests.support.helpers import register
 
 
 async def test_a_stock_client_runs_on_the_printed_bootstrap_and_shows_in_xds_clients(

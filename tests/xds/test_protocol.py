@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 from discovery.devtools.process import free_port
 from discovery.xds import ENDPOINTS, Builder
-from tests.helpers import CALL_TIMEOUT, eventually, register
+from tests.support.helpers import CALL_TIMEOUT, eventually, register
 from tests.xds.ads_client import AdsClient
 
 

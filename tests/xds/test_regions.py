@@ -7,7 +7,7 @@ import grpc.aio
 from envoy.config.core.v3.health_check_pb2 import HealthStatus
 
 from discovery_pb.v1 import lookup_pb2, types_pb2
-from tests.helpers import eventually, register, resolve
+from tests.support.helpers import eventually, register, resolve
 from tests.xds.ads_client import AdsClient
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from discovery_pb.v1 import registry_pb2
-from tests.helpers import CALL_TIMEOUT, register
+from tests.support.helpers import CALL_TIMEOUT, register
 
 
 async def test_round_robin_and_endpoints_that_come_and_go(server, connect, backends, stock_clients) -> None:

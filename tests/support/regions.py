@@ -9,7 +9,7 @@ from typing import Any
 from discovery.devtools.etcd import EtcdProcess
 from discovery.devtools.process import free_port
 from discovery.server import Server
-from tests.conftest import Servers
+from tests.support.servers import Servers
 
 # Fast enough for tests, and still above a lease's TTL granularity.
 FAST = {

@@ -70,7 +70,7 @@ def instance(service: str = "web", address: str = "10.0.0.1:80", **fields: Any) 
 
 
 async def register(stubs: Any, service: str = "web", address: str = "10.0.0.1:80", **fields: Any) -> Any:
-    """Register one instance through ``stubs`` (tests.conftest.Stubs); returns the RegisterResponse."""
+    """Register one instance through ``stubs`` (tests.support.servers.Stubs); returns the RegisterResponse."""
     request = registry_pb2.RegisterRequest(instance=instance(service, address, **fields))
     return await stubs.registry.Register(request, timeout=CALL_TIMEOUT)
 
