@@ -12,8 +12,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from discovery.api._streams import OpenStreams
 from discovery.api.errors import abort
+from discovery.api.streams import OpenStreams
 from discovery.errors import DiscoveryError, InvalidArgument, ShuttingDown
 from discovery.model import SERVING_STATUSES, validate_service
 from discovery.query import Query, select

@@ -6,8 +6,8 @@ from collections.abc import AsyncIterator
 
 import grpc.aio
 
-from discovery.api._streams import OpenStreams
 from discovery.api.errors import abort
+from discovery.api.streams import OpenStreams
 from discovery.errors import DiscoveryError, ShuttingDown
 from discovery.registry import Registry
 from discovery.telemetry import Instruments

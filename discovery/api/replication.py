@@ -15,8 +15,8 @@ from typing import Any
 
 import grpc.aio
 
-from discovery.api._streams import OpenStreams
 from discovery.api.errors import abort
+from discovery.api.streams import OpenStreams
 from discovery.errors import DiscoveryError, InvalidArgument, RevisionNotReached, ShuttingDown, StoreUnavailable
 from discovery.store import StoreHealth
 from discovery.view import SNAPSHOT_CHUNK, Changes, Snapshot, View, updates

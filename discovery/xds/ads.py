@@ -12,7 +12,7 @@ import grpc.aio
 from envoy.service.discovery.v3 import ads_pb2
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
-from discovery.api._streams import OpenStreams
+from discovery.api.streams import OpenStreams
 from discovery.xds.hub import XdsHub
 from discovery.xds.stream import StreamState
 
