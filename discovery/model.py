@@ -14,6 +14,7 @@ import re
 import time
 
 from discovery.errors import InvalidArgument
+from discovery_client import DEFAULT_WEIGHT
 from discovery_pb.v1.types_pb2 import Instance, Status
 
 MAX_SERVICE_LEN = 253
@@ -27,7 +28,7 @@ MAX_METADATA_KEY_LEN = 128
 MAX_METADATA_VALUE_LEN = 1024
 MAX_RECORD_BYTES = 16 * 1024
 MIN_TTL, MAX_TTL = 1, 3600
-DEFAULT_WEIGHT, MAX_WEIGHT = 100, 10_000
+MAX_WEIGHT = 10_000
 # What a Resolve or Watch returns when it names no status.
 SERVING_STATUSES: frozenset[int] = frozenset({Status.SERVING})
 

@@ -29,6 +29,7 @@ from discovery_client.model import Query, select
 from discovery_client.picker import Picker
 
 PUBLIC = {
+    "DEFAULT_WEIGHT",
     "AioServiceChannel",
     "ClientConfig",
     "ConfigError",

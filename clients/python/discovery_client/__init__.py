@@ -22,7 +22,7 @@ from discovery_client.errors import (
     from_rpc_error,
 )
 from discovery_client.guard import GuardPolicy
-from discovery_client.model import Endpoint, Resolution, Scope, Status
+from discovery_client.model import DEFAULT_WEIGHT, Endpoint, Resolution, Scope, Status
 from discovery_client.picker import Strategy
 from discovery_client.registration import Registration
 from discovery_client.retry import RetryPolicy
@@ -32,6 +32,7 @@ __all__ = [
     "AioServiceChannel",
     "ClientConfig",
     "ConfigError",
+    "DEFAULT_WEIGHT",
     "DirectClient",
     "DiscoveryClient",
     "DiscoveryClientError",

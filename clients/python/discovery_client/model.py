@@ -10,6 +10,9 @@ from typing import Any
 
 from discovery_client.errors import InvalidArgument
 
+# The weight of an instance registered without one (a record's 0): the server writes it too.
+DEFAULT_WEIGHT = 100
+
 
 class Status(enum.IntEnum):
     """An instance's health as its owner reports it (the values of discovery.v1.Status)."""
@@ -71,7 +74,7 @@ class Endpoint:
             region=inst.region,
             zone=inst.zone,
             address=inst.address,
-            weight=inst.weight or 100,
+            weight=inst.weight or DEFAULT_WEIGHT,
             status=Status(inst.status) if inst.status in _STATUS_VALUES else Status.SERVING,
             tags=tuple(inst.tags),
             metadata=MappingProxyType(dict(inst.metadata)),
