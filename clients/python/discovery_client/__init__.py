@@ -29,10 +29,10 @@ from discovery_client.retry import RetryPolicy
 from discovery_client.sync import SyncDiscoveryClient, SyncRegistration
 
 __all__ = [
+    "DEFAULT_WEIGHT",
     "AioServiceChannel",
     "ClientConfig",
     "ConfigError",
-    "DEFAULT_WEIGHT",
     "DirectClient",
     "DiscoveryClient",
     "DiscoveryClientError",
