@@ -141,12 +141,22 @@ class EtcdProcess:
         except OSError:
             return False
 
+    def _log_tail(self, lines: int = 3) -> str:
+        """The last lines of the member's log: the log goes with its cluster's state dir,
+        so the reason must travel in the error."""
+        try:
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-lines:]
+        except OSError:
+            return "(no log)"
+        return " | ".join(line[-300:] for line in tail) or "(empty log)"
+
     def wait_healthy(self, timeout: float = 20.0, abort: threading.Event | None = None) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(
-                    f"etcd {self.name} at {self.endpoint} exited with {self.proc.returncode}; see {self.log_path}"
+                    f"etcd {self.name} at {self.endpoint} exited with {self.proc.returncode}; "
+                    f"see {self.log_path}; it ends: {self._log_tail()}"
                 )
             if self.healthy(min(1.0, max(0.1, deadline - time.monotonic()))):
                 return

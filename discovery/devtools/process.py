@@ -9,6 +9,7 @@ Also the free ports every local process is started on, and ``StartAborted``.
 from __future__ import annotations
 
 import contextlib
+import random
 import signal
 import socket
 import subprocess
@@ -41,16 +42,40 @@ def free_port() -> int:
 
 def free_ports(count: int, exclude: Collection[int] = ()) -> list[int]:
     """``count`` distinct free ports on 127.0.0.1, none of them in ``exclude``. The sockets
-    are held until all are chosen, so the kernel cannot hand out one port twice within a call."""
+    are held until all are chosen, so no port is handed out twice within a call.
+
+    Chosen below the kernel's ephemeral range, not by binding port 0: a port from that range,
+    released until etcd or a server binds it, can meanwhile become the local port of any
+    outgoing connection on the machine, and the start fails with "address already in use"
+    (seen as etcd exiting with 1 at startup, a few times in a hundred suite runs)."""
+    low, high = _ports_below_ephemeral()
     with contextlib.ExitStack() as stack:
         ports: list[int] = []
-        while len(ports) < count:
+        for _ in range(100 * count + 1000):
+            if len(ports) == count:
+                return ports
+            port = random.randrange(low, high)
+            if port in exclude or port in ports:
+                continue
             s = stack.enter_context(socket.socket())
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-            if port not in exclude:  # an excluded one stays bound, so it is not offered again
-                ports.append(port)
-        return ports
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or lingering in TIME_WAIT): another one
+            ports.append(port)
+        if len(ports) == count:
+            return ports
+    raise RuntimeError(f"no {count} free ports on 127.0.0.1 between {low} and {high}")
+
+
+def _ports_below_ephemeral() -> tuple[int, int]:
+    try:
+        first = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        first = 32768  # Linux's default start
+    # Above the well-known and the common fixed ports (7400 for `discovery dev`, 2379 for etcd).
+    low = 10_000 if first > 15_000 else 1024
+    return low, max(low + 1000, first)
 
 
 class ServerProcess:
