@@ -56,6 +56,13 @@ Progress = Callable[[str], object]
 PeerRoute = Callable[[str, str, str], str]  # (from region, to region, server address) -> address to dial
 
 
+# The advice when an earlier cluster still runs in the state dir.
+_STOP_OR_REPLACE = (
+    "stop it first (Ctrl-C where it runs, or kill it), "
+    "or add --replace to stop it and start this one in its place"
+)
+
+
 class DevServer(ServerProcess):
     """One ``discovery serve`` of the cluster: the launcher, and where the server sits."""
 
@@ -250,8 +257,7 @@ class DevCluster:
         self._stop_or_refuse(
             _Earlier(state_dir, owner, listed),
             f"the cluster of state dir {state_dir} is still running",
-            "stop it first (Ctrl-C where it runs, or kill it), "
-            "or add --replace to stop it and start this one in its place",
+            _STOP_OR_REPLACE,
             progress,
         )
 
@@ -266,8 +272,7 @@ class DevCluster:
             self._stop_or_refuse(
                 _Earlier(state_dir, owner, listed),
                 f"the cluster of state dir {state_dir} is still running",
-                "stop it first (Ctrl-C where it runs, or kill it), "
-                "or add --replace to stop it and start this one in its place",
+                _STOP_OR_REPLACE,
                 progress,
             )
         elif listed:

@@ -245,6 +245,19 @@ class ScriptedFeed:
         raise FeedLost("end of script")
 
 
+async def lead_until_played(replicator: Replicator, feed: ScriptedFeed, store: Store, keys: KeySchema) -> None:
+    """Lead the replicator (fenced as "me") until the feed has played every script."""
+    _, fence = await win(store, keys, "me")
+    leading = asyncio.create_task(replicator.lead(fence))
+    try:
+        async with asyncio.timeout(10):
+            await feed.played.wait()
+    finally:
+        leading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leading
+
+
 async def test_the_loop_resumes_on_the_next_server_after_what_it_applied(store, keys) -> None:
     now = int(time.time() * 1000)
     snapshot = StreamResponse(
@@ -260,15 +273,7 @@ async def test_the_loop_resumes_on_the_next_server_after_what_it_applied(store, 
     feed = ScriptedFeed([snapshot, changes], [gone])
     settings = ReplicationSettings(region="local", identity="me")
     replicator = Replicator(ORIGIN, ["x1", "x2"], feed=feed, store=store, keys=keys, settings=settings)
-    _, fence = await win(store, keys, "me")
-    leading = asyncio.create_task(replicator.lead(fence))
-    try:
-        async with asyncio.timeout(10):
-            await feed.played.wait()
-    finally:
-        leading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await leading
+    await lead_until_played(replicator, feed, store, keys)
     assert feed.asked == [("x1", 0, 0), ("x2", 6, 7), ("x1", 8, 7)]
     assert await replicas(store, keys) == {"a", "c"}
     cp = await checkpoint(store, keys)
@@ -310,13 +315,5 @@ async def test_a_withdrawal_with_nothing_held_does_not_release_a_later_hold_at_o
     feed = ScriptedFeed(script)
     settings = ReplicationSettings(region="local", identity="me", resume_grace=30.0)
     replicator = Replicator(ORIGIN, ["x1"], feed=feed, store=store, keys=keys, settings=settings)
-    _, fence = await win(store, keys, "me")
-    leading = asyncio.create_task(replicator.lead(fence))
-    try:
-        async with asyncio.timeout(10):
-            await feed.played.wait()
-    finally:
-        leading.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await leading
+    await lead_until_played(replicator, feed, store, keys)
     assert await replicas(store, keys) == {"a"}  # held, not applied at once
