@@ -58,8 +58,7 @@ PeerRoute = Callable[[str, str, str], str]  # (from region, to region, server ad
 
 # The advice when an earlier cluster still runs in the state dir.
 _STOP_OR_REPLACE = (
-    "stop it first (Ctrl-C where it runs, or kill it), "
-    "or add --replace to stop it and start this one in its place"
+    "stop it first (Ctrl-C where it runs, or kill it), or add --replace to stop it and start this one in its place"
 )
 
 
