@@ -6,6 +6,7 @@ A TOML file may hold any field (``[server]`` table or top level); command-line f
 from __future__ import annotations
 
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -39,6 +40,21 @@ class ServerConfig:
     max_staleness_seconds: float = 0.0  # stale replicas older than this are not served (0: always served)
     resume_grace_seconds: float = 10.0  # deletions from a region just back from silence wait this long
     election_ttl_seconds: int = 3  # a dead replicator leader is replaced after about this long
+    # Security (docs/security.md). Serving needs the three TLS files or an explicit insecure.
+    insecure: bool = False  # plaintext, everyone may do everything: development only
+    tls_cert: str = ""  # this server's certificate chain (PEM); reloaded when the file changes
+    tls_key: str = ""  # its private key (PEM)
+    tls_client_ca: str = ""  # CA bundle client and peer certificates must chain to
+    trust_domain: str = "discovery.local"  # identities are spiffe://<trust_domain>/...
+    policy_file: str = ""  # who may do what (TOML); required with TLS
+    audit_log: str = ""  # one JSON line per write and denial: a file path, or "-" for stdout
+    audit_fail_open: bool = False  # keep writing when the audit log cannot be written (loudly)
+    reload_poll_seconds: float = 5.0  # certificates and the policy are checked this often (and on SIGHUP)
+    health_listen: str = ""  # optional plaintext HOST:PORT serving only grpc.health.v1
+    etcd_ca: str = ""  # etcd over TLS: the CA of etcd's server certificates
+    etcd_cert: str = ""  # client certificate etcd maps to a user (its CN) under --client-cert-auth
+    etcd_key: str = ""
+    etcd_server_name: str = ""  # the name etcd's certificate is checked against (several members need it)
 
     def validate(self) -> ServerConfig:
         if not self.region:
@@ -75,8 +91,43 @@ class ServerConfig:
             raise InvalidArgument("replication_heartbeat_seconds", "must be between 0.05 and 10")
         if self.advertise:
             split_address(self.advertise, "advertise")
+        if self.health_listen:
+            split_address(self.health_listen, "health_listen", allow_port_zero=True)
+        self._validate_security()
         self.peer_map()  # validates
         return self
+
+    def _validate_security(self) -> None:
+        tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_client_ca": self.tls_client_ca}
+        given = [name for name, value in tls.items() if value]
+        if self.insecure and given:
+            raise InvalidArgument("insecure", f"given together with {', '.join(given)}: choose one")
+        if not self.insecure:
+            if not given:
+                raise InvalidArgument(
+                    "tls_cert",
+                    "no TLS settings: give --tls-cert, --tls-key and --tls-client-ca "
+                    "(docs/security.md), or --insecure for a development server anyone can write to",
+                )
+            missing = [name for name, value in tls.items() if not value]
+            if missing:
+                raise InvalidArgument(missing[0], f"required with {', '.join(given)}")
+            if not self.policy_file:
+                raise InvalidArgument("policy_file", "required with TLS: without a policy every caller is denied")
+        if not _TRUST_DOMAIN.fullmatch(self.trust_domain):
+            raise InvalidArgument("trust_domain", f"{self.trust_domain!r} is not a trust domain (e.g. example.org)")
+        etcd_tls = {"etcd_cert": self.etcd_cert, "etcd_key": self.etcd_key}
+        if bool(self.etcd_cert) != bool(self.etcd_key):
+            missing = [name for name, value in etcd_tls.items() if not value]
+            raise InvalidArgument(missing[0], "etcd_cert and etcd_key go together")
+        if (self.etcd_cert or self.etcd_server_name) and not self.etcd_ca:
+            raise InvalidArgument("etcd_ca", "required for etcd over TLS")
+        if self.reload_poll_seconds <= 0:
+            raise InvalidArgument("reload_poll_seconds", "must be > 0")
+
+    @property
+    def etcd_tls(self) -> bool:
+        return bool(self.etcd_ca)
 
     def peer_map(self) -> dict[str, tuple[str, ...]]:
         """Peer regions in proximity order, each with its servers' addresses."""
@@ -102,6 +153,9 @@ class ServerConfig:
     @property
     def proximity(self) -> tuple[str, ...]:
         return tuple(self.peer_map())
+
+
+_TRUST_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?")
 
 
 def _is_ipv4(host: str) -> bool:
@@ -139,7 +193,7 @@ def load(path: str | None, overrides: dict[str, Any]) -> ServerConfig:
     return _build(values)
 
 
-_KINDS = {tuple: "a list of strings", float: "a number", int: "a whole number", str: "a string"}
+_KINDS = {tuple: "a list of strings", float: "a number", int: "a whole number", str: "a string", bool: "true or false"}
 
 
 def _build(values: dict[str, Any]) -> ServerConfig:
@@ -153,7 +207,7 @@ def _build(values: dict[str, Any]) -> ServerConfig:
         expected = type(getattr(defaults, name))
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)  # noqa: PLW2901  # TOML writes 5 for 5.0
-        if not isinstance(value, expected) or isinstance(value, bool):
+        if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
             raise InvalidArgument(name, f"expected {_KINDS.get(expected, expected.__name__)}, got {value!r}")
         typed[name] = value
     return replace(defaults, **typed).validate()
