@@ -7,6 +7,9 @@
      +-- StoreUnavailable    etcd did not answer in time or refused the connection
      +-- RevisionNotReached  the view did not reach a requested revision before the deadline
      +-- ShuttingDown        the server is stopping and takes no new work
+     +-- Unauthenticated     the caller's certificate names no identity this server's policy knows
+     +-- PermissionDenied    the identity lacks the grant (or etcd refused this server's own identity)
+     +-- ResourceExhausted   over a limit (``limit`` names it; ``retry_after`` seconds, 0 when unknown)
      +-- Fenced              a replicator's fenced write found it no longer leads
      +-- Compacted           the view's watch asked for a revision etcd has compacted away
 
@@ -43,6 +46,24 @@ class RevisionNotReached(DiscoveryError):
 
 class ShuttingDown(DiscoveryError):
     """Raised for new work that arrives after shutdown has begun."""
+
+
+class Unauthenticated(DiscoveryError):
+    """Raised when a caller's certificate carries no usable identity, or one the policy lacks."""
+
+
+class PermissionDenied(DiscoveryError):
+    """Raised when a known identity asks for something its grants do not cover."""
+
+
+class ResourceExhausted(DiscoveryError):
+    """Raised when a caller (or the region) is over a limit. ``limit`` is the limit's name as
+    clients see it in ``discovery-limit`` (``writes_per_second``, ``etcd_space``, ...)."""
+
+    def __init__(self, limit: str, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.limit = limit
+        self.retry_after = retry_after
 
 
 class Fenced(DiscoveryError):

@@ -11,9 +11,12 @@ from discovery.errors import (
     DiscoveryError,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
+    ResourceExhausted,
     RevisionNotReached,
     ShuttingDown,
     StoreUnavailable,
+    Unauthenticated,
 )
 
 _TABLE: dict[type[DiscoveryError], grpc.StatusCode] = {
@@ -22,6 +25,9 @@ _TABLE: dict[type[DiscoveryError], grpc.StatusCode] = {
     StoreUnavailable: grpc.StatusCode.UNAVAILABLE,
     RevisionNotReached: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -32,6 +38,16 @@ def status_for(exc: DiscoveryError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def trailers_for(exc: DiscoveryError) -> tuple[tuple[str, str], ...]:
+    """What a client needs to back off without parsing text: the limit's name and how long."""
+    if isinstance(exc, ResourceExhausted):
+        return (("retry-after-ms", str(max(1, round(exc.retry_after * 1000)))), ("discovery-limit", exc.limit))
+    return ()
+
+
 async def abort(context: grpc.aio.ServicerContext, exc: DiscoveryError) -> NoReturn:
+    trailers = trailers_for(exc)
+    if trailers:
+        context.set_trailing_metadata(trailers)
     await context.abort(status_for(exc), str(exc))
     raise AssertionError("unreachable")  # context.abort raises
