@@ -82,6 +82,7 @@ class Instance(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_MS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     instance_id: _builtins.str
     """unique within (service, region); derived from address if empty"""
@@ -98,6 +99,11 @@ class Instance(_message.Message):
     """set by the server (Unix epoch, milliseconds)"""
     ttl_seconds: _builtins.int
     """0 = static (operator-managed); 1..3600 = leased"""
+    owner: _builtins.str
+    """The identity that registered it (its certificate's SPIFFE ID; "anonymous" on an insecure
+    server); set by the server. Only that identity, or an admin, may replace, deregister or
+    heartbeat it. Empty on records written before servers knew identities.
+    """
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -117,10 +123,11 @@ class Instance(_message.Message):
         version: _builtins.str = ...,
         registered_at_ms: _builtins.int = ...,
         ttl_seconds: _builtins.int = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "instance_id", b"instance_id", "metadata", b"metadata", "region", b"region", "registered_at_ms", b"registered_at_ms", "service", b"service", "status", b"status", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "version", b"version", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "instance_id", b"instance_id", "metadata", b"metadata", "owner", b"owner", "region", b"region", "registered_at_ms", b"registered_at_ms", "service", b"service", "status", b"status", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "version", b"version", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
