@@ -77,7 +77,9 @@ async def serve_discovery(listen: str, etcd: str, region: str, prefix: str) -> N
     from discovery.config import ServerConfig
     from discovery.server import Server
 
-    config = ServerConfig(region=region, listen=listen, etcd=(etcd,), key_prefix=prefix, grace_seconds=0.5)
+    config = ServerConfig(
+        region=region, listen=listen, etcd=(etcd,), key_prefix=prefix, grace_seconds=0.5, insecure=True
+    )
     tracing = telemetry.setup("discovery", region)  # as `discovery serve` would: no-op unless OTEL_* asks
     async with Server(config.validate(), startup_timeout=60, tracing=tracing) as server:
         stop = _stop_event()

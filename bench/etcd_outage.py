@@ -42,7 +42,7 @@ async def trial(mode: str, workdir: Path) -> dict[str, Any]:
     etcd = EtcdProcess(workdir / "etcd").start()
     out: dict[str, Any] = {}
     try:
-        config = ServerConfig(region="us-east", listen="127.0.0.1:0", etcd=(etcd.endpoint,)).validate()
+        config = ServerConfig(region="us-east", listen="127.0.0.1:0", etcd=(etcd.endpoint,), insecure=True).validate()
         async with Server(config) as server, grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             registry = registry_pb2_grpc.RegistryStub(channel)
             lookup = lookup_pb2_grpc.LookupStub(channel)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 
 from discovery import telemetry
@@ -13,7 +14,9 @@ from discovery.config import load
 from discovery.server import Server
 
 SERVE_EXAMPLES = """examples:
-  discovery serve --region us-east --listen 127.0.0.1:7400 --etcd 127.0.0.1:2379
+  discovery serve --region us-east --listen 127.0.0.1:7400 --etcd 127.0.0.1:2379 \
+      --tls-cert server.pem --tls-key server-key.pem --tls-client-ca ca.pem --policy policy.toml
+  discovery serve --region us-east --etcd 127.0.0.1:2379 --insecure   # development only: no TLS, no policy
   discovery serve --config /etc/discovery/server.toml --listen 0.0.0.0:7400   # flags win over the file
   discovery serve --region us-east --etcd 127.0.0.1:2379 \\
       --peer eu-west=10.1.0.1:7400,10.1.0.2:7400 --peer ap-south=10.2.0.1:7400   # nearest first
@@ -31,6 +34,20 @@ config file (TOML, top level or a [server] table):
   max_staleness_seconds = 0      # drop a peer's replicas once stale this long (0: serve stale forever)
   resume_grace_seconds = 10.0    # deletions from a peer just back from silence wait this long
   election_ttl_seconds = 3       # a dead replicator leader is replaced after about this long
+  tls_cert = "/etc/discovery/tls/server.pem"       # mTLS on every port (docs/security.md)
+  tls_key = "/etc/discovery/tls/server-key.pem"
+  tls_client_ca = "/etc/discovery/tls/ca.pem"      # clients and peers must chain to this
+  trust_domain = "example.org"   # identities are spiffe://example.org/...
+  policy_file = "/etc/discovery/policy.toml"       # who may do what; default deny
+  audit_log = "/var/log/discovery/audit.jsonl"     # one JSON line per write and denial
+  health_listen = "0.0.0.0:7401" # plaintext, gRPC health only (probes without a certificate)
+  etcd_ca = "/etc/discovery/etcd/ca.pem"           # etcd over TLS, with client-certificate auth
+  etcd_cert = "/etc/discovery/etcd/us-east.pem"
+  etcd_key = "/etc/discovery/etcd/us-east-key.pem"
+
+Certificates, the CA bundle and the policy are re-read when they change (checked every
+reload_poll_seconds, 5 by default) and on SIGHUP, which also reopens the audit log. A bad new
+file keeps the old one in use and says why in the log.
 
 telemetry: OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER = otlp | console | none (default none);
 OTEL_EXPORTER_OTLP_ENDPOINT alone turns on OTLP for both.
@@ -86,6 +103,32 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="SECONDS",
         help="hold deletions from a region that just came back this long (default 10)",
     )
+    tls = p.add_argument_group("security (docs/security.md)")
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve plaintext with no identities: anyone who can reach the port may do anything (development)",
+    )
+    tls.add_argument("--tls-cert", metavar="FILE", help="this server's certificate chain (PEM)")
+    tls.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    tls.add_argument(
+        "--tls-client-ca", metavar="FILE", help="CA bundle that client and peer certificates must chain to"
+    )
+    tls.add_argument(
+        "--trust-domain", metavar="DOMAIN", help="identities are spiffe://DOMAIN/... (default discovery.local)"
+    )
+    tls.add_argument("--policy", dest="policy_file", metavar="FILE", help="who may do what (TOML); default deny")
+    tls.add_argument("--audit-log", metavar="FILE", help="one JSON line per write and denial; - for stdout")
+    tls.add_argument(
+        "--health-listen",
+        metavar="HOST:PORT",
+        help="also serve the gRPC health service alone, plaintext, here (for probes without a certificate)",
+    )
+    tls.add_argument("--etcd-ca", metavar="FILE", help="etcd over TLS: the CA of etcd's certificates")
+    tls.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd (its CN is the etcd user)")
+    tls.add_argument("--etcd-key", metavar="FILE", help="its private key")
+    tls.add_argument("--etcd-server-name", metavar="NAME", help="the name etcd's certificate is checked against")
     p.set_defaults(func=serve)
 
 
@@ -103,12 +146,15 @@ async def serve(args: argparse.Namespace) -> int:
             "stale_after_seconds": args.stale_after_seconds,
             "replication_heartbeat_seconds": args.replication_heartbeat_seconds,
             "resume_grace_seconds": args.resume_grace_seconds,
+            **{name: getattr(args, name) for name in _SECURITY_FLAGS},
         },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    reload = asyncio.Event()  # SIGHUP before the server is up is kept for when it is
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
     tracing = telemetry.setup("discovery", config.region)
     try:
         server = Server(config, tracing=tracing)
@@ -123,11 +169,38 @@ async def serve(args: argparse.Namespace) -> int:
                 await starting
             await server.stop()
             return OK
+
         starting.result()  # raises what startup raised
+        reloader = asyncio.create_task(_reload_on_signal(server, reload))
         try:
             await stop.wait()
         finally:
+            reloader.cancel()
             await server.stop()
     finally:
         telemetry.shutdown()
     return OK
+
+
+_SECURITY_FLAGS = (
+    "insecure",
+    "tls_cert",
+    "tls_key",
+    "tls_client_ca",
+    "trust_domain",
+    "policy_file",
+    "audit_log",
+    "health_listen",
+    "etcd_ca",
+    "etcd_cert",
+    "etcd_key",
+    "etcd_server_name",
+)
+
+
+async def _reload_on_signal(server: Server, reload: asyncio.Event) -> None:
+    while True:
+        await reload.wait()
+        reload.clear()
+        logging.getLogger("discovery").info("SIGHUP: re-reading certificates and policy, reopening the audit log")
+        server.reload()

@@ -393,6 +393,7 @@ class DevCluster:
             "--advertise", address,
             "--etcd", ",".join(region.etcd.endpoints),
             *peers,
+            "--insecure",
             *self.server_args,
         ]  # fmt: skip
 

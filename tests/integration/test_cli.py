@@ -242,7 +242,7 @@ async def test_serve_exits_cleanly_on_sigterm(private_etcd: EtcdProcess, tmp_pat
     port = free_port()
     config = tmp_path / "server.toml"
     config.write_text(f'region = "eu-west"\nlisten = "127.0.0.1:1"\netcd = ["{private_etcd.endpoint}"]\n')
-    proc = await start("serve", "--config", str(config), "--listen", f"127.0.0.1:{port}")  # flag wins
+    proc = await start("serve", "--config", str(config), "--listen", f"127.0.0.1:{port}", "--insecure")  # flag wins
     try:
 
         async def up() -> bool:
@@ -262,10 +262,10 @@ async def test_serve_exits_cleanly_on_sigterm(private_etcd: EtcdProcess, tmp_pat
 
 
 async def test_serve_rejects_bad_config(tmp_path: Path) -> None:
-    code, _, err = await run("serve", "--listen", "127.0.0.1:1")
+    code, _, err = await run("serve", "--listen", "127.0.0.1:1", "--insecure")
     assert code == 2 and "region" in err
     bad = tmp_path / "bad.toml"
-    bad.write_text('region = "us-east"\nlisen = "typo"\n')
+    bad.write_text('region = "us-east"\ninsecure = true\nlisen = "typo"\n')
     code, _, err = await run("serve", "--config", str(bad))
     assert code == 2 and "lisen" in err
 
@@ -274,7 +274,7 @@ async def test_serve_stops_cleanly_on_sigterm_while_waiting_for_etcd() -> None:
     """etcd unreachable at startup: the server waits for it, and a SIGTERM meanwhile still
     ends it at once, exit 0, nothing on stderr."""
     proc = await start("serve", "--region", "us-east", "--listen", f"127.0.0.1:{free_port()}",
-                       "--etcd", f"127.0.0.1:{free_port()}")  # fmt: skip
+                       "--etcd", f"127.0.0.1:{free_port()}", "--insecure")  # fmt: skip
     try:
 
         async def handler_on() -> bool:
@@ -304,7 +304,7 @@ async def test_serve_stops_cleanly_on_sigterm_while_waiting_for_etcd() -> None:
 )
 async def test_serve_config_type_errors_are_one_line(tmp_path: Path, config: str, needle: str) -> None:
     path = tmp_path / "server.toml"
-    path.write_text(config)
+    path.write_text(config + "insecure = true\n")
     code, _, err = await run("serve", "--config", str(path))
     assert code == 2 and needle in err and err.count("\n") == 1, err
 

@@ -29,6 +29,7 @@ class Servers:
             "grace_seconds": 1.0,
             "etcd_timeout_seconds": 2.0,
             "watch_keepalive_seconds": 0.5,
+            "insecure": True,  # tests about security pass TLS settings (tests/support/secure.py)
         }
         config = ServerConfig(**{**settings, **overrides}).validate()  # overrides win, defaults too
         server = Server(config, startup_timeout=10)
