@@ -12,15 +12,22 @@ where an earlier one is in the way, naming its processes: one running in the sam
 its processes left running, its files, or (with a fixed ``base_port``) a cluster in a default
 state dir holding the server ports. ``replace=True`` stops those processes and removes those
 files instead.
+
+With ``mtls`` (what ``discovery dev`` does unless ``--insecure``) every server requires client
+certificates from a development CA in ``STATE_DIR/tls/``, kept across restarts into the same
+state dir so the shell environment of ``STATE_DIR/env.sh`` keeps working; see ``DevTls``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import functools
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import socket
@@ -34,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from discovery.devtools import lifeline
 from discovery.devtools.control import ControlServer
 from discovery.devtools.etcd import EtcdCluster
@@ -42,10 +51,16 @@ from discovery.devtools.lifeline import Pinned
 from discovery.devtools.process import ServerProcess, StartAborted, free_ports
 from discovery.errors import InvalidArgument
 from discovery.model import validate_region
+from discovery.security.certs import CA_CERT, CA_KEY, CertificateAuthority, server_id
 
 DEFAULT_REGIONS = ("us-east", "eu-west", "ap-south")
 STATE_FILE = "cluster.json"
 TEMP_PREFIX = "discovery-dev-"  # the default state dirs, in the temp dir
+TLS_DIR = "tls"  # the development CA and every certificate, in the state dir
+POLICY_FILE = "policy.toml"
+ENV_FILE = "env.sh"
+DEFAULT_TRUST_DOMAIN = "discovery.local"
+_TRUST_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?")  # as `discovery serve` accepts
 
 # --replace: how long an earlier `discovery dev` gets for its own orderly stop (its servers
 # drain for up to 15 s, then its etcd stops), and an earlier server or etcd left without it.
@@ -63,12 +78,95 @@ _STOP_OR_REPLACE = (
 
 
 class DevServer(ServerProcess):
-    """One ``discovery serve`` of the cluster: the launcher, and where the server sits."""
+    """One ``discovery serve`` of the cluster: the launcher, and where the server sits.
+    ``health_address``: its plaintext health listener (mTLS clusters only)."""
 
-    def __init__(self, region: str, index: int, address: str, args: list[str], log_path: Path) -> None:
-        super().__init__(args, address, log_path, name=f"{region} server-{index} at {address}")
+    def __init__(
+        self, region: str, index: int, address: str, args: list[str], log_path: Path, *, health_address: str | None
+    ) -> None:
+        name = f"{region} server-{index} at {address}"
+        super().__init__(args, address, log_path, name=name, health_address=health_address)
         self.region = region
         self.index = index
+
+
+@dataclass(frozen=True)
+class DevTls:
+    """The development PKI of an mTLS cluster, all in ``STATE_DIR/tls/``: the CA (``ca.pem``,
+    ``ca-key.pem``), per region the certificate every server of it presents
+    (``server-<region>.pem``: URI SAN ``spiffe://<trust_domain>/discovery/server/<region>``,
+    and DNS ``localhost`` and IP ``127.0.0.1`` since a gRPC client checks the host it dials),
+    and the admin's client certificate (``admin.pem``, ``admin-key.pem``), which the CLI, the
+    drills and the tests present. ``STATE_DIR/policy.toml`` says who may do what.
+
+    A CA already in ``tls/`` (a restart into the same state dir) is used again, so the
+    certificates issued from it (``discovery certs issue --ca-dir STATE_DIR/tls``) and a
+    shell's environment stay good; every other file is written afresh at each start."""
+
+    trust_domain: str
+    dir: Path
+    ca: Path
+    cert: Path  # the admin's certificate and key
+    key: Path
+    policy: Path
+    ca_reused: bool = False
+
+    @property
+    def admin(self) -> str:
+        return f"spiffe://{self.trust_domain}/admin"
+
+    def server_cert(self, region: str) -> tuple[Path, Path]:
+        return self.dir / f"server-{region}.pem", self.dir / f"server-{region}-key.pem"
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The admin's channel credentials, read now (a channel cannot reload them)."""
+        return grpc.ssl_channel_credentials(self.ca.read_bytes(), self.key.read_bytes(), self.cert.read_bytes())
+
+    def describe(self) -> dict[str, str]:
+        """cluster.json's ``tls``: the admin's files, absolute, and the trust domain."""
+        return {"ca": str(self.ca), "cert": str(self.cert), "key": str(self.key), "trust_domain": self.trust_domain}
+
+
+def dev_policy(trust_domain: str, regions: Sequence[str]) -> str:
+    """The dev cluster's policy: the admin may do everything, with limits no drill reaches;
+    ``spiffe://<td>/svc/<name>`` registers ``<name>`` and ``<name>.*`` and reads everything;
+    each region's servers replicate. Others are denied (the server's default)."""
+    servers = "".join(
+        f"\n[[grant]]  # the servers of {r}: they pull the other regions' records\n"
+        f'identity = "{server_id(trust_domain, r)}"\nreplicate = true\nread = ["*"]\n'
+        for r in regions
+    )
+    return f"""# Written by `discovery dev` at every start (edits last until the next one; the servers
+# reload it when it changes). Identities are the URI SAN of a client certificate.
+
+[limits]  # for identities whose grant names no limits of its own
+writes_per_second = 100
+write_burst = 200
+streams = 100
+instances_per_service = 1000
+instances = 5000
+
+[region]
+max_instances = 100000
+
+[[grant]]  # the identity of STATE_DIR/tls/admin.pem: the CLI (source env.sh), drills, tests
+identity = "spiffe://{trust_domain}/admin"
+admin = true
+register = ["*"]
+read = ["*"]
+
+[grant.limits]  # drills write hundreds per second through this one identity
+writes_per_second = 20000
+write_burst = 40000
+streams = 10000
+instances_per_service = 100000
+instances = 100000
+
+[[grant]]  # a service's certificate: discovery certs issue --id spiffe://{trust_domain}/svc/NAME
+identity = "spiffe://{trust_domain}/svc/*"
+register = ["{{name}}", "{{name}}.*"]
+read = ["*"]
+{servers}"""
 
 
 @dataclass
@@ -98,6 +196,12 @@ class DevCluster:
     ``peer_via(from_region, to_region, address)`` returns the address a server of
     ``from_region`` is told for that server of ``to_region``: a drill puts a fault proxy there.
 
+    ``mtls`` serves mTLS with a development CA (``self.tls``, a ``DevTls``; ``trust_domain``
+    names the identities), each server with a plaintext health listener for probes and an
+    audit log (``STATE_DIR/<region>/audit-<i>.jsonl``); without it, servers run ``--insecure``
+    (the default here: tests and benches that build their own channels rely on it; ``discovery
+    dev`` turns it on). Either way ``STATE_DIR/env.sh`` exports the client settings.
+
     ``fault_proxy`` routes every peer connection through a ``FaultProxy`` of this cluster
     (``self.proxy``), unless ``peer_via`` routes them already; ``control`` serves a
     ``ControlServer`` (``self.control_address``, also in cluster.json) through which another
@@ -119,9 +223,12 @@ class DevCluster:
     fault_proxy: bool = False
     control: bool = False
     replace: bool = False
+    mtls: bool = False
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
     running: list[Region] = field(default_factory=list, init=False)
     proxy: FaultProxy | None = field(default=None, init=False)
     control_address: str | None = field(default=None, init=False)
+    tls: DevTls | None = field(default=None, init=False)
     _control: ControlServer | None = field(default=None, init=False, repr=False)
     _abort: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
     _created: list[Path] = field(default_factory=list, init=False, repr=False)  # removed by stop()
@@ -142,6 +249,8 @@ class DevCluster:
         count = len(self.regions) * self.servers_per_region
         if self.base_port and not 1 <= self.base_port <= 65536 - count:
             raise ValueError(f"--base-port: {count} server ports from {self.base_port} do not fit below 65536")
+        if not _TRUST_DOMAIN.fullmatch(self.trust_domain):
+            raise ValueError(f"--trust-domain: {self.trust_domain!r} is not a trust domain (e.g. example.org)")
 
     # --- start --------------------------------------------------------------------------------
 
@@ -187,11 +296,16 @@ class DevCluster:
         self._abort.set()
 
     def _prepare(self, progress: Progress) -> None:
-        """State dir, every port and every command line, before any process starts: each
-        server's flags name the servers of every other region."""
+        """State dir, certificates, every port and every command line, before any process
+        starts: each server's flags name the servers of every other region."""
         self.state_dir = self._make_state_dir(progress)
+        if self.mtls:
+            self.tls = self._make_tls(self.state_dir)
         per_region = 2 * self.etcd_members
-        ports, etcd_ports = self._ports(per_region * len(self.regions))
+        etcd_count = per_region * len(self.regions)
+        health_count = len(self.regions) * self.servers_per_region if self.mtls else 0
+        ports, others = self._ports(etcd_count + health_count)
+        etcd_ports, health_ports = others[:etcd_count], others[etcd_count:]
         addresses = {
             name: [f"127.0.0.1:{ports.pop(0)}" for _ in range(self.servers_per_region)] for name in self.regions
         }
@@ -202,9 +316,65 @@ class DevCluster:
             self.running.append(Region(name, EtcdCluster(region_dir, self.etcd_members, name="etcd", ports=mine)))
         for region in self.running:
             for i, address in enumerate(addresses[region.name]):
-                args = self._server_command(region, address, addresses)
+                health = f"127.0.0.1:{health_ports.pop(0)}" if health_ports else None
+                args = self._server_command(region, i, address, addresses, health)
                 log_path = self.state_dir / region.name / f"server-{i}.log"
-                region.servers.append(DevServer(region.name, i, address, args, log_path))
+                region.servers.append(DevServer(region.name, i, address, args, log_path, health_address=health))
+        self._write_env(addresses[self.regions[0]][0])
+
+    def _make_tls(self, state_dir: Path) -> DevTls:
+        """The CA (the one already in ``tls/``, or a new one), a certificate per region's
+        servers, the admin's, and the policy. Raises RuntimeError naming a CA it cannot use."""
+        tls_dir = state_dir / TLS_DIR
+        if not tls_dir.exists():
+            self._created.append(tls_dir)
+        reused = (tls_dir / CA_CERT).exists() or (tls_dir / CA_KEY).exists()
+        ca = _reusable_ca(tls_dir) if reused else CertificateAuthority.create(tls_dir)
+        tls = DevTls(
+            trust_domain=self.trust_domain,
+            dir=tls_dir,
+            ca=tls_dir / CA_CERT,
+            cert=tls_dir / "admin.pem",
+            key=tls_dir / "admin-key.pem",
+            policy=state_dir / POLICY_FILE,
+            ca_reused=reused,
+        )
+        for region in self.regions:
+            ca.issue(
+                spiffe_id=server_id(self.trust_domain, region),
+                dns=("localhost",),
+                ips=("127.0.0.1",),
+                out=tls_dir / f"server-{region}",
+            )
+        ca.issue(spiffe_id=tls.admin, out=tls_dir / "admin")
+        self._created.append(tls.policy)
+        _write_atomic(tls.policy, dev_policy(self.trust_domain, self.regions))
+        return tls
+
+    def _write_env(self, server: str) -> None:
+        """``STATE_DIR/env.sh``: what makes the CLI and the client library talk to this cluster
+        (``source STATE_DIR/env.sh``), as the admin on an mTLS cluster. Settings of the other
+        mode are unset, so sourcing it in a shell that had them switches cleanly."""
+        assert self.state_dir is not None
+        tls_vars = ("DISCOVERY_TLS_CA", "DISCOVERY_TLS_CERT", "DISCOVERY_TLS_KEY")
+        lines = [
+            f"# `source` this: the CLI and the client library then talk to the cluster of {self.state_dir}",
+            f"export DISCOVERY_SERVER={shlex.quote(server)}",
+        ]
+        if self.tls is not None:
+            files = (self.tls.ca, self.tls.cert, self.tls.key)
+            lines += [f"export {name}={shlex.quote(str(path))}" for name, path in zip(tls_vars, files, strict=True)]
+            lines.append("unset DISCOVERY_INSECURE DISCOVERY_TLS_SERVER_NAME")
+        else:
+            lines += ["export DISCOVERY_INSECURE=1", f"unset {' '.join(tls_vars)} DISCOVERY_TLS_SERVER_NAME"]
+        path = self.state_dir / ENV_FILE
+        self._created.append(path)
+        _write_atomic(path, "\n".join(lines) + "\n")
+
+    @property
+    def env_file(self) -> Path:
+        assert self.state_dir is not None, "the cluster was never started"
+        return self.state_dir / ENV_FILE
 
     def _make_state_dir(self, progress: Progress) -> Path:
         """The state dir, locked for as long as this cluster runs, remembering what this
@@ -377,7 +547,9 @@ class DevCluster:
                 )
         return servers, free_ports(etcd_count, exclude=servers)
 
-    def _server_command(self, region: Region, address: str, addresses: dict[str, list[str]]) -> list[str]:
+    def _server_command(
+        self, region: Region, index: int, address: str, addresses: dict[str, list[str]], health: str | None
+    ) -> list[str]:
         """``discovery serve`` for one server. Every other region is a peer, nearest first in
         the order of ``regions``, so FAILOVER and replication follow that order."""
         route = self.peer_via or (self.proxy.route if self.proxy is not None else lambda _from, _to, peer: peer)
@@ -386,6 +558,19 @@ class DevCluster:
             for name in self.regions
             if name != region.name
         ]
+        security = ["--insecure"]
+        if self.tls is not None:
+            assert self.state_dir is not None and health is not None
+            cert, key = self.tls.server_cert(region.name)
+            security = [
+                "--tls-cert", str(cert),
+                "--tls-key", str(key),
+                "--tls-client-ca", str(self.tls.ca),
+                "--trust-domain", self.tls.trust_domain,
+                "--policy", str(self.tls.policy),
+                "--audit-log", str(self.state_dir / region.name / f"audit-{index}.jsonl"),
+                "--health-listen", health,
+            ]  # fmt: skip
         return [
             sys.executable, "-m", "discovery", "serve",
             "--region", region.name,
@@ -393,7 +578,7 @@ class DevCluster:
             "--advertise", address,
             "--etcd", ",".join(region.etcd.endpoints),
             *peers,
-            "--insecure",
+            *security,
             *self.server_args,
         ]  # fmt: skip
 
@@ -485,13 +670,15 @@ class DevCluster:
         described: dict[str, Any] = {
             "regions": {
                 r.name: {
-                    "servers": [{"address": s.address, "pid": s.pid} for s in r.servers],
+                    "servers": [_server_entry(s) for s in r.servers],
                     "etcd": [{"address": m.endpoint, "pid": m.pid} for m in r.etcd.members],
                 }
                 for r in self.running
             },
             "state_dir": str(self.state_dir),
         }
+        if self.tls is not None:
+            described["tls"] = self.tls.describe()
         if self.control_address is not None:
             described["control"] = self.control_address
         if self.proxy is not None:
@@ -505,12 +692,22 @@ class DevCluster:
         partial.replace(self.state_file)
 
     def table(self) -> str:
-        rows = [("REGION", "ROLE", "ADDRESS", "PID", "LOG")]
+        """One row per endpoint; logs relative to the state dir, so a row fits 80 columns. A
+        server's plaintext health listener (mTLS) is a row of its own, role ``health``."""
+        rows = [("REGION", "ROLE", "ADDRESS", "PID", "LOG (in the state dir)")]
         for r in self.running:
-            rows += [(r.name, "server", s.address, str(s.pid), str(s.log_path)) for s in r.servers]
-            rows += [(r.name, "etcd", m.endpoint, str(m.pid), str(m.log_path)) for m in r.etcd.members]
+            for s in r.servers:
+                rows.append((r.name, "server", s.address, str(s.pid), self._relative(s.log_path)))
+                if s.health_address is not None:
+                    rows.append((r.name, "health", s.health_address, str(s.pid), "plaintext, gRPC health only"))
+            rows += [(r.name, "etcd", m.endpoint, str(m.pid), self._relative(m.log_path)) for m in r.etcd.members]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+    def _relative(self, path: Path) -> str:
+        with contextlib.suppress(ValueError):
+            return str(path.relative_to(self.state_dir)) if self.state_dir is not None else str(path)
+        return str(path)
 
     def dead(self) -> list[str]:
         """Processes that exited, whether a drill killed them or they crashed."""
@@ -571,6 +768,38 @@ class DevCluster:
         if self._state_lock is not None:
             os.close(self._state_lock)  # the state dir is free for the next cluster
             self._state_lock = None
+
+
+def _server_entry(server: DevServer) -> dict[str, Any]:
+    entry: dict[str, Any] = {"address": server.address, "pid": server.pid}
+    if server.health_address is not None:
+        entry["health"] = server.health_address
+    return entry
+
+
+def _reusable_ca(tls_dir: Path) -> CertificateAuthority:
+    """The CA an earlier cluster left in ``tls_dir``, if it can still sign for a while."""
+    try:
+        ca = CertificateAuthority.load(tls_dir)
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(
+            f"cannot use the development CA in {tls_dir} ({exc}): remove {tls_dir} to have a new one made "
+            "(certificates issued from the old one stop working), or choose another --state-dir"
+        ) from None
+    left = ca.cert.not_valid_after_utc - datetime.datetime.now(datetime.UTC)
+    if left < datetime.timedelta(days=2):
+        raise RuntimeError(
+            f"the development CA in {tls_dir} expires on {ca.cert.not_valid_after_utc:%Y-%m-%d}: remove {tls_dir} "
+            "to have a new one made, or choose another --state-dir"
+        )
+    return ca
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A server reloading the policy when it changes must never read half a file.
+    partial = path.with_name(path.name + ".tmp")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def _signal_all(pids: list[int], sig: signal.Signals) -> None:

@@ -1,7 +1,8 @@
 """The one launcher of gRPC server processes for ``discovery dev``, the tests and the benches:
 ``ServerProcess`` starts a command (``python -m discovery serve ...``, ``bench/_servers.py``)
 with its output in a log file, tied to this process by ``lifeline`` (it never outlives us),
-waits until gRPC health says SERVING on its address, and stops it with SIGTERM, then SIGKILL.
+waits until gRPC health says SERVING (on its address, or on the plaintext health listener of a
+server that serves mTLS), and stops it with SIGTERM, then SIGKILL.
 
 Also the free ports every local process is started on, and ``StartAborted``.
 """
@@ -82,14 +83,27 @@ class ServerProcess:
     """One server process listening on ``address`` and serving gRPC health; ``args`` (the
     whole command line) are kept, so a restart is the same server on the same address.
 
+    ``health_address``: where ``wait_serving`` asks gRPC health, when not ``address``. A server
+    that requires client certificates refuses a probe without one in the handshake, so its
+    plaintext health listener (``discovery serve --health-listen``) is asked instead: the probe
+    needs no credentials, and sees the same status the TLS port serves.
+
     ``start`` = ``launch`` + ``wait_serving`` (stopping it if that fails); ``stop`` =
     ``terminate`` (SIGCONT, SIGTERM) + ``reap`` (wait, then SIGKILL). ``launch`` again after
     it exited (or was killed) restarts it, appending to the same log.
     """
 
-    def __init__(self, args: Sequence[str], address: str, log_path: Path, name: str | None = None) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        address: str,
+        log_path: Path,
+        name: str | None = None,
+        health_address: str | None = None,
+    ) -> None:
         self.args = list(args)
         self.address = address
+        self.health_address = health_address
         self.log_path = log_path
         self.name = name or f"server at {address}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -141,7 +155,7 @@ class ServerProcess:
         """Until gRPC health says SERVING; RuntimeError naming the log if it exits or times
         out, ``StartAborted`` once ``abort`` is set."""
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address, options=_PROBE_OPTIONS) as channel:
+        with grpc.insecure_channel(self.health_address or self.address, options=_PROBE_OPTIONS) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 if self.proc is not None and self.proc.poll() is not None:
