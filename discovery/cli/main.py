@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from discovery.cli import dev, drill, instances, lookup, serve, status, xds
+from discovery.cli import certs, dev, drill, instances, lookup, serve, status, xds
 from discovery.cli._common import EXIT_CODES_HELP, FAILED, OK, CommandError, describe, exit_code
 from discovery.errors import DiscoveryError
 from discovery_client import DiscoveryClientError
@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, dev, instances, lookup, status, xds, drill):
+    for module in (serve, dev, instances, lookup, status, xds, drill, certs):
         module.add_parsers(sub)
     return parser
 
