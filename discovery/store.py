@@ -254,7 +254,9 @@ class Store:
         )
         self._manager.grpc_options = list(options.items())
         self._client: _Client | None = None
-        self._retiring: set[asyncio.Task[None]] = set()  # closers of clients replaced by reload_tls
+        self._retiring: dict[_Client, asyncio.Task[None]] = {}  # clients replaced by reload_tls, and their closers
+        self._reloading = asyncio.Lock()  # the poll loop and SIGHUP may ask at once
+        self._reload_error = ""  # why the files last failed to load, logged once
         self._watch_requests: asyncio.Queue[Any] | None = None  # of the current watch, once created
         self.cluster_id = 0  # of the etcd cluster, from the last listing (a rebuilt cluster has a new one)
         # etcd's raft term, from the last response header that had one: a new term means a new
@@ -280,8 +282,10 @@ class Store:
         return _Client(channel, material)
 
     async def close(self) -> None:
-        for task in list(self._retiring):
+        for client, task in list(self._retiring.items()):
             await stop_task(task)
+            await client.close()
+        self._retiring.clear()
         if self._client is not None:
             await self._client.close()
             self._client = None
@@ -373,15 +377,19 @@ class Store:
         the reason in the log. True when a new client is in use."""
         if self._tls is None or self._client is None:
             return False
-        try:
-            material = await asyncio.to_thread(_read_material, self._tls)
-        except (OSError, ValueError) as exc:
-            log.error("etcd TLS: keeping the current client certificate: %s", exc)
-            return False
-        old = self._client
-        if old.material == material:
-            return False
-        self._client = self._connect(material)
+        async with self._reloading:
+            try:
+                material = await asyncio.to_thread(_read_material, self._tls)
+            except (OSError, ValueError) as exc:
+                if str(exc) != self._reload_error:  # once per reason, not at every poll
+                    log.error("etcd TLS: keeping the current client certificate: %s", exc)
+                self._reload_error = str(exc)
+                return False
+            self._reload_error = ""
+            old = self._client
+            if old is None or old.material == material:
+                return False
+            self._client = self._connect(material)
         log.info(
             "etcd TLS: new client certificate in use (etcd user %r, valid until %s)",
             material.identity,
@@ -390,9 +398,7 @@ class Store:
         old.retired = True
         for requests in old.watches:  # an answer wakes the watch, which then moves over
             requests.put_nowait(WatchRequest(progress_request=_rpc.WatchProgressRequest()))
-        task = asyncio.create_task(self._close_when_idle(old), name="etcd-client-retire")
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
+        self._retiring[old] = asyncio.create_task(self._close_when_idle(old), name="etcd-client-retire")
         return True
 
     async def _close_when_idle(self, client: _Client) -> None:
@@ -403,6 +409,7 @@ class Store:
         if client.users:
             log.warning("etcd TLS: closing the previous client with %d operations still on it", client.users)
         await client.close()
+        self._retiring.pop(client, None)
         log.info("etcd TLS: the previous client is closed")
 
     # --- writes -----------------------------------------------------------------------

@@ -204,6 +204,8 @@ async def test_rotating_the_client_certificate_loses_no_write(
     prefix = REGION_A.encode() + b"rotation/"
     async with _store(secure, live) as store:
         start, _, _ = await store.put(prefix + b"start", b"")
+        lease = await store.grant(30)
+        assert await store.keep_alive(lease) > 0  # opens the keep-alive stream on the first client
         async with _Traffic(store, prefix + b"w/", start) as traffic:
             await traffic.more(50)
             # A bad rotation (the key of another certificate) keeps the old client.
@@ -217,6 +219,7 @@ async def test_rotating_the_client_certificate_loses_no_write(
             await traffic.more(50)
             await asyncio.to_thread(secure.member.etcdctl, "user", "delete", "region-a-1")
             await traffic.more(100)  # only the new certificate can be writing these
+            assert await store.keep_alive(lease) > 0  # on a keep-alive stream of the new client
             await traffic.stop_writing()
             await traffic.until(lambda: set(traffic.acked.values()) <= traffic.seen)
         assert traffic.failures == []
