@@ -83,6 +83,11 @@ def split_spiffe_id(value: str) -> tuple[str, str] | None:
     return domain, path
 
 
+def valid_common_name(value: str) -> bool:
+    """Whether ``value`` may be a CN identity: printable ASCII without spaces, bounded."""
+    return 0 < len(value) <= MAX_IDENTITY_LEN and _CN.fullmatch(value) is not None
+
+
 def check_spiffe_id(value: str, trust_domain: str, *, where: str) -> str:
     """``value`` if it is a SPIFFE ID of ``trust_domain``; else IdentityError saying why."""
     parts = split_spiffe_id(value)
@@ -121,7 +126,7 @@ def caller_from_auth_context(auth: Mapping[str, Sequence[bytes]], peer: str, tru
             )
         if cn.startswith("spiffe:"):
             identity = check_spiffe_id(cn, trust_domain, where="subject CN")
-        elif len(cn) > MAX_IDENTITY_LEN or not _CN.fullmatch(cn):
+        elif not valid_common_name(cn):
             raise IdentityError(
                 f"the client certificate's subject CN {_shown(cn)} has characters an identity may not "
                 "have (spaces, control characters): issue it with a spiffe:// URI SAN"
