@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from discovery.devtools.etcd import EtcdProcess
-from discovery.store import Store
+from discovery.store import PROBE, Store
 
 
 async def test_a_progress_answer_is_only_trusted_once_confirmed(etcd: EtcdProcess, key_prefix: str) -> None:
@@ -33,3 +33,15 @@ async def test_a_progress_answer_is_only_trusted_once_confirmed(etcd: EtcdProces
         # at the state before the two writes says no: keys changed since.
         assert not await store.unchanged_since(prefix, first - 1, 0, last)
         assert await store.unchanged_since(prefix, last, 2, last)
+
+
+async def test_check_access_passes_on_an_open_etcd_and_leaves_no_probe(etcd: EtcdProcess, key_prefix: str) -> None:
+    """Without auth every prefix is open: the probe writes and deletes under ``_probe/``
+    (a name no key schema entry starts with), and the health read stays inside the prefix."""
+    prefix = key_prefix.encode()
+    async with Store([etcd.endpoint], health_key=prefix + PROBE + b"health") as store:
+        await store.check_access(prefix)
+        _, items = await store.list_prefix(prefix)
+        assert items == []
+        health = await store.health()
+        assert health.healthy and health.revision > 0
