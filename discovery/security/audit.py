@@ -31,6 +31,8 @@ import threading
 import time
 from typing import TextIO
 
+from discovery.security.identity import Caller
+
 log = logging.getLogger(__name__)
 
 STDOUT = "-"
@@ -102,6 +104,7 @@ class AuditLog:
         self,
         event: str,
         *,
+        caller: Caller | None = None,
         identity: str | None = None,
         serial: str | None = None,
         peer: str | None = None,
@@ -114,9 +117,14 @@ class AuditLog:
         limit: str | None = None,
         message: str | None = None,
     ) -> None:
-        """Write one line. Fields left None are left out. ``code`` may be a grpc.StatusCode."""
+        """Write one line. Fields left None are left out. ``caller`` fills identity, serial and
+        peer (an explicit one wins); ``code`` may be a grpc.StatusCode."""
         if not self.target or self._closed:
             return
+        if caller is not None:
+            identity = caller.identity if identity is None else identity
+            serial = (caller.serial or None) if serial is None else serial
+            peer = caller.peer if peer is None else peer
         if not event.isidentifier() or not event.islower():
             raise ValueError(f"audit event {event!r} must be a lowercase word like 'write'")
         line = self._line(

@@ -16,6 +16,7 @@ import pytest
 from discovery.security import audit as audit_module
 from discovery.security.audit import REDACTED, AuditLog, AuditUnavailable
 from discovery.security.certs import CertificateAuthority
+from discovery.security.identity import Caller
 
 WEB = "spiffe://example.org/svc/web"
 TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -230,3 +231,13 @@ def test_retries_are_spaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         with pytest.raises(AuditUnavailable):
             log.ensure_writable()
     assert opens <= 1
+
+
+def test_caller_fills_identity_serial_and_peer(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    log = AuditLog(str(path), region="r")
+    log.record("stream_start", caller=Caller(WEB, "4F3A", "ipv4:10.0.0.7:1"), method="/discovery.v1.Registry/Heartbeat")
+    log.record("write", caller=Caller("anonymous", "", "ipv4:10.0.0.8:2", anonymous=True), identity="override")
+    first, second = lines(path)
+    assert (first["identity"], first["serial"], first["peer"]) == (WEB, "4F3A", "ipv4:10.0.0.7:1")
+    assert second["identity"] == "override" and "serial" not in second and second["peer"] == "ipv4:10.0.0.8:2"
