@@ -4,6 +4,7 @@ real servers on 127.0.0.1:0."""
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -15,6 +16,11 @@ from discovery.devtools.etcd import EtcdNotFound, EtcdProcess, find_etcd
 from discovery.server import Server
 from tests.support.regions import Regions
 from tests.support.servers import Servers, Stubs
+
+# Most of the suite is not about transport security, and its servers listen in plaintext:
+# the client library, the CLI and their subprocesses then need the explicit insecure switch.
+# Tests of TLS pass a TlsConfig of their own, or clear this with monkeypatch.
+os.environ["DISCOVERY_INSECURE"] = "1"
 
 _prefixes = itertools.count()
 

@@ -30,6 +30,7 @@ from discovery_client.picker import Picker
 
 PUBLIC = {
     "DEFAULT_WEIGHT",
+    "AccessDenied",
     "AioServiceChannel",
     "ClientConfig",
     "ConfigError",
@@ -41,9 +42,11 @@ PUBLIC = {
     "InvalidArgument",
     "NoEndpoints",
     "NotFound",
+    "PermissionDenied",
     "RegionServers",
     "Registration",
     "Resolution",
+    "ResourceExhausted",
     "RetryPolicy",
     "Scope",
     "ServerError",
@@ -52,6 +55,8 @@ PUBLIC = {
     "SyncDiscoveryClient",
     "SyncRegistration",
     "SyncServiceChannel",
+    "TlsConfig",
+    "Unauthenticated",
     "Unavailable",
     "Unreachable",
     "from_rpc_error",
@@ -92,6 +97,7 @@ def test_config_from_environment() -> None:
         "DISCOVERY_ZONE": "us-east-1a",
         "DISCOVERY_CACHE_FILE": "/tmp/x.json",
         "DISCOVERY_TIMEOUT": "2.5",
+        "DISCOVERY_INSECURE": "1",
     }
     cfg = ClientConfig.from_env(env)
     assert cfg.servers == ("10.0.0.1:7400", "10.0.0.2:7400")
@@ -101,6 +107,7 @@ def test_config_from_environment() -> None:
     )
     assert cfg.regions == ("us-east", "eu-west", "ap-south")
     assert (cfg.zone, cfg.cache_file, cfg.call_timeout) == ("us-east-1a", "/tmp/x.json", 2.5)
+    assert cfg.tls.insecure and not cfg.tls.enabled
     assert ClientConfig.from_env(env, zone="b").zone == "b"  # arguments win
 
 
@@ -113,6 +120,8 @@ def test_config_from_environment() -> None:
         {"DISCOVERY_REGION": "us-east", "DISCOVERY_SERVERS": "a:1", "DISCOVERY_FAILOVER": "eu-west"},
         {"DISCOVERY_REGION": "us-east", "DISCOVERY_SERVERS": "a:1", "DISCOVERY_FAILOVER": "us-east=b:2"},
         {"DISCOVERY_REGION": "us-east", "DISCOVERY_SERVERS": "a:1", "DISCOVERY_TIMEOUT": "soon"},
+        {"DISCOVERY_REGION": "us-east", "DISCOVERY_SERVERS": "a:1"},  # neither TLS nor insecure
+        {"DISCOVERY_REGION": "us-east", "DISCOVERY_SERVERS": "a:1", "DISCOVERY_INSECURE": "maybe"},
     ],
 )
 def test_bad_configuration(env: dict[str, str]) -> None:

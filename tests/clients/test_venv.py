@@ -111,7 +111,8 @@ async def test_client_distribution_brings_only_grpcio_and_protobuf(etcd, servers
     assert requirements(installed["discovery-client"]) == {"grpcio", "protobuf"}
     assert added == closure("discovery-client", installed), f"installed beyond the client's needs: {sorted(added)}"
 
-    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)}  # no PYTHONPATH: only the venv
+    # No PYTHONPATH: only the venv. The test server is plaintext, so the explicit switch.
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "DISCOVERY_INSECURE": "1"}
     out = await run(python, "-c", SCRIPT, f"127.0.0.1:{server.port}", cwd=tmp_path, env=env, timeout=60)
     result = json.loads(out.strip().splitlines()[-1])
     assert result["addresses"] == ["10.0.0.1:80"]

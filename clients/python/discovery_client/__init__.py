@@ -3,7 +3,8 @@
 Resolve from a local cache fed by Watch, fail over between servers and regions, keep
 answering (stale) when every server is gone, register and drain, and gRPC channels that
 follow a service's endpoints; ``DirectClient``, the low-level face, makes one call at a time
-to servers you name. Needs grpcio and protobuf only. See clients/README.md.
+to servers you name. Channels are mTLS from ``TlsConfig`` (``DISCOVERY_TLS_*``), or
+plaintext only with ``DISCOVERY_INSECURE=1``. Needs grpcio and protobuf only. See clients/README.md.
 """
 
 from discovery_client.channel import AioServiceChannel, SyncServiceChannel
@@ -11,12 +12,16 @@ from discovery_client.client import DiscoveryClient
 from discovery_client.config import ClientConfig, RegionServers
 from discovery_client.direct import DirectClient
 from discovery_client.errors import (
+    AccessDenied,
     ConfigError,
     DiscoveryClientError,
     InvalidArgument,
     NoEndpoints,
     NotFound,
+    PermissionDenied,
+    ResourceExhausted,
     ServerError,
+    Unauthenticated,
     Unavailable,
     Unreachable,
     from_rpc_error,
@@ -27,9 +32,11 @@ from discovery_client.picker import Strategy
 from discovery_client.registration import Registration
 from discovery_client.retry import RetryPolicy
 from discovery_client.sync import SyncDiscoveryClient, SyncRegistration
+from discovery_client.tls import TlsConfig
 
 __all__ = [
     "DEFAULT_WEIGHT",
+    "AccessDenied",
     "AioServiceChannel",
     "ClientConfig",
     "ConfigError",
@@ -41,9 +48,11 @@ __all__ = [
     "InvalidArgument",
     "NoEndpoints",
     "NotFound",
+    "PermissionDenied",
     "RegionServers",
     "Registration",
     "Resolution",
+    "ResourceExhausted",
     "RetryPolicy",
     "Scope",
     "ServerError",
@@ -52,6 +61,8 @@ __all__ = [
     "SyncDiscoveryClient",
     "SyncRegistration",
     "SyncServiceChannel",
+    "TlsConfig",
+    "Unauthenticated",
     "Unavailable",
     "Unreachable",
     "from_rpc_error",

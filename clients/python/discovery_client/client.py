@@ -8,9 +8,6 @@ import logging
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import Any
 
-import grpc
-import grpc.aio
-
 from discovery_client.cache import AnswerKey
 from discovery_client.channel import LB_OPTIONS, AioServiceChannel, ChannelFeed, target_for
 from discovery_client.config import ClientConfig
@@ -20,6 +17,7 @@ from discovery_client.model import Endpoint, Query, Resolution, Scope, Status, t
 from discovery_client.picker import Picker, Strategy
 from discovery_client.registration import Registration, instance_message
 from discovery_client.servers import ServerPool
+from discovery_client.tls import TlsConfig
 from discovery_client.watch import ServiceWatch
 
 log = logging.getLogger(__name__)
@@ -193,15 +191,21 @@ class DiscoveryClient:
         tags: Iterable[str] = (),
         zone: str = "",
         options: Sequence[tuple[str, Any]] = (),
+        tls: TlsConfig | None = None,
     ) -> AioServiceChannel:
         """A ``grpc.aio`` channel to the SERVING endpoints of ``service``, load-balanced round
         robin, that follows endpoint changes by itself. Close it (or ``async with`` it).
+
+        The endpoints are your service's, not discovery servers: their security is theirs.
+        ``tls`` secures the channel (``client.config.tls`` dials them with this client's
+        certificate; files are read again whenever the channel is rebuilt); None: plaintext.
 
         Raises:
             NoEndpoints: the service has no endpoint now. Unavailable: as ``resolve``.
         """
         opts = [*LB_OPTIONS, *options]
-        channel = AioServiceChannel(service, lambda target: grpc.aio.insecure_channel(target, options=opts))
+        dial = tls.validate() if tls is not None else TlsConfig(insecure=True)
+        channel = AioServiceChannel(service, lambda target: dial.aio_channel(target, options=opts))
         drain = self.config.channel_drain_seconds
 
         async def dispose(old: Any) -> None:

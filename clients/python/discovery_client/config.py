@@ -10,6 +10,7 @@ from typing import Any
 from discovery_client.errors import ConfigError
 from discovery_client.guard import GuardPolicy
 from discovery_client.retry import RetryPolicy
+from discovery_client.tls import TlsConfig
 
 ENV_REGION = "DISCOVERY_REGION"
 ENV_ZONE = "DISCOVERY_ZONE"
@@ -53,6 +54,9 @@ class ClientConfig:
         cache_file_interval: the file is rewritten at most this often (seconds).
         channel_drain_seconds: how long a replaced ``grpc_channel`` keeps serving in-flight calls.
         guard: the destructive-update guard.
+        tls: how channels to the servers are secured; by default from the
+            ``DISCOVERY_TLS_*`` / ``DISCOVERY_INSECURE`` environment (``TlsConfig.from_env``).
+            One of mTLS files or an explicit insecure switch is required.
     """
 
     region: str
@@ -69,6 +73,7 @@ class ClientConfig:
     cache_file_interval: float = 1.0
     channel_drain_seconds: float = 5.0
     guard: GuardPolicy = field(default_factory=GuardPolicy)
+    tls: TlsConfig = field(default_factory=TlsConfig.from_env)
 
     def validate(self) -> ClientConfig:
         """Check every field; returns self so ``ClientConfig(...).validate()`` chains."""
@@ -100,7 +105,9 @@ class ClientConfig:
         ``DISCOVERY_REGION=us-east``, ``DISCOVERY_SERVERS=10.0.0.1:7400,10.0.0.2:7400``,
         ``DISCOVERY_FAILOVER="eu-west=10.1.0.1:7400,10.1.0.2:7400;ap-south=10.2.0.1:7400"``,
         ``DISCOVERY_ZONE=us-east-1a``, ``DISCOVERY_CACHE_FILE=/var/cache/app/discovery.json``,
-        ``DISCOVERY_TIMEOUT=3`` (the per-call deadline, seconds).
+        ``DISCOVERY_TIMEOUT=3`` (the per-call deadline, seconds); TLS from
+        ``DISCOVERY_TLS_CA``, ``DISCOVERY_TLS_CERT``, ``DISCOVERY_TLS_KEY``,
+        ``DISCOVERY_TLS_SERVER_NAME``, or ``DISCOVERY_INSECURE=1`` (see ``TlsConfig``).
         """
         env = os.environ if environ is None else environ
         settings: dict[str, Any] = {
@@ -109,6 +116,7 @@ class ClientConfig:
             "failover": parse_failover(env.get(ENV_FAILOVER, "")),
             "zone": env.get(ENV_ZONE, "").strip(),
             "cache_file": env.get(ENV_CACHE_FILE, "").strip() or None,
+            "tls": TlsConfig.from_env(env),
         }
         if env.get(ENV_TIMEOUT, "").strip():
             try:
@@ -135,6 +143,7 @@ def check_settings(config: ClientConfig) -> None:
         raise ConfigError("cache_file_interval and channel_drain_seconds must be >= 0")
     config.retry.validate()
     config.guard.validate()
+    config.tls.validate()
 
 
 def parse_servers(text: str) -> tuple[str, ...]:

@@ -8,11 +8,12 @@ import logging
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 
 from discovery_client.config import ClientConfig, check_settings
-from discovery_client.errors import ConfigError, DiscoveryClientError
+from discovery_client.errors import ConfigError, DiscoveryClientError, ResourceExhausted
 from discovery_client.model import Scope, Status, to_scope, to_statuses
 from discovery_client.registration import Registration, instance_message
 from discovery_client.retry import RetryPolicy
 from discovery_client.servers import ServerPool
+from discovery_client.tls import TlsConfig
 from discovery_client.watch import StreamBroken, follow_watch
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
 
@@ -39,6 +40,11 @@ class DirectClient:
         retry: passes over the servers, backoff between them, and the overall deadline of
             each call; a Watch uses it between passes that got no message (see ``watch``).
         keepalive_seconds, watch_idle_timeout, stream_max_seconds: as in ``ClientConfig``.
+        tls: how the channels are secured; None reads the ``DISCOVERY_TLS_*`` /
+            ``DISCOVERY_INSECURE`` environment (``TlsConfig.from_env``).
+
+    Raises:
+        ConfigError: a bad setting, including no TLS settings and no insecure switch.
     """
 
     def __init__(
@@ -50,6 +56,7 @@ class DirectClient:
         keepalive_seconds: float = 2.0,
         watch_idle_timeout: float = 11.0,
         stream_max_seconds: float = 600.0,
+        tls: TlsConfig | None = None,
     ) -> None:
         targets = (servers,) if isinstance(servers, str) else tuple(servers)
         if not targets or not all(t.strip() for t in targets):
@@ -64,6 +71,7 @@ class DirectClient:
             keepalive_seconds=keepalive_seconds,
             watch_idle_timeout=watch_idle_timeout,
             stream_max_seconds=stream_max_seconds,
+            tls=TlsConfig.from_env() if tls is None else tls,
         )
         check_settings(config)
         self.servers = targets
@@ -238,7 +246,8 @@ class DirectClient:
             failed_passes += 1
             if failed_passes >= policy.attempts or loop.time() - outage_since >= policy.deadline:
                 raise error
-            await asyncio.sleep(policy.delay(failed_passes - 1))
+            told = error.retry_after if isinstance(error, ResourceExhausted) else 0.0
+            await asyncio.sleep(max(told, policy.delay(failed_passes - 1)))
 
     # --- Admin ------------------------------------------------------------------------
 

@@ -10,15 +10,21 @@
     ├── InvalidArgument             a server refused the request as malformed (bad service name, ...)
     ├── NotFound                    a server does not know the thing asked about (instance, lease)
     │   └── NoEndpoints             pick() or grpc_channel() found no endpoint to use
+    ├── AccessDenied                the server refused this client's identity or request
+    │   ├── Unauthenticated         UNAUTHENTICATED: its certificate names no identity the server knows
+    │   └── PermissionDenied        PERMISSION_DENIED: the identity lacks the grant
+    ├── ResourceExhausted           RESOURCE_EXHAUSTED: over a limit (``limit``, ``retry_after``)
     └── ServerError                 any other status a server answered with
 
 Callers usually catch ``DiscoveryClientError`` or ``Unavailable``. An error that comes from a
 call carries its gRPC status: ``code``, ``details`` and the ``server`` that answered (or that
-the call was made to), so nothing needs to parse the message.
+the call was made to), so nothing needs to parse the message. ``hint`` is advice when the status alone would
+mislead: a refused TLS handshake reaches the client as UNAVAILABLE.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import grpc
@@ -35,6 +41,8 @@ class DiscoveryClientError(Exception):
         server: the server that answered, or the last one tried; "" when none was.
         attempts: for ``Unavailable`` after several attempts, each attempt's error in order
             (whether any of them timed out, so may have been applied, is in their codes).
+        hint: what probably went wrong and what to check, when the code does not say
+            (a TLS handshake the server refused); "" otherwise.
     """
 
     def __init__(
@@ -45,12 +53,14 @@ class DiscoveryClientError(Exception):
         details: str = "",
         server: str = "",
         attempts: tuple[DiscoveryClientError, ...] = (),
+        hint: str = "",
     ) -> None:
-        super().__init__(message)
+        super().__init__(f"{message} ({hint})" if hint else message)
         self.code = code
         self.details = details
         self.server = server
         self.attempts = attempts
+        self.hint = hint
 
 
 class ConfigError(DiscoveryClientError, ValueError):
@@ -78,6 +88,37 @@ class NoEndpoints(NotFound):
     """Raised by ``pick()`` and ``grpc_channel()`` when the service has no endpoint matching the query."""
 
 
+class AccessDenied(DiscoveryClientError):
+    """Base of the refusals of this client's identity: not retried, as another server applies
+    the same policy."""
+
+
+class Unauthenticated(AccessDenied):
+    """Raised when a server answers UNAUTHENTICATED: the certificate's identity is not in its policy."""
+
+
+class PermissionDenied(AccessDenied):
+    """Raised when a server answers PERMISSION_DENIED: the identity may not do this (the
+    details name the grant it lacks)."""
+
+
+class ResourceExhausted(DiscoveryClientError):
+    """Raised when a server answers RESOURCE_EXHAUSTED: this identity (or the region) is over
+    a limit.
+
+    Attributes:
+        limit: the limit's name from the trailing metadata ``discovery-limit``
+            (``writes_per_second``, ``overload``, ...); "" when the server sent none.
+        retry_after: seconds to wait before trying again, from ``retry-after-ms``; 0 when
+            unknown. Unary calls wait it out by themselves within their deadline.
+    """
+
+    def __init__(self, message: str = "", *, limit: str = "", retry_after: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.limit = limit
+        self.retry_after = retry_after
+
+
 class ServerError(DiscoveryClientError):
     """Raised for any other gRPC status a server answers with."""
 
@@ -90,11 +131,19 @@ _TABLE: dict[Any, type[DiscoveryClientError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
     grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
 }
 
+LIMIT_KEY = "discovery-limit"
+RETRY_AFTER_KEY = "retry-after-ms"
 
-def from_rpc_error(exc: Any, server: str, channel: Any = None) -> DiscoveryClientError:
-    """The client exception for a ``grpc.RpcError`` of a call to ``server`` over ``channel``.
+
+def from_rpc_error(exc: Any, server: str, channel: Any = None, tls: Any = None) -> DiscoveryClientError:
+    """The client exception for a ``grpc.RpcError`` of a call to ``server`` over ``channel``
+    secured by ``tls`` (a ``TlsConfig``: an UNAVAILABLE that looks like a refused handshake
+    then carries a ``hint``).
 
     The one place that tells "no connection could be made" from "a server answered
     UNAVAILABLE" (its etcd is down, it is shutting down). gRPC gives both the same code and
@@ -106,9 +155,35 @@ def from_rpc_error(exc: Any, server: str, channel: Any = None) -> DiscoveryClien
     code = exc.code()
     details = exc.details() or ""
     cls = _TABLE.get(code, ServerError)
-    if code == grpc.StatusCode.UNAVAILABLE and channel is not None and not _connected(channel):
-        cls = Unreachable
-    return cls(f"{server}: {code.name}: {details}", code=code, details=details, server=server)
+    message = f"{server}: {code.name}: {details}"
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        limit, retry_after = _limit(exc)
+        return ResourceExhausted(
+            message, code=code, details=details, server=server, limit=limit, retry_after=retry_after
+        )
+    hint = ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        from discovery_client.tls import handshake_hint  # tls imports this module
+
+        hint = handshake_hint(details, tls)
+        if channel is not None and not _connected(channel):
+            cls = Unreachable
+    return cls(message, code=code, details=details, server=server, hint=hint)
+
+
+def _limit(exc: Any) -> tuple[str, float]:
+    """The limit's name and the seconds to wait, from the call's trailing metadata."""
+    trailers = getattr(exc, "trailing_metadata", None)
+    items = (trailers() if callable(trailers) else None) or ()
+    limit, retry_after = "", 0.0
+    for key, value in items:
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        if key == LIMIT_KEY:
+            limit = text
+        elif key == RETRY_AFTER_KEY:
+            with contextlib.suppress(ValueError):  # a malformed hint is no hint
+                retry_after = max(0.0, int(text) / 1000)
+    return limit, retry_after
 
 
 def _connected(channel: Any) -> bool:

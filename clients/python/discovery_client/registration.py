@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from discovery_client.errors import DiscoveryClientError, NotFound, from_rpc_error, is_retryable
+from discovery_client.errors import DiscoveryClientError, NotFound, ResourceExhausted, from_rpc_error, is_retryable
 from discovery_client.model import Status
 from discovery_client.servers import ServerPool
 from discovery_pb.v1 import registry_pb2 as pb
@@ -167,6 +167,7 @@ class Registration:
         attempt = 0
         while True:
             beats = self.heartbeats
+            told = 0.0  # a server's retry-after, when this identity is over a limit
             try:
                 await self._heartbeat_any()
             except _LeaseLost:
@@ -180,9 +181,11 @@ class Registration:
                     log.warning("discovery client: could not register %s again: %s", self.instance_id, exc)
             except (_StreamBroken, DiscoveryClientError) as exc:
                 log.info("discovery client: heartbeats of %s interrupted: %s", self.instance_id, exc)
+                if isinstance(exc, ResourceExhausted):
+                    told = exc.retry_after
             if self.heartbeats > beats:
                 attempt = 0
-            await asyncio.sleep(self._pool.config.retry.delay(attempt))
+            await asyncio.sleep(max(told, self._pool.config.retry.delay(attempt)))
             attempt += 1
 
     async def _heartbeat_any(self) -> None:
@@ -230,7 +233,7 @@ class Registration:
             raise _StreamBroken(f"{address}: an old lease ended the stream") from None  # replaced meanwhile
         if is_retryable(exc) or code == grpc.StatusCode.OK:
             raise _StreamBroken(f"{address}: {code.name}: {exc.details()}") from None
-        raise from_rpc_error(exc, address) from None
+        raise from_rpc_error(exc, address, tls=self._pool.config.tls) from None
 
 
 async def _status(call: Any) -> Any:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from discovery_client.errors import ConfigError
+from discovery_client.errors import ConfigError, DiscoveryClientError, ResourceExhausted
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,9 @@ class RetryPolicy:
         base_delay, max_delay, multiplier: the exponential backoff between passes (seconds).
         jitter: each delay is scaled by a random factor in [1 - jitter, 1 + jitter], so a
             fleet of clients that lost the same server does not come back in step.
+
+    A server over a limit answers RESOURCE_EXHAUSTED with ``retry-after-ms``: the next pass
+    then waits at least that long, if it still fits in the deadline (else the error is raised).
     """
 
     attempts: int = 3
@@ -35,6 +38,14 @@ class RetryPolicy:
         except OverflowError:  # a long outage's count (2.0 ** 1100 is no float): the cap holds
             raw = self.max_delay
         return raw * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def retry_after(self, error: DiscoveryClientError, remaining: float) -> float | None:
+        """Seconds to wait before trying again after ``error``, when a server said how long
+        (RESOURCE_EXHAUSTED with ``retry-after-ms``) and that wait ends within ``remaining``
+        seconds; None when the error is to be raised instead."""
+        if isinstance(error, ResourceExhausted) and 0 < error.retry_after < remaining:
+            return error.retry_after
+        return None
 
     def validate(self) -> RetryPolicy:
         if self.attempts < 1 or self.deadline <= 0:

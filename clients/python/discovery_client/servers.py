@@ -13,7 +13,14 @@ import grpc
 import grpc.aio
 
 from discovery_client.config import ClientConfig
-from discovery_client.errors import DiscoveryClientError, Unavailable, Unreachable, from_rpc_error, is_retryable
+from discovery_client.errors import (
+    DiscoveryClientError,
+    ResourceExhausted,
+    Unavailable,
+    Unreachable,
+    from_rpc_error,
+    is_retryable,
+)
 from discovery_pb.v1 import admin_pb2_grpc, lookup_pb2_grpc, registry_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -73,15 +80,28 @@ class ServerPool:
         self._stubs: dict[str, Stubs] = {}
         self._options = channel_options(config.keepalive_seconds)
         self._closed = False
+        self._retired: set[asyncio.Task[None]] = set()
 
     def stubs(self, entry: ServerEntry) -> Stubs:
         stubs = self._stubs.get(entry.address)
         if stubs is None:
             if self._closed:
                 raise Unavailable("the client is closed")
-            stubs = Stubs(grpc.aio.insecure_channel(entry.address, options=self._options))
+            stubs = Stubs(self.config.tls.aio_channel(entry.address, options=self._options))
             self._stubs[entry.address] = stubs
         return stubs
+
+    def error(self, exc: Any, entry: ServerEntry, stubs: Stubs) -> DiscoveryClientError:
+        """The client exception for a failed call to ``entry`` over ``stubs``. A TLS channel
+        that could not connect is replaced: the next one reads the certificate files again,
+        so a client whose certificate was rotated on disk (or was refused) recovers."""
+        error = from_rpc_error(exc, entry.address, stubs.channel, self.config.tls)
+        if isinstance(error, Unreachable) and self.config.tls.enabled and self._stubs.get(entry.address) is stubs:
+            del self._stubs[entry.address]
+            task = asyncio.create_task(stubs.channel.close())
+            self._retired.add(task)
+            task.add_done_callback(self._retired.discard)
+        return error
 
     def order(self, *, home_only: bool = False, last: ServerEntry | None = None) -> list[ServerEntry]:
         """Servers to try, the remembered one first (``last`` moved to the end)."""
@@ -122,6 +142,7 @@ class ServerPool:
         end = loop.time() + (policy.deadline if deadline is None else deadline)
         errors: list[DiscoveryClientError] = []
         for attempt in range(policy.attempts):
+            wait = 0.0  # at least this long before the next pass: a server's retry-after
             for entry in self.order(home_only=home_only, last=last):
                 remaining = end - loop.time()
                 if remaining <= 0:
@@ -130,7 +151,14 @@ class ServerPool:
                 try:
                     response = await method(stubs)(request, timeout=min(self.config.call_timeout, remaining))
                 except grpc.aio.AioRpcError as exc:
-                    error = from_rpc_error(exc, entry.address, stubs.channel)
+                    error = self.error(exc, entry, stubs)
+                    if isinstance(error, ResourceExhausted):
+                        after = policy.retry_after(error, end - loop.time())
+                        if after is None or attempt == policy.attempts - 1:
+                            raise error from exc
+                        errors.append(error)
+                        wait = after
+                        break  # over a limit of this identity: wait as told, not at the next server
                     if not is_retryable(exc):
                         raise error from exc
                     errors.append(error)
@@ -140,14 +168,19 @@ class ServerPool:
             remaining = end - loop.time()
             if remaining <= 0 or attempt == policy.attempts - 1:
                 break
-            await asyncio.sleep(min(policy.delay(attempt), remaining))
+            await asyncio.sleep(min(max(wait, policy.delay(attempt)), remaining))
         tried = "; ".join(f"{e.server}: {e.code.name if e.code else '?'}" for e in errors[-4:])
         message = f"no discovery server answered ({tried or 'deadline reached'})"
         if not errors:
             raise Unavailable(message)
+        if isinstance(errors[-1], ResourceExhausted):
+            raise errors[-1]
         cls = Unreachable if all(isinstance(e, Unreachable) for e in errors) else Unavailable
         final = errors[-1]
-        raise cls(message, code=final.code, details=final.details, server=final.server, attempts=tuple(errors))
+        hint = next((e.hint for e in reversed(errors) if e.hint), "")
+        raise cls(
+            message, code=final.code, details=final.details, server=final.server, attempts=tuple(errors), hint=hint
+        )
 
     async def home_answers(self, request: Any) -> ServerEntry | None:
         """A server of this region that answers ``request`` (a ResolveRequest) now, if any."""
@@ -164,3 +197,5 @@ class ServerPool:
         stubs, self._stubs = list(self._stubs.values()), {}
         for s in stubs:
             await s.channel.close()
+        for task in list(self._retired):
+            await task

@@ -10,8 +10,6 @@ import threading
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
-import grpc
-
 from discovery_client.cache import AnswerKey
 from discovery_client.channel import LB_OPTIONS, SyncServiceChannel
 from discovery_client.client import DiscoveryClient, ScopeLike, StatusLike
@@ -20,6 +18,7 @@ from discovery_client.errors import Unavailable
 from discovery_client.model import Endpoint, Resolution, Scope, Status
 from discovery_client.picker import Strategy
 from discovery_client.registration import Registration
+from discovery_client.tls import TlsConfig
 
 T = TypeVar("T")
 
@@ -133,10 +132,12 @@ class SyncDiscoveryClient:
         tags: Iterable[str] = (),
         zone: str = "",
         options: Sequence[tuple[str, Any]] = (),
+        tls: TlsConfig | None = None,
     ) -> SyncServiceChannel:
         """As ``DiscoveryClient.grpc_channel``, a blocking ``grpc.Channel``."""
         opts = [*LB_OPTIONS, *options]
-        channel = SyncServiceChannel(service, lambda target: grpc.insecure_channel(target, options=opts))
+        dial = tls.validate() if tls is not None else TlsConfig(insecure=True)
+        channel = SyncServiceChannel(service, lambda target: dial.sync_channel(target, options=opts))
         drain = self.config.channel_drain_seconds
 
         async def dispose(old: Any) -> None:

@@ -14,7 +14,7 @@ import grpc.aio
 
 from discovery_client.cache import ServiceCache
 from discovery_client.config import ClientConfig
-from discovery_client.errors import DiscoveryClientError, Unavailable, from_rpc_error, is_retryable
+from discovery_client.errors import DiscoveryClientError, ResourceExhausted, Unavailable, is_retryable
 from discovery_client.filecache import FileCache
 from discovery_client.guard import confirms
 from discovery_client.model import InstanceKey
@@ -62,8 +62,9 @@ async def follow_watch(pool: ServerPool, entry: ServerEntry, request: Any) -> As
             except grpc.aio.AioRpcError as exc:
                 if heard and exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     return  # stream_max_seconds reached
-                failure = from_rpc_error(exc, entry.address, stubs.channel)
-                if is_retryable(exc):
+                failure = pool.error(exc, entry, stubs)
+                # Over a stream limit: another server, or this one later, may take it.
+                if is_retryable(exc) or isinstance(failure, ResourceExhausted):
                     raise StreamBroken(failure) from None
                 raise failure from exc
             if not heard:
@@ -118,11 +119,14 @@ class ServiceWatch:
         while True:
             seen, reason = self.messages, "no server configured"
             restart = False
+            told = 0.0  # a server's retry-after, when one was over a limit
             for entry in self._pool.order():
                 try:
                     restart = await self._follow(entry)
                 except StreamBroken as exc:
                     reason = str(exc)
+                    if isinstance(exc.error, ResourceExhausted):
+                        told = max(told, exc.error.retry_after)
                     continue
                 except DiscoveryClientError as exc:  # refused, not failed: retrying will not help
                     self.error = exc
@@ -138,7 +142,7 @@ class ServiceWatch:
             if self.messages > seen:
                 attempt = 0
             log.info("discovery client: watch of %s lost every server (%s); retrying", self.service, reason)
-            await asyncio.sleep(self._config.retry.delay(attempt))
+            await asyncio.sleep(max(told, self._config.retry.delay(attempt)))
             attempt += 1
 
     async def _follow(self, entry: ServerEntry) -> bool:
