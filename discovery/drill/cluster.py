@@ -4,7 +4,10 @@
 keys (see docs/drills.md): per region, in proximity order, its servers and etcd endpoints.
 ``control`` (the dev cluster's fault endpoint) and ``routes`` (the fault proxy's address of
 each peer server, per pair of regions) are optional: without them, faults come from
-``--inject``/``--heal`` commands.
+``--inject``/``--heal`` commands. ``tls`` (``{"ca", "cert", "key", "trust_domain"}``, paths
+relative to the file's directory or absolute; `discovery dev` names its admin certificate)
+secures the drill's clients; without it they take the ``DISCOVERY_TLS_*`` /
+``DISCOVERY_INSECURE`` environment, as every client does.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from discovery.devtools.control import ControlClient, ControlError
+from discovery_client import ConfigError, TlsConfig
 
 
 class ClusterFileError(ValueError):
@@ -41,6 +45,8 @@ class ClusterFile:
     regions: tuple[ClusterRegion, ...]  # file order: nearest first, as the servers are peered
     control: str | None = None
     routes: dict[str, dict[str, tuple[str, ...]]] = field(default_factory=dict)
+    tls: TlsConfig | None = None  # the file's "tls"; None: the environment's settings
+    trust_domain: str = ""
 
     @classmethod
     def load(cls, path: Path) -> ClusterFile:
@@ -73,7 +79,25 @@ class ClusterFile:
                 dst: _addresses(path, {"routes": addrs}, f"{src}->{dst}", "routes") for dst, addrs in targets.items()
             }
         control = raw.get("control")
-        return cls(path, tuple(regions), control if isinstance(control, str) and control else None, routes)
+        tls, trust_domain = _tls(path, raw.get("tls"))
+        return cls(
+            path,
+            tuple(regions),
+            control if isinstance(control, str) and control else None,
+            routes,
+            tls,
+            trust_domain,
+        )
+
+    def client_tls(self) -> TlsConfig:
+        """How the drill's clients reach the servers: the file's ``tls``, else the
+        environment's settings; validated (files readable, TLS or insecure chosen)."""
+        tls = self.tls if self.tls is not None else TlsConfig.from_env()
+        try:
+            return tls.validate()
+        except ConfigError as exc:
+            where = f"{self.path}: tls: " if self.tls is not None else ""
+            raise ClusterFileError(f"{where}{exc}") from None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -89,6 +113,26 @@ class ClusterFile:
         """The addresses a client in ``src`` dials for ``dst``'s servers: through the fault
         proxy when the cluster has one, so a cut-off region's clients are cut off too."""
         return self.routes.get(src, {}).get(dst) or self.region(dst).servers
+
+
+def _tls(path: Path, raw: Any) -> tuple[TlsConfig | None, str]:
+    """The file's ``tls`` object: CA, certificate and key paths (relative ones from the file's
+    directory) and the trust domain; (None, "") when there is none."""
+    if raw is None:
+        return None, ""
+    if not isinstance(raw, dict):
+        raise ClusterFileError(f"{path}: 'tls' must be an object: {{ca, cert, key, trust_domain}}")
+    values = {}
+    for key in ("ca", "cert", "key", "trust_domain"):
+        value = raw.get(key, "")
+        if not isinstance(value, str):
+            raise ClusterFileError(f"{path}: tls.{key} must be a string, not {value!r}")
+        values[key] = value
+    if not values["ca"] or not values["cert"] or not values["key"]:
+        raise ClusterFileError(f"{path}: tls needs ca, cert and key (file paths)")
+    base = path.parent
+    ca, cert, key = (str(base / values[k]) for k in ("ca", "cert", "key"))  # an absolute path stays as is
+    return TlsConfig(ca=ca, cert=cert, key=key), values["trust_domain"]
 
 
 def _addresses(path: Path, body: Any, region: str, key: str) -> tuple[str, ...]:

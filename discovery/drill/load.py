@@ -32,7 +32,15 @@ from typing import Any
 import grpc
 
 from discovery.drill.history import History, Op, Outcome
-from discovery_client import DirectClient, DiscoveryClientError, RetryPolicy, Scope, Unavailable, Unreachable
+from discovery_client import (
+    DirectClient,
+    DiscoveryClientError,
+    RetryPolicy,
+    Scope,
+    TlsConfig,
+    Unavailable,
+    Unreachable,
+)
 from discovery_pb.v1 import lookup_pb2, types_pb2
 
 log = logging.getLogger("discovery.drill")
@@ -63,16 +71,17 @@ class LoadSettings:
             raise ValueError("op timeout must be > 0")
 
 
-def direct_client(servers: tuple[str, ...], op_timeout: float) -> DirectClient:
+def direct_client(servers: tuple[str, ...], op_timeout: float, tls: TlsConfig | None = None) -> DirectClient:
     """Fast failure detection: the drill wants to see an outage within its op timeout (two
     attempts of half of it each, keep-alive pings every second, a silent Watch given up
-    after 3 s)."""
+    after 3 s). ``tls``: the cluster file's settings; None takes the environment's."""
     return DirectClient(
         servers,
         call_timeout=op_timeout / 2,
         retry=RetryPolicy(attempts=2, deadline=op_timeout, base_delay=0.05, max_delay=0.5),
         keepalive_seconds=1.0,
         watch_idle_timeout=3.0,
+        tls=tls,
     )
 
 
@@ -178,14 +187,16 @@ class Observer:
     """A Watch on one region's servers only (no failover: a region's view is its own); every
     change of the view is applied to ``presence`` with the time it arrived."""
 
-    def __init__(self, region: str, servers: tuple[str, ...], service: str, op_timeout: float) -> None:
+    def __init__(
+        self, region: str, servers: tuple[str, ...], service: str, op_timeout: float, tls: TlsConfig | None = None
+    ) -> None:
         self.presence = Presence(region)
         self.service = service
         self.changed = asyncio.Event()
         self.error: DiscoveryClientError | None = None  # why the Watch stopped, or did not start
         self._fold = ViewFold()
         self._settled = asyncio.Event()  # a first view, or a first pass over the servers failed
-        self._client = direct_client(servers, op_timeout)
+        self._client = direct_client(servers, op_timeout, tls)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float) -> None:
@@ -256,6 +267,7 @@ class RegionLoad:
         service: str,
         history: History,
         settings: LoadSettings,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.region, self.index, self.service = region, index, service
         self.history, self.settings = history, settings
@@ -264,8 +276,8 @@ class RegionLoad:
         # the load generator's own punctuality (a starved drill process runs its ticks late).
         self.ticks: list[tuple[float, float]] = []
         self.skips: list[float] = []  # when a tick was skipped (too many calls in flight)
-        self._writes = direct_client(servers, settings.op_timeout)
-        self._reads = direct_client((*servers, *failover), settings.op_timeout)
+        self._writes = direct_client(servers, settings.op_timeout, tls)
+        self._reads = direct_client((*servers, *failover), settings.op_timeout, tls)
         self._next = 0
         self._acked: list[str] = []  # registered, not yet picked for deregistration
         self._left: set[str] = set()  # may be registered: removed when the drill ends

@@ -22,6 +22,7 @@ from discovery.drill.report import Report
 from discovery.drill.saturation import HostMonitor, Strain, Thresholds
 from discovery.drill.scenarios import SCENARIOS, FaultContext, LinkSettings, Scenario, region_status
 from discovery.errors import StoreUnavailable
+from discovery_client import TlsConfig
 from discovery_pb.v1 import lookup_pb2, lookup_pb2_grpc, types_pb2
 
 
@@ -98,15 +99,27 @@ async def run_drill(cluster: ClusterFile, settings: DrillSettings, progress: Pro
         reason = scenario.needs(cluster, target)
         if reason:
             raise DrillError(f"{scenario.name}: {reason}", usage=True)
-    drill = _Drill(cluster, settings, scenario, target, progress or Progress())
+    try:
+        tls = cluster.client_tls()
+    except ValueError as exc:
+        raise DrillError(str(exc), usage=True) from None
+    drill = _Drill(cluster, settings, scenario, target, progress or Progress(), tls=tls)
     return await drill.run()
 
 
 class _Drill:
     def __init__(
-        self, cluster: ClusterFile, settings: DrillSettings, scenario: Scenario, target: str, progress: Progress
+        self,
+        cluster: ClusterFile,
+        settings: DrillSettings,
+        scenario: Scenario,
+        target: str,
+        progress: Progress,
+        *,
+        tls: TlsConfig,
     ) -> None:
         self.cluster, self.settings, self.scenario, self.target = cluster, settings, scenario, target
+        self.tls = tls  # the cluster file's, or the environment's
         self.hold = settings.hold if settings.hold is not None else scenario.hold
         self.service = settings.service or f"drill-{secrets.token_hex(4)}"
         self.history = History()
@@ -164,7 +177,7 @@ class _Drill:
         op_timeout = self.settings.load.op_timeout
         await self._check_names()
         for region in regions:
-            observer = Observer(region.name, region.servers, self.service, op_timeout)
+            observer = Observer(region.name, region.servers, self.service, op_timeout, tls=self.tls)
             self.observers[region.name] = observer
             try:
                 await observer.start(timeout)
@@ -189,6 +202,7 @@ class _Drill:
                 service=self.service,
                 history=self.history,
                 settings=self.settings.load,
+                tls=self.tls,
             )
             self.loads[region.name] = load
             try:
@@ -201,7 +215,7 @@ class _Drill:
         """Each region's servers must call themselves by the file's name: the checks match
         instances to regions by it (a typo would make every registration look lost)."""
         for region in self.cluster.regions:
-            answer = await region_status(region.servers, self.settings.start_timeout)
+            answer = await region_status(region.servers, self.settings.start_timeout, self.tls)
             if isinstance(answer, str):
                 raise DrillError(f"{region.name}'s servers ({', '.join(region.servers)}) do not answer: {answer}")
             if answer.region != region.name:
@@ -338,7 +352,7 @@ class _Drill:
         for region in self.cluster.regions:
             errors = []
             for address in region.servers:
-                async with grpc.aio.insecure_channel(address) as channel:
+                async with self.tls.aio_channel(address) as channel:
                     try:
                         resp = await lookup_pb2_grpc.LookupStub(channel).Resolve(request, timeout=3)
                     except grpc.aio.AioRpcError as exc:

@@ -18,6 +18,7 @@ import grpc
 
 from discovery.drill.cluster import ClusterFile, Control, FaultError
 from discovery.store import Store
+from discovery_client import TlsConfig
 from discovery_pb.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -131,11 +132,15 @@ async def _restart_etcd_member(ctx: FaultContext) -> None:
 # --- server-kill ------------------------------------------------------------------------------
 
 
-async def region_status(servers: tuple[str, ...], timeout: float = 3.0) -> admin_pb2.StatusResponse | str:
-    """Status from the first of ``servers`` that answers, or why none did."""
+async def region_status(
+    servers: tuple[str, ...], timeout: float = 3.0, tls: TlsConfig | None = None
+) -> admin_pb2.StatusResponse | str:
+    """Status from the first of ``servers`` that answers, or why none did; ``tls`` secures the
+    channels (None: the environment's settings)."""
     errors = []
+    dial = tls if tls is not None else TlsConfig.from_env()
     for address in servers:
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with dial.aio_channel(address) as channel:
             try:
                 status: admin_pb2.StatusResponse = await admin_pb2_grpc.AdminStub(channel).Status(
                     admin_pb2.StatusRequest(), timeout=timeout
@@ -149,7 +154,7 @@ async def region_status(servers: tuple[str, ...], timeout: float = 3.0) -> admin
 async def replicator_leader(cluster: ClusterFile, region: str) -> tuple[int, str]:
     """The index and origin of a server of ``region`` that leads a replicator, from Status."""
     servers = cluster.region(region).servers
-    status = await region_status(servers)
+    status = await region_status(servers, tls=cluster.client_tls())
     if isinstance(status, str):
         raise FaultError(f"no server of {region} answers Status: {status}")
     for origin in status.origins:
@@ -209,7 +214,7 @@ async def _compact_others(ctx: FaultContext) -> None:
 
 async def _checkpoints(cluster: ClusterFile, region: str) -> dict[str, int]:
     """How far ``region`` had replicated each origin, from its own servers' Status."""
-    status = await region_status(cluster.region(region).servers)
+    status = await region_status(cluster.region(region).servers, tls=cluster.client_tls())
     return {} if isinstance(status, str) else {o.origin: o.checkpoint_revision for o in status.origins}
 
 

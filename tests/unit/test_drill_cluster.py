@@ -213,3 +213,38 @@ def test_servers_seen_from_an_unknown_region_without_a_route_raises() -> None:
 def test_a_cluster_file_error_is_a_value_error() -> None:
     # run_drill turns ValueErrors from region() into usage errors.
     assert issubclass(ClusterFileError, ValueError)
+
+
+def test_tls_paths_are_relative_to_the_file_or_absolute() -> None:
+    raw = plain() | {"tls": {"ca": "tls/ca.pem", "cert": "/etc/x/admin.pem", "key": "tls/admin-key.pem"}}
+    raw["tls"]["trust_domain"] = "example.org"
+    cluster = ClusterFile.parse(PATH, raw)
+    assert cluster.tls is not None
+    assert (cluster.tls.ca, cluster.tls.cert, cluster.tls.key) == (
+        "/tmp/dc/tls/ca.pem",
+        "/etc/x/admin.pem",
+        "/tmp/dc/tls/admin-key.pem",
+    )
+    assert not cluster.tls.insecure and cluster.trust_domain == "example.org"
+
+
+def test_without_tls_the_clients_take_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster = ClusterFile.parse(PATH, plain())
+    assert cluster.tls is None and cluster.trust_domain == ""
+    monkeypatch.setenv("DISCOVERY_INSECURE", "1")
+    assert cluster.client_tls().insecure
+    monkeypatch.delenv("DISCOVERY_INSECURE")
+    with pytest.raises(ClusterFileError, match="no TLS settings"):
+        cluster.client_tls()
+
+
+def test_tls_files_that_cannot_be_read_are_named_with_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "cluster.json"
+    cluster = ClusterFile.parse(path, plain() | {"tls": {"ca": "ca.pem", "cert": "a.pem", "key": "a-key.pem"}})
+    with pytest.raises(ClusterFileError, match="cluster.json: tls: TLS ca file .*ca.pem .*cannot read"):
+        cluster.client_tls()
+
+
+@pytest.mark.parametrize("tls", ["x", {"ca": "ca.pem"}, {"ca": 1, "cert": "c", "key": "k"}])
+def test_a_bad_tls_object_is_named(tls: Any) -> None:
+    assert "tls" in parse_error(plain() | {"tls": tls})
