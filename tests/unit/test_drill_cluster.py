@@ -241,7 +241,7 @@ def test_without_tls_the_clients_take_the_environment(monkeypatch: pytest.Monkey
 def test_tls_files_that_cannot_be_read_are_named_with_the_file(tmp_path: Path) -> None:
     path = tmp_path / "cluster.json"
     cluster = ClusterFile.parse(path, plain() | {"tls": {"ca": "ca.pem", "cert": "a.pem", "key": "a-key.pem"}})
-    with pytest.raises(ClusterFileError, match="cluster.json: tls: TLS ca file .*ca.pem .*cannot read"):
+    with pytest.raises(ClusterFileError, match=r"cluster\.json: tls: TLS ca file .*ca\.pem .*cannot read"):
         cluster.client_tls()
 
 
