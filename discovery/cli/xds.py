@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -13,19 +15,27 @@ from discovery.cli._common import (
     DEFAULT_SERVER,
     OK,
     add_client_flags,
+    add_tls_flags,
     add_verb,
     channel,
     print_json,
     print_table,
     rpc_error,
+    tls_settings,
 )
 from discovery.model import split_address, validate_region
 from discovery.xds.bootstrap import DEFAULT_NODE_ID, bootstrap
+from discovery_client import ConfigError, TlsConfig
 
 BOOTSTRAP_EPILOG = """examples:
   discovery xds-bootstrap > /etc/xds-bootstrap.json
   discovery xds-bootstrap --server 10.0.0.5:7400 --region eu-west > bootstrap.json
   GRPC_XDS_BOOTSTRAP=bootstrap.json python my_client.py    # uses grpc.insecure_channel("xds:///web")
+
+With TLS settings (flags or DISCOVERY_TLS_*) the clients reach the server with mTLS: the
+bootstrap names the CA, certificate and key files (absolute paths), which gRPC re-reads every
+60 s, so rotating them on disk needs no restart. With --insecure it is plaintext.
+("insecure_channel" above is the channel to the service's endpoints, not to the server.)
 
 --region puts that region's instances first (priority 0); without it the server's own
 region comes first. Then the server's peer regions follow in its proximity order."""
@@ -54,6 +64,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     b.add_argument("--region", default="", help="the clients' region: its instances come first")
     b.add_argument("--node-id", default=DEFAULT_NODE_ID, help="node id the clients report (default: %(default)s)")
+    add_tls_flags(b)
     b.set_defaults(func=xds_bootstrap)
 
     c = add_verb(
@@ -70,8 +81,32 @@ async def xds_bootstrap(args: argparse.Namespace) -> int:
     split_address(args.server, "--server")
     if args.region:
         validate_region(args.region, "--region")
-    print(json.dumps(bootstrap(args.server, region=args.region, node_id=args.node_id), indent=2))
+    config = bootstrap(args.server, region=args.region, node_id=args.node_id)
+    creds = channel_creds(tls_settings(args))
+    for server in config["xds_servers"]:
+        server["channel_creds"] = creds
+    print(json.dumps(config, indent=2))
     return OK
+
+
+# How often gRPC's xDS client re-reads the certificate files (its file watcher plugin).
+REFRESH_INTERVAL = "60s"
+
+
+def channel_creds(tls: TlsConfig) -> list[dict[str, Any]]:
+    """The bootstrap's ``channel_creds`` for these settings: gRPC's ``tls`` type with the
+    files (absolute: the bootstrap is read from another directory), or ``insecure``."""
+    if tls.insecure:
+        return [{"type": "insecure"}]
+    if tls.server_name:
+        raise ConfigError(
+            "an xDS bootstrap cannot carry a TLS server name: give --server as a name in the "
+            "server's certificate instead of --tls-server-name / DISCOVERY_TLS_SERVER_NAME"
+        )
+    files = {"ca_certificate_file": tls.ca, "certificate_file": tls.cert, "private_key_file": tls.key}
+    config: dict[str, Any] = {key: str(Path(path).resolve()) for key, path in files.items() if path}
+    config["refresh_interval"] = REFRESH_INTERVAL
+    return [{"type": "tls", "config": config}]
 
 
 async def xds_clients(args: argparse.Namespace) -> int:
