@@ -5,10 +5,12 @@
      +-- InvalidArgument     a request breaks a validation rule (names the field and the rule)
      +-- NotFound            the instance or lease named does not exist (any more)
      +-- StoreUnavailable    etcd did not answer in time or refused the connection
+     |    +-- StoreForbidden etcd refused this server's own identity (its RBAC role)
      +-- RevisionNotReached  the view did not reach a requested revision before the deadline
      +-- ShuttingDown        the server is stopping and takes no new work
      +-- Unauthenticated     the caller's certificate names no identity this server's policy knows
      +-- PermissionDenied    the identity lacks the grant (or etcd refused this server's own identity)
+     +-- AuditFailed         the audit log cannot be written, so writes are refused (fail closed)
      +-- ResourceExhausted   over a limit (``limit`` names it; ``retry_after`` seconds, 0 when unknown)
      +-- Fenced              a replicator's fenced write found it no longer leads
      +-- Compacted           the view's watch asked for a revision etcd has compacted away
@@ -40,6 +42,11 @@ class StoreUnavailable(DiscoveryError):
     """Raised when etcd is unreachable, hung or refuses a write within the write timeout."""
 
 
+class StoreForbidden(StoreUnavailable):
+    """Raised when etcd refuses the server's own etcd user: callers see UNAVAILABLE (nothing
+    they did wrong, and another region's server may serve them); the server refuses to start."""
+
+
 class RevisionNotReached(DiscoveryError):
     """Raised when a read asked for ``min_revision`` and the view did not get there in time."""
 
@@ -54,6 +61,10 @@ class Unauthenticated(DiscoveryError):
 
 class PermissionDenied(DiscoveryError):
     """Raised when a known identity asks for something its grants do not cover."""
+
+
+class AuditFailed(DiscoveryError):
+    """Raised for a write while the audit log cannot be written (and the server fails closed)."""
 
 
 class ResourceExhausted(DiscoveryError):

@@ -148,11 +148,12 @@ def _validate_metadata(metadata: dict[str, str]) -> None:
             )
 
 
-def normalize_registration(request: Instance, region: str, now_ms: int | None = None) -> Instance:
+def normalize_registration(request: Instance, region: str, now_ms: int | None = None, *, owner: str = "") -> Instance:
     """Validate a registration and return the record to store (a new message).
 
     Fills in what the server owns: the origin region, the registration time, the default
-    weight and status, and an instance id derived from the address when none is given.
+    weight and status, an instance id derived from the address when none is given, and the
+    owner (the caller's identity; whatever the request said is overwritten).
     """
     validate_service(request.service, "instance.service")
     split_address(request.address, "instance.address")
@@ -167,6 +168,7 @@ def normalize_registration(request: Instance, region: str, now_ms: int | None = 
             f"{record.region!r} is not this server's region {region!r}: register in the origin region",
         )
     record.region = region
+    record.owner = owner
     if record.zone and (len(record.zone) > MAX_ZONE_LEN or not _ZONE.fullmatch(record.zone)):
         raise InvalidArgument(
             "instance.zone", f"{record.zone[:80]!r} must be at most 64 characters of a-z, 0-9 and '-'"

@@ -31,10 +31,13 @@ class Registry:
         self._keys = keys
         self.region = region
 
-    async def register(self, request: Instance) -> Registered:
-        """Validate, then put the record (on a fresh lease when ttl > 0). Idempotent on
+    def prepare(self, request: Instance, owner: str) -> Instance:
+        """The record a registration would store (validated; region and owner filled in)."""
+        return normalize_registration(request, self.region, owner=owner)
+
+    async def register(self, record: Instance) -> Registered:
+        """Put a prepared record (on a fresh lease when ttl > 0). Idempotent on
         (service, instance_id): a second registration replaces the first."""
-        record = normalize_registration(request, self.region)
         key = self._keys.instance(self.region, record.service, record.instance_id)
         revision, lease_id, previous = await self._store.put(key, record.SerializeToString(), record.ttl_seconds)
         if previous and previous != lease_id:

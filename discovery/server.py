@@ -23,12 +23,16 @@ from discovery.api import (
 )
 from discovery.api.decoding import DecodeRequests
 from discovery.config import ServerConfig
-from discovery.errors import InvalidArgument, StoreUnavailable
+from discovery.errors import InvalidArgument, PermissionDenied, StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.registry import Registry
 from discovery.replication import Election, RegionStates, ReplicationSettings, Replicator, Session, StallMonitor
-from discovery.replication.transport import GrpcFeed
-from discovery.store import Store, StoreHealth
+from discovery.replication.transport import GrpcFeed, PeerTls
+from discovery.security.audit import AuditLog, AuditUnavailable
+from discovery.security.guard import Guard
+from discovery.security.policy import PolicyError, PolicyFile
+from discovery.security.tls import MaterialError, ServerCertificates, TlsFiles
+from discovery.store import PROBE, EtcdTls, Store, StoreHealth
 from discovery.tasks import TaskSet
 from discovery.view import View
 from discovery.xds import SERVICE_NAMES as XDS_SERVICE_NAMES
@@ -44,6 +48,16 @@ from discovery_pb.v1 import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _listen(server: grpc.aio.Server, address: str, field: str, certificates: ServerCertificates | None) -> int:
+    try:
+        if certificates is None:
+            return int(server.add_insecure_port(address))
+        return int(server.add_secure_port(address, certificates.credentials()))
+    except RuntimeError as exc:
+        raise InvalidArgument(field, f"cannot listen on {address} ({exc}): is it in use?") from None
+
 
 SERVICE_NAMES = (
     registry_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
@@ -86,8 +100,16 @@ class Server:
         self.config = config
         self._startup_timeout = startup_timeout
         self._tracing = tracing
-        self.store = Store(config.etcd, op_timeout=config.etcd_timeout_seconds, keepalive=config.etcd_keepalive_seconds)
         self.keys = KeySchema(config.key_prefix)
+        self.store = Store(
+            config.etcd,
+            op_timeout=config.etcd_timeout_seconds,
+            keepalive=config.etcd_keepalive_seconds,
+            tls=EtcdTls(config.etcd_ca, config.etcd_cert, config.etcd_key, config.etcd_server_name)
+            if config.etcd_tls
+            else None,
+            health_key=self.keys.root + PROBE + b"health",  # inside the prefix: RBAC allows it
+        )
         self.view = View(self.store, self.keys, history=config.history)
         self.registry = Registry(self.store, self.keys, config.region)
         self.states = RegionStates(
@@ -115,6 +137,14 @@ class Server:
         self.xds = XdsHub(self.view, self.states, control_plane=f"discovery {VERSION} region {config.region}")
         self._ads: AdsServicer | None = None
         self.port = 0
+        self.health_port = 0
+        self._health_grpc: grpc.aio.Server | None = None
+        # Security (docs/security.md): nothing is read from disk until start().
+        self.audit = AuditLog(config.audit_log, region=config.region, fail_open=config.audit_fail_open)
+        self.certificates: ServerCertificates | None = None
+        self.policy: PolicyFile | None = None
+        self.guard: Guard | None = None
+        self._etcd_reload = asyncio.Event()
 
     async def __aenter__(self) -> Server:
         try:
@@ -127,8 +157,66 @@ class Server:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
+    def _load_security(self) -> None:
+        """Certificates, policy and audit log, read before anything listens: a bad file stops
+        the start with the file and the problem named."""
+        config = self.config
+        try:
+            self.audit.ensure_writable()
+        except AuditUnavailable as exc:
+            raise InvalidArgument("audit_log", f"{config.audit_log}: {exc}") from None
+        if not config.insecure:
+            files = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+            try:
+                self.certificates = ServerCertificates(
+                    files, poll_seconds=config.reload_poll_seconds, on_event=self._security_event
+                )
+            except MaterialError as exc:
+                raise InvalidArgument("tls_cert", str(exc)) from None
+            try:
+                self.policy = PolicyFile(config.policy_file, on_event=self._security_event)
+            except PolicyError as exc:
+                raise InvalidArgument("policy_file", str(exc)) from None
+        else:
+            log.warning(
+                "region %s: serving WITHOUT TLS (--insecure): anyone who can reach %s may register, "
+                "deregister and read everything; use it for development only",
+                config.region,
+                config.listen,
+            )
+        self.guard = Guard(
+            region=config.region,
+            trust_domain=config.trust_domain,
+            policy=self.policy,
+            audit=self.audit,
+            counts=self.view,
+        )
+
+    def _security_event(self, kind: str, message: str) -> None:
+        """Certificate and policy reloads go to the audit log as well as the log."""
+        self.audit.record(kind, message=message)
+
+    def reload(self) -> None:
+        """SIGHUP: look at certificates and policy now, and reopen the audit log (rotation)."""
+        if self.certificates is not None:
+            self.certificates.request_reload()
+        if self.policy is not None:
+            self.policy.request_reload()
+        self.audit.reopen()
+        self._etcd_reload.set()
+
+    async def _reload_etcd_tls(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.reload_poll_seconds):
+                    await self._etcd_reload.wait()
+            self._etcd_reload.clear()
+            await self.store.reload_tls()
+
     async def start(self) -> None:
+        self._load_security()
         await self._resources.enter_async_context(self.store)
+        await self._check_etcd_access()
         self._background.start("view", self.view.run())
         try:
             async with asyncio.timeout(self._startup_timeout):
@@ -141,12 +229,21 @@ class Server:
         self._background.start("etcd-probe", self._probe_etcd())
         self._background.start("stall-monitor", self.stalls.run())
         self._background.start("xds", self.xds.run())
+        if self.certificates is not None:
+            self._background.start("tls-reload", self.certificates.run())
+        if self.policy is not None:
+            self._background.start("policy-reload", self.policy.run(self.config.reload_poll_seconds))
+        if self.config.etcd_tls:
+            self._background.start("etcd-tls-reload", self._reload_etcd_tls())
         self._grpc = self._build_grpc()
-        try:
-            self.port = self._grpc.add_insecure_port(self.config.listen)
-        except RuntimeError as exc:
-            raise InvalidArgument("listen", f"cannot listen on {self.config.listen} ({exc}): is it in use?") from None
+        self.port = _listen(self._grpc, self.config.listen, "listen", self.certificates)
         await self._grpc.start()
+        if self.config.health_listen:
+            # Probes that cannot present a certificate (Kubernetes' gRPC probes) see health only.
+            self._health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_grpc)
+            self.health_port = _listen(self._health_grpc, self.config.health_listen, "health_listen", None)
+            await self._health_grpc.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._start_replicators()
@@ -157,6 +254,10 @@ class Server:
         if not peers:
             return
         identity = self.config.advertise or self.address
+        peer_tls = None
+        if not self.config.insecure:
+            files = TlsFiles(self.config.tls_cert, self.config.tls_key, self.config.tls_client_ca)
+            peer_tls = PeerTls(files, self.config.trust_domain)
         settings = ReplicationSettings(
             region=self.config.region,
             identity=identity,
@@ -165,7 +266,7 @@ class Server:
         )
         self._replicating.start("election-session", self.session.run())
         for origin, endpoints in peers.items():
-            feed = GrpcFeed(origin, requester=settings.region, silence=settings.silence)
+            feed = GrpcFeed(origin, requester=settings.region, silence=settings.silence, tls=peer_tls)
             replicator = Replicator(origin, endpoints, feed=feed, store=self.store, keys=self.keys, settings=settings)
             election = Election(self.store, self.session, self.keys.election(origin), identity)
             self.replicators[origin], self.elections[origin] = replicator, election
@@ -205,18 +306,23 @@ class Server:
         )
         instruments = telemetry.Instruments()
         instruments.observe_replication(self.states.origins)
-        self._registry_api = RegistryServicer(self.registry, instruments)
+        guard = self.guard
+        assert guard is not None  # _load_security ran
+        self._registry_api = RegistryServicer(self.registry, self.view, instruments, guard, self._head_revision)
         registry_pb2_grpc.add_RegistryServicer_to_server(self._registry_api, server)
         self._lookup = LookupServicer(
             self.view,
             self.states,
             instruments,
+            guard,
             max_wait=self.config.max_wait_seconds,
             watch_keepalive=self.config.watch_keepalive_seconds,
         )
         add_lookup_to_server(self._lookup, server)
         admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(self.view, self.states, list(self.config.etcd), lambda: self.etcd_health, VERSION),
+            AdminServicer(
+                self.view, self.states, list(self.config.etcd), lambda: self.etcd_health, VERSION, guard=guard
+            ),
             server,
         )
         self._replication = ReplicationServicer(
@@ -224,15 +330,42 @@ class Server:
             self.config.region,
             self.store.health,
             heartbeat=self.config.replication_heartbeat_seconds,
+            guard=guard,
             recovered_at_ms=self._recovered_at_ms,
         )
         replication_pb2_grpc.add_ReplicationServicer_to_server(self._replication, server)
-        self._ads = AdsServicer(self.xds)
+        self._ads = AdsServicer(self.xds, guard)
         add_ads_to_server(self._ads, server)
-        add_csds_to_server(CsdsServicer(self.xds), server)
+        add_csds_to_server(CsdsServicer(self.xds, guard), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         return server
+
+    async def _check_etcd_access(self) -> None:
+        """Wait for etcd as the view would (it may come up after us), but stop at once when it
+        answers that this server's etcd user lacks its prefix: no retry can fix that."""
+        last: StoreUnavailable | None = None
+        try:
+            async with asyncio.timeout(self._startup_timeout):
+                while True:
+                    try:
+                        await self.store.check_access(self.keys.root)
+                        return
+                    except PermissionDenied as exc:
+                        raise PermissionDenied(f"{exc}; this server cannot work without it") from None
+                    except StoreUnavailable as exc:
+                        last = exc
+                        await asyncio.sleep(0.5)
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"could not reach etcd at {','.join(self.config.etcd)} within {self._startup_timeout:g}s: {last}"
+            ) from None
+
+    async def _head_revision(self) -> int:
+        health = await self.store.health()
+        if not health.healthy:
+            raise StoreUnavailable(health.error)
+        return health.revision
 
     async def _probe_etcd(self) -> None:
         while True:
@@ -251,6 +384,7 @@ class Server:
             self.session.close,
             self._background.stop,
             self._resources.aclose,  # 4
+            self._close_audit,
         )
         failure: BaseException | None = None
         for step in steps:
@@ -264,6 +398,9 @@ class Server:
         if failure is not None:
             raise failure
 
+    async def _close_audit(self) -> None:
+        self.audit.close()
+
     async def _stop_serving(self) -> None:
         if self._grpc is None:
             return
@@ -274,3 +411,6 @@ class Server:
         self.view.end_subscriptions()  # reads waiting for a revision end now
         await self._grpc.stop(self.config.grace_seconds)
         self._grpc = None
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
+            self._health_grpc = None

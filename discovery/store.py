@@ -8,7 +8,7 @@ re-list (skipping ahead would lose events).
 Over TLS (``EtcdTls``) the client certificate is etcd's user (``--client-cert-auth``: its CN);
 RBAC confines each region's user to its key prefix. ``check_access`` proves at start that the
 user may read and write the prefix, so a server without the grant stops with a message that
-names the user, instead of retrying forever; a refusal later surfaces as ``PermissionDenied``.
+names the user, instead of retrying forever; a refusal later surfaces as ``StoreForbidden`` (UNAVAILABLE to callers).
 ``reload_tls`` swaps in a client with new files: new operations use it, those under way finish
 on the old one, and the watch moves over at the revision it had reached (so no event is lost
 or repeated). etcd's NOSPACE alarm turns writes into ``ResourceExhausted("etcd_space")``.
@@ -46,7 +46,15 @@ from etcd3aio.connections import ConnectionManager
 from etcd3aio.kv import KVService, prefix_range_end
 from etcd3aio.lease import LeaseService
 
-from discovery.errors import Compacted, Fenced, NotFound, PermissionDenied, ResourceExhausted, StoreUnavailable
+from discovery.errors import (
+    Compacted,
+    Fenced,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    StoreForbidden,
+    StoreUnavailable,
+)
 from discovery.tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -312,7 +320,7 @@ class Store:
     @contextlib.asynccontextmanager
     async def _call(self, what: str, timeout: float | None = None, key: bytes = b"") -> AsyncIterator[_Client]:
         """Run an operation on the current client, bounded by the op timeout, and turn etcd's
-        failures into ours: a refusal into PermissionDenied, NOSPACE into ResourceExhausted,
+        failures into ours: a refusal into StoreForbidden, NOSPACE into ResourceExhausted,
         the rest into StoreUnavailable. ``key`` names what was refused."""
         limit = timeout or self._op_timeout
         client = self._current()
@@ -334,7 +342,7 @@ class Store:
         code = rpc.code() if rpc else None
         if isinstance(exc, EtcdPermissionDeniedError) or code == grpc.StatusCode.PERMISSION_DENIED:
             where = f" on {key.decode(errors='replace')!r}" if key else ""
-            return PermissionDenied(
+            return StoreForbidden(
                 f"etcd refuses {self.identity} {what}{where}: its role must grant readwrite on this server's "
                 "key prefix (docs/security.md, etcd RBAC)"
             )
@@ -359,9 +367,9 @@ class Store:
                     await client.kv.put(probe, b"", lease=lease, timeout=self._op_timeout)
                     await client.kv.delete(probe, timeout=self._op_timeout)
             finally:
-                with contextlib.suppress(StoreUnavailable, PermissionDenied):
+                with contextlib.suppress(StoreUnavailable):
                     await self.revoke(lease)
-        except PermissionDenied:
+        except StoreForbidden:
             raise PermissionDenied(
                 f"etcd refuses {self.identity} on prefix {prefix.decode(errors='replace')!r}: {_RBAC_ADVICE}"
             ) from None
@@ -538,7 +546,7 @@ class Store:
                 resp = await client.kv.get(self._health_key, timeout=self._op_timeout)
             self.raft_term = resp.header.raft_term
             return StoreHealth(True, resp.header.revision, "")
-        except (StoreUnavailable, PermissionDenied) as exc:
+        except StoreUnavailable as exc:
             return StoreHealth(False, 0, str(exc))
 
     async def unchanged_since(self, prefix: bytes, revision: int, count: int, at: int) -> bool:

@@ -7,7 +7,10 @@ from collections.abc import Callable
 
 import grpc.aio
 
+from discovery.api.errors import abort
+from discovery.errors import DiscoveryError
 from discovery.replication.state import OriginState, RegionStates
+from discovery.security.guard import Guard
 from discovery.store import StoreHealth
 from discovery.view import View
 from discovery_pb.v1 import admin_pb2 as pb
@@ -22,8 +25,11 @@ class AdminServicer(_Base):
         etcd_endpoints: list[str],
         health: Callable[[], StoreHealth],
         version: str,
+        *,
+        guard: Guard,
     ) -> None:
         self._view = view
+        self._guard = guard
         self._states = states
         self._region = states.region
         self._endpoints = etcd_endpoints
@@ -32,6 +38,11 @@ class AdminServicer(_Base):
         self._started = time.monotonic()
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
+        try:
+            caller, grants = self._guard.caller(context, "Status")
+            self._guard.require_admin(caller, grants, "Status")
+        except DiscoveryError as exc:
+            await abort(context, exc)
         view, health = self._view, self._health()
         contact = time.monotonic() - view.last_contact if view.last_contact else 0.0
         return pb.StatusResponse(

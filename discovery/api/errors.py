@@ -8,6 +8,7 @@ import grpc
 import grpc.aio
 
 from discovery.errors import (
+    AuditFailed,
     DiscoveryError,
     InvalidArgument,
     NotFound,
@@ -26,6 +27,7 @@ _TABLE: dict[type[DiscoveryError], grpc.StatusCode] = {
     RevisionNotReached: grpc.StatusCode.DEADLINE_EXCEEDED,
     ShuttingDown: grpc.StatusCode.UNAVAILABLE,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    AuditFailed: grpc.StatusCode.UNAVAILABLE,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }

@@ -18,6 +18,7 @@ from discovery.errors import DiscoveryError, InvalidArgument, ShuttingDown
 from discovery.model import SERVING_STATUSES, validate_service
 from discovery.query import Query, select
 from discovery.replication.state import Freshness, RegionStates
+from discovery.security.guard import Guard
 from discovery.telemetry import Instruments
 from discovery.view import SNAPSHOT_CHUNK, Changes, Snapshot, View, updates
 from discovery_pb.v1 import lookup_pb2 as pb
@@ -35,6 +36,7 @@ class LookupServicer(_Base):
         view: View,
         states: RegionStates,
         instruments: Instruments,
+        guard: Guard,
         *,
         max_wait: float,
         watch_keepalive: float,
@@ -43,6 +45,7 @@ class LookupServicer(_Base):
         self._states = states
         self._region = states.region
         self._m = instruments
+        self._guard = guard
         self._max_wait = max_wait
         self._keepalive = watch_keepalive
         self._cache: dict[str, tuple[int, bytes]] = {}
@@ -57,7 +60,9 @@ class LookupServicer(_Base):
     ) -> bytes:
         with self._m.timed(self._m.lookups, self._m.resolve_duration) as labels:
             try:
+                caller, grants = self._guard.caller(context, "Resolve")
                 query = _query(request)
+                self._guard.require_read(caller, grants, "Resolve", query.service)
                 if request.min_revision:
                     await self._view.wait_for(request.min_revision, self._wait_budget(context))
             except DiscoveryError as exc:
@@ -123,16 +128,31 @@ class LookupServicer(_Base):
     async def _watch(
         self, request: pb.WatchRequest, context: grpc.aio.ServicerContext, task: asyncio.Task[Any]
     ) -> AsyncGenerator[pb.WatchResponse, None]:
-        view = self._view
         try:
             if self.streams.closing:
                 raise ShuttingDown(_SHUTTING_DOWN)
+            caller, grants = self._guard.caller(context, "Watch")
             _check_watch(request)
+            self._guard.require_read(caller, grants, "Watch", request.service)
+            slot = self._guard.open_stream(caller, grants, "Watch", request.service)
+        except DiscoveryError as exc:
+            if self.streams.ended(task):
+                return  # shutdown has sent the status already
+            await abort(context, exc)
+        with slot:
+            async for message in self._follow(request, context, task):
+                yield message
+
+    async def _follow(
+        self, request: pb.WatchRequest, context: grpc.aio.ServicerContext, task: asyncio.Task[Any]
+    ) -> AsyncGenerator[pb.WatchResponse, None]:
+        view = self._view
+        try:
             if request.since_revision > view.revision:
                 await view.wait_for(request.since_revision, self._wait_budget(context))
         except DiscoveryError as exc:
             if self.streams.ended(task):
-                return  # shutdown has sent the status already
+                return
             await abort(context, exc)
         self._m.watch_streams.add(1)
         try:

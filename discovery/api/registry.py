@@ -1,35 +1,79 @@
-"""Registry servicer: Register, Heartbeat, Deregister."""
+"""Registry servicer: Register, Heartbeat, Deregister, each behind the guard (docs/security.md):
+the caller's grant on the service, its ownership of the record, its limits, then the audit line."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc.aio
 
-from discovery.api.errors import abort
+from discovery.api.errors import abort, status_for
 from discovery.api.streams import OpenStreams
-from discovery.errors import DiscoveryError, ShuttingDown
+from discovery.errors import DiscoveryError, NotFound, ShuttingDown, StoreUnavailable
+from discovery.keys import InstanceKey
+from discovery.model import validate_instance_id, validate_service
 from discovery.registry import Registry
+from discovery.security.guard import Guard
+from discovery.security.identity import Caller
+from discovery.security.policy import Grants
 from discovery.telemetry import Instruments
+from discovery.view import View
 from discovery_pb.v1 import registry_pb2 as pb
 from discovery_pb.v1.registry_pb2_grpc import RegistryServicer as _Base
+from discovery_pb.v1.types_pb2 import Instance
 
 _SHUTTING_DOWN = "the server is shutting down; send heartbeats to another server of the region"
+_CATCH_UP_SECONDS = 2.0  # a lease not in the view yet: how long to wait for the view to reach etcd's head
 
 
 class RegistryServicer(_Base):
-    def __init__(self, registry: Registry, instruments: Instruments) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        view: View,
+        instruments: Instruments,
+        guard: Guard,
+        head_revision: Callable[[], Awaitable[int]],
+    ) -> None:
         self._registry = registry
+        self._view = view
+        self._region = registry.region
         self._m = instruments
+        self._guard = guard
+        self._head_revision = head_revision
         self.streams = OpenStreams(_SHUTTING_DOWN)
 
     async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterResponse:
+        guard = self._guard
         with self._m.timed(self._m.registrations, self._m.register_duration) as labels:
             try:
-                done = await self._registry.register(request.instance)
+                caller, grants = guard.caller(context, "Register")
+                record = self._registry.prepare(request.instance, caller.identity)
+                guard.require_register(caller, grants, "Register", record.service, record.instance_id)
+                existing = self._view.get(InstanceKey(self._region, record.service, record.instance_id))
+                if existing is not None:
+                    guard.require_owner(
+                        caller,
+                        grants,
+                        "Register",
+                        owner=existing.instance.owner,
+                        service=record.service,
+                        instance=record.instance_id,
+                        what="replace",
+                    )
+                guard.charge_write(caller, grants, "Register", record.service)
+                guard.check_quota(caller, grants, "Register", record.service, 0 if existing is not None else 1)
+                guard.before_write()
             except DiscoveryError as exc:
                 labels["outcome"] = type(exc).__name__
                 await abort(context, exc)
+            try:
+                done = await self._registry.register(record)
+            except DiscoveryError as exc:
+                labels["outcome"] = type(exc).__name__
+                self._audit(caller, "Register", record.service, record.instance_id, error=exc)
+                await abort(context, exc)
+            self._audit(caller, "Register", record.service, record.instance_id, revision=done.revision)
         return pb.RegisterResponse(
             instance_id=done.instance.instance_id,
             revision=done.revision,
@@ -42,24 +86,111 @@ class RegistryServicer(_Base):
     ) -> AsyncIterator[pb.HeartbeatResponse]:
         if self.streams.closing:
             await abort(context, ShuttingDown(_SHUTTING_DOWN))
-        task = self.streams.add(context)
         try:
-            async for request in request_iterator:
-                try:
-                    ttl = await self._registry.heartbeat(request.lease_id)
-                except DiscoveryError as exc:
-                    await abort(context, exc)
-                yield pb.HeartbeatResponse(lease_id=request.lease_id, ttl_seconds=ttl)
+            caller, grants = self._guard.caller(context, "Heartbeat")
+            slot = self._guard.open_stream(caller, grants, "Heartbeat")
+        except DiscoveryError as exc:
+            await abort(context, exc)
+        task = self.streams.add(context)
+        self._guard.event("stream_start", caller, "Heartbeat")
+        allowed: set[int] = set()  # leases this stream has shown it may keep alive
+        try:
+            with slot:
+                async for request in request_iterator:
+                    try:
+                        if request.lease_id not in allowed:
+                            await self._authorize_lease(caller, grants, request.lease_id)
+                            allowed.add(request.lease_id)
+                        ttl = await self._registry.heartbeat(request.lease_id)
+                    except DiscoveryError as exc:
+                        allowed.discard(request.lease_id)
+                        await abort(context, exc)
+                    yield pb.HeartbeatResponse(lease_id=request.lease_id, ttl_seconds=ttl)
         finally:
             self.streams.discard(task)
+            self._guard.event("stream_end", caller, "Heartbeat", leases=len(allowed))
+
+    async def _authorize_lease(self, caller: Caller, grants: Grants, lease_id: int) -> None:
+        """Heartbeat keeps alive only leases of this region's instance records that the caller
+        owns (an admin: any such record), never another lease in etcd: a replicator's election
+        lease kept alive by a stranger would block the region's replication failover."""
+        if lease_id <= 0:
+            return  # the registry says why
+        records = self._records_on(lease_id)
+        if not records:
+            # Registered a moment ago through another server: let the view reach etcd's head.
+            try:
+                head = await self._head_revision()
+                await self._view.wait_for(head, _CATCH_UP_SECONDS)
+            except (DiscoveryError, TimeoutError):
+                raise StoreUnavailable(
+                    f"cannot tell what lease {lease_id} holds yet: retry, or heartbeat through another server"
+                ) from None
+            records = self._records_on(lease_id)
+        if not records:
+            self._guard.audit.record("denied", caller=caller, method="Heartbeat", outcome="NotFound", code="NOT_FOUND")
+            raise NotFound(
+                f"lease {lease_id} holds no instance of region {self._region}: "
+                "Heartbeat keeps registrations alive (register again for a new lease)"
+            )
+        for instance in records:
+            self._guard.require_owner(
+                caller,
+                grants,
+                "Heartbeat",
+                owner=instance.owner,
+                service=instance.service,
+                instance=instance.instance_id,
+                what="heartbeat",
+            )
+
+    def _records_on(self, lease_id: int) -> list[Instance]:
+        return [r.instance for r in self._view.on_lease(lease_id) if r.instance.region == self._region]
 
     async def Deregister(
         self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeregisterResponse:
+        guard = self._guard
+        try:
+            caller, grants = guard.caller(context, "Deregister")
+            validate_service(request.service)
+            validate_instance_id(request.instance_id)
+            guard.require_register(caller, grants, "Deregister", request.service, request.instance_id)
+            existing = self._view.get(InstanceKey(self._region, request.service, request.instance_id))
+            if existing is not None:
+                guard.require_owner(
+                    caller,
+                    grants,
+                    "Deregister",
+                    owner=existing.instance.owner,
+                    service=request.service,
+                    instance=request.instance_id,
+                    what="deregister",
+                )
+            guard.charge_write(caller, grants, "Deregister", request.service)
+            guard.before_write()
+        except DiscoveryError as exc:
+            self._m.deregistrations.add(1, {"outcome": type(exc).__name__})
+            await abort(context, exc)
         try:
             revision = await self._registry.deregister(request.service, request.instance_id)
         except DiscoveryError as exc:
             self._m.deregistrations.add(1, {"outcome": type(exc).__name__})
+            self._audit(caller, "Deregister", request.service, request.instance_id, error=exc)
             await abort(context, exc)
         self._m.deregistrations.add(1, {"outcome": "ok"})
+        self._audit(caller, "Deregister", request.service, request.instance_id, revision=revision)
         return pb.DeregisterResponse(revision=revision)
+
+    def _audit(
+        self,
+        caller: Caller,
+        method: str,
+        service: str,
+        instance: str,
+        *,
+        revision: int = 0,
+        error: DiscoveryError | None = None,
+    ) -> None:
+        code = "OK" if error is None else status_for(error).name
+        self._guard.wrote(caller, method, service=service, instance=instance, revision=revision, error=error, code=code)

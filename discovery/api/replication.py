@@ -18,6 +18,7 @@ import grpc.aio
 from discovery.api.errors import abort
 from discovery.api.streams import OpenStreams
 from discovery.errors import DiscoveryError, InvalidArgument, RevisionNotReached, ShuttingDown, StoreUnavailable
+from discovery.security.guard import Guard
 from discovery.store import StoreHealth
 from discovery.view import SNAPSHOT_CHUNK, Changes, Snapshot, View, updates
 from discovery_pb.v1 import replication_pb2 as pb
@@ -37,9 +38,11 @@ class ReplicationServicer(_Base):
         etcd_health: Callable[[], Awaitable[StoreHealth]],
         *,
         heartbeat: float,
+        guard: Guard,
         recovered_at_ms: Callable[[], int] = lambda: 0,
     ) -> None:
         self._view = view
+        self._guard = guard
         self._recovered_at_ms = recovered_at_ms
         self._region = region
         self._etcd_health = etcd_health
@@ -59,11 +62,23 @@ class ReplicationServicer(_Base):
     ) -> AsyncGenerator[pb.StreamResponse, None]:
         view, region = self._view, self._region
         try:
+            caller, grants = self._guard.caller(context, "Replication.Stream")
+            self._guard.require_replicate(caller, grants, "Replication.Stream", request.requester)
             since = await self._resume_point(request)
         except DiscoveryError as exc:
             if self.streams.ended(task):
                 return
             await abort(context, exc)
+        self._guard.event("stream_start", caller, "Replication.Stream", requester=request.requester)
+        try:
+            async for message in self._follow(view, region, since, context, task):
+                yield message
+        finally:
+            self._guard.event("stream_end", caller, "Replication.Stream", requester=request.requester)
+
+    async def _follow(
+        self, view: View, region: str, since: int, context: grpc.aio.ServicerContext, task: asyncio.Task[Any]
+    ) -> AsyncGenerator[pb.StreamResponse, None]:
         batches = updates(view, "", region, since=since, idle=self._heartbeat, chunk=SNAPSHOT_CHUNK)
         async with contextlib.aclosing(batches):
             async for batch in batches:

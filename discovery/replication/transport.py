@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 
 import grpc
 import grpc.aio
 
 from discovery.replication.feed import FeedLost
+from discovery.security.certs import server_id
+from discovery.security.tls import MaterialError, PeerMismatch, TlsFiles, channel_credentials, check_peer, peer_uris
 from discovery_pb.v1 import replication_pb2 as pb
 from discovery_pb.v1.replication_pb2_grpc import ReplicationStub
 
@@ -27,22 +30,51 @@ PEER_CHANNEL_OPTIONS = [
 ]
 
 
+@dataclass(frozen=True, slots=True)
+class PeerTls:
+    """How a replicator dials peers over mTLS: our own certificate (``files``: the server's
+    certificate, key and CA bundle) and the identity every server of the origin must present,
+    ``spiffe://<trust_domain>/discovery/server/<origin>``."""
+
+    files: TlsFiles
+    trust_domain: str
+
+
 class GrpcFeed:
     """``Feed`` for one origin region, asked for by ``requester`` (the local region); a
     server silent for ``silence`` seconds is lost (it heartbeats several times within it: a
-    hung peer, a black hole)."""
+    hung peer, a black hole). With ``tls``, each connection first checks that the server is
+    one of the origin's (its URI SAN), and nothing is read from one that is not."""
 
-    def __init__(self, origin: str, *, requester: str, silence: float) -> None:
+    def __init__(self, origin: str, *, requester: str, silence: float, tls: PeerTls | None = None) -> None:
         self._origin = origin
         self._requester = requester
         self._silence = silence
+        self._tls = tls
+
+    async def _channel(self, endpoint: str) -> grpc.aio.Channel:
+        if self._tls is None:
+            return grpc.aio.insecure_channel(endpoint, options=PEER_CHANNEL_OPTIONS)
+        expected = server_id(self._tls.trust_domain, self._origin)
+        try:
+            # grpc Python shows a client nothing of the server's certificate: one handshake of
+            # our own on the same address reads it (a balancer in between sends both to servers
+            # of one region, and the gRPC connection is verified against the same CA).
+            uris = await peer_uris(endpoint, self._tls.files, timeout=self._silence)
+            check_peer(uris, expected, address=endpoint)
+            credentials = await asyncio.to_thread(channel_credentials, self._tls.files)
+        except PeerMismatch as exc:
+            raise FeedLost(str(exc)) from None
+        except (OSError, TimeoutError, MaterialError) as exc:
+            raise FeedLost(f"TLS to {endpoint} failed: {exc}") from None
+        return grpc.aio.secure_channel(endpoint, credentials, options=PEER_CHANNEL_OPTIONS)
 
     async def follow(self, endpoint: str, since: int, cluster_id: int) -> AsyncGenerator[pb.StreamResponse, None]:
         request = pb.StreamRequest(
             since_revision=since, origin=self._origin, requester=self._requester, cluster_id=cluster_id
         )
         try:
-            async with grpc.aio.insecure_channel(endpoint, options=PEER_CHANNEL_OPTIONS) as channel:
+            async with await self._channel(endpoint) as channel:
                 call = ReplicationStub(channel).Stream(request)
                 try:
                     while True:

@@ -1,8 +1,8 @@
 """A small certificate authority for development and tests: a CA, and certificates whose
 identity is a SPIFFE ID in the URI SAN (what every listener reads the caller's identity from).
 
-Production runs any SPIFFE-capable CA instead (docs/security.md); nothing on the serving path
-imports this module. `discovery dev` and `discovery certs issue` use it.
+Production runs any SPIFFE-capable CA instead (docs/security.md); `discovery dev`, `discovery
+certs` and the tests use this one. ``server_id`` is the one spelling of a server's identity.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 def cert_pem(cert: x509.Certificate) -> bytes:
@@ -156,9 +158,7 @@ class CertificateAuthority:
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
                 critical=False,
             )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
         )
         if names:
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)

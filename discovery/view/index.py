@@ -1,5 +1,6 @@
 """The instance index: every instance under the prefix, by key and by service, with a
-generation per service and a count per region. Resolve, Watch snapshots, xDS and Status read
+generation per service, a count per region, and (for authorization) the instances on each
+lease and the instances each owner holds per region. Resolve, Watch snapshots, xDS and Status read
 it; only the view writes it, one etcd event at a time."""
 
 from __future__ import annotations
@@ -7,9 +8,12 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from discovery.keys import InstanceKey
 from discovery_pb.v1.types_pb2 import Instance
+
+_K = TypeVar("_K")
 
 
 @dataclass(slots=True)
@@ -26,6 +30,10 @@ class Index:
         self._generations: dict[str, int] = {}
         self._next_generation = itertools.count(1)
         self._region_counts: dict[str, int] = {}
+        self._leases: dict[int, set[InstanceKey]] = {}
+        # (region, owner) -> total, and (region, owner, service) -> count: quotas read these.
+        self._owned: dict[tuple[str, str], int] = {}
+        self._owned_in_service: dict[tuple[str, str, str], int] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -55,17 +63,33 @@ class Index:
         records = self._by_service.get(service, {}).values() if service else self._records.values()
         return [r.instance for r in records if not region or r.instance.region == region]
 
+    def on_lease(self, lease: int) -> list[Record]:
+        """The records attached to etcd lease ``lease`` (empty when none is known)."""
+        return [self._records[k] for k in self._leases.get(lease, ())]
+
+    def owned(self, region: str, owner: str, service: str = "") -> int:
+        """How many instances of ``region`` ``owner`` holds (in ``service``, when given)."""
+        if service:
+            return self._owned_in_service.get((region, owner, service), 0)
+        return self._owned.get((region, owner), 0)
+
     def put(self, key: InstanceKey, record: Record) -> None:
-        if key not in self._records:
+        old = self._records.get(key)
+        if old is None:
             self._count(key.region, 1)
+        else:
+            self._unlink(key, old)
+        self._link(key, record)
         self._records[key] = record
         self._by_service.setdefault(key.service, {})[key] = record
         self._touch(key.service)
 
     def remove(self, key: InstanceKey) -> bool:
         """Whether there was such an instance (a delete of an unknown key is no change)."""
-        if self._records.pop(key, None) is None:
+        old = self._records.pop(key, None)
+        if old is None:
             return False
+        self._unlink(key, old)
         self._count(key.region, -1)
         bucket = self._by_service.get(key.service)
         if bucket is not None:
@@ -74,6 +98,24 @@ class Index:
                 del self._by_service[key.service]
         self._touch(key.service)
         return True
+
+    def _link(self, key: InstanceKey, record: Record) -> None:
+        if record.lease:
+            self._leases.setdefault(record.lease, set()).add(key)
+        owner = record.instance.owner
+        _bump(self._owned, (key.region, owner), 1)
+        _bump(self._owned_in_service, (key.region, owner, key.service), 1)
+
+    def _unlink(self, key: InstanceKey, record: Record) -> None:
+        if record.lease:
+            keys = self._leases.get(record.lease)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._leases[record.lease]
+        owner = record.instance.owner
+        _bump(self._owned, (key.region, owner), -1)
+        _bump(self._owned_in_service, (key.region, owner, key.service), -1)
 
     def _touch(self, service: str) -> None:
         if service in self._by_service:
@@ -87,3 +129,11 @@ class Index:
             self._region_counts[region] = left
         else:
             self._region_counts.pop(region, None)
+
+
+def _bump(counts: dict[_K, int], key: _K, delta: int) -> None:
+    left = counts.get(key, 0) + delta
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)

@@ -130,6 +130,15 @@ class View:
     def cluster_id(self) -> int:
         return self._store.cluster_id
 
+    def get(self, key: InstanceKey) -> Record | None:
+        return self._index.get(key)
+
+    def on_lease(self, lease: int) -> list[Record]:
+        return self._index.on_lease(lease)
+
+    def owned(self, region: str, owner: str, service: str = "") -> int:
+        return self._index.owned(region, owner, service)
+
     def service(self, name: str) -> Iterable[Record]:
         return self._index.service(name)
 

@@ -12,7 +12,10 @@ import grpc.aio
 from envoy.service.discovery.v3 import ads_pb2
 from envoy.service.discovery.v3.discovery_pb2 import DiscoveryRequest
 
+from discovery.api.errors import abort
 from discovery.api.streams import OpenStreams
+from discovery.errors import DiscoveryError
+from discovery.security.guard import Guard
 from discovery.xds.hub import XdsHub
 from discovery.xds.stream import StreamState
 
@@ -27,15 +30,22 @@ class AdsServicer:
     the handler writes whatever the state says is due, whenever it is woken (by a request that
     changes the subscription, or by the hub)."""
 
-    def __init__(self, hub: XdsHub) -> None:
+    def __init__(self, hub: XdsHub, guard: Guard) -> None:
         self.hub = hub
+        self._guard = guard
         self.streams = OpenStreams(_SHUTTING_DOWN)
 
     async def StreamAggregatedResources(
         self, requests: AsyncIterator[DiscoveryRequest], context: grpc.aio.ServicerContext
     ) -> None:
+        guard = self._guard
+        try:
+            caller, grants = guard.caller(context, "StreamAggregatedResources")
+            slot = guard.open_stream(caller, grants, "StreamAggregatedResources")
+        except DiscoveryError as exc:
+            await abort(context, exc)
         task = self.streams.add(context)
-        state = StreamState(self.hub, context.peer() or "")
+        state = StreamState(self.hub, context.peer() or "", may_read=grants.may_read)
         reader = asyncio.create_task(self._read(requests, state), name=f"xds-reader-{state.id}")
         try:
             if self.streams.closing:
@@ -55,6 +65,7 @@ class AdsServicer:
                 await asyncio.gather(reader, return_exceptions=True)
             finally:
                 state.close()
+                slot.release()
                 self.streams.discard(task)
 
     async def _read(self, requests: AsyncIterator[DiscoveryRequest], state: StreamState) -> None:

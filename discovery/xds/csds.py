@@ -21,6 +21,9 @@ from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from discovery.api.errors import abort
+from discovery.errors import DiscoveryError
+from discovery.security.guard import Guard
 from discovery.xds import resources as rs
 from discovery.xds.hub import XdsHub
 from discovery.xds.stream import Delivered, Nack, StreamState, TypeState
@@ -111,17 +114,29 @@ def _matches(matcher: object, node_id: str) -> bool:
 
 
 class CsdsServicer(csds_pb2_grpc.ClientStatusDiscoveryServiceServicer):  # type: ignore[misc]
-    def __init__(self, hub: XdsHub) -> None:
+    """CSDS shows every client's config: admin only."""
+
+    def __init__(self, hub: XdsHub, guard: Guard) -> None:
         self.hub = hub
+        self._guard = guard
+
+    async def _admit(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        try:
+            caller, grants = self._guard.caller(context, method)
+            self._guard.require_admin(caller, grants, method)
+        except DiscoveryError as exc:
+            await abort(context, exc)
 
     async def FetchClientStatus(
         self, request: ClientStatusRequest, context: grpc.aio.ServicerContext
     ) -> ClientStatusResponse:
+        await self._admit(context, "FetchClientStatus")
         return status(self.hub, request)
 
     async def StreamClientStatus(
         self, requests: AsyncIterator[ClientStatusRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ClientStatusResponse]:
+        await self._admit(context, "StreamClientStatus")
         async for request in requests:
             yield status(self.hub, request)
 

@@ -22,7 +22,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from envoy.config.core.v3.base_pb2 import ControlPlane, Node
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _FULL_SET = frozenset({rs.LISTENER, rs.CLUSTER})
 _NOT_FOUND = 5  # google.rpc.Code
+_PERMISSION_DENIED = 7
 _KEEP_NONCES = 16  # responses per type awaiting an answer; older ones are superseded anyway
 
 
@@ -76,8 +77,11 @@ class StreamState:
 
     _ids = itertools.count(1)
 
-    def __init__(self, hub: XdsHub, peer: str = "") -> None:
+    def __init__(self, hub: XdsHub, peer: str = "", may_read: Callable[[str], bool] | None = None) -> None:
         self.hub = hub
+        # The caller's read grant: names it may not read are left out, named in resource_errors
+        # as PERMISSION_DENIED (asked again on every response, so a policy reload applies).
+        self._may_read = may_read or _everything
         self.id = next(self._ids)
         self.peer = peer
         self.node = Node()
@@ -189,22 +193,26 @@ class StreamState:
         dirty, state.dirty = state.dirty & state.names, set()
         if not state.names or not (forced or dirty):
             return None
-        builder = self.hub.builder
         perspective = self.perspective
         if type_url in _FULL_SET:
             # Every subscribed name goes out together (an omission deletes), but only if
             # anything differs from what the client holds.
-            chosen = {name: builder.get(type_url, name, perspective) for name in sorted(state.names)}
+            chosen = {name: self._build(type_url, name, perspective) for name in sorted(state.names)}
             if not forced and all(_same(state.sent.get(n), r) for n, r in chosen.items()):
                 return None
         else:
             candidates = sorted(state.names if forced else dirty)
-            chosen = {n: builder.get(type_url, n, perspective) for n in candidates}
+            chosen = {n: self._build(type_url, n, perspective) for n in candidates}
             if not forced:
                 chosen = {n: r for n, r in chosen.items() if not _same(state.sent.get(n), r)}
             if not chosen:
                 return None
         return self._record(type_url, state, chosen)
+
+    def _build(self, type_url: str, name: str, perspective: str) -> Built | None:
+        if not self._may_read(name):
+            return None
+        return self.hub.builder.get(type_url, name, perspective)
 
     def _record(self, type_url: str, state: TypeState, chosen: dict[str, Built | None]) -> bytes:
         state.version += 1
@@ -216,10 +224,11 @@ class StreamState:
             del state.outstanding[next(iter(state.outstanding))]
         header = DiscoveryResponse(version_info=version, type_url=type_url, nonce=nonce)
         for name in (n for n, r in chosen.items() if r is None):
-            header.resource_errors.add(
-                resource_name=ResourceName(name=name),
-                error_detail=Status(code=_NOT_FOUND, message=f"{name!r} is not a valid service name"),
-            )
+            if self._may_read(name):
+                error = Status(code=_NOT_FOUND, message=f"{name!r} is not a valid service name")
+            else:
+                error = Status(code=_PERMISSION_DENIED, message=f"this client may not read {name!r}")
+            header.resource_errors.add(resource_name=ResourceName(name=name), error_detail=error)
         if self.hub.control_plane:
             header.control_plane.CopyFrom(ControlPlane(identifier=self.hub.control_plane))
         encoded: bytes = header.SerializeToString()
@@ -229,6 +238,10 @@ class StreamState:
         self.hub.unwatch(self, self._watched)
         self._watched = set()
         self.hub.streams.discard(self)
+
+
+def _everything(_: str) -> bool:
+    return True
 
 
 def _same(sent: Delivered | None, resource: Built | None) -> bool:

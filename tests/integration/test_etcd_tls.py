@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from discovery.devtools.etcd import EtcdNotFound, EtcdProcess, EtcdServerTls, find_etcd
-from discovery.errors import PermissionDenied, ResourceExhausted
+from discovery.errors import PermissionDenied, ResourceExhausted, StoreForbidden
 from discovery.security.certs import CertificateAuthority, Issued
 from discovery.store import PROBE, EtcdTls, Store, Write
 
@@ -101,9 +101,9 @@ def test_several_endpoints_need_a_server_name(secure: SecureEtcd) -> None:
 async def test_a_region_writes_only_inside_its_prefix(secure: SecureEtcd) -> None:
     async with _store(secure, secure.user("region-a")) as store:
         await store.put(REGION_A.encode() + b"mine", b"v")
-        with pytest.raises(PermissionDenied, match=r"etcd refuses user 'region-a'.*a put on '/region-b/"):
+        with pytest.raises(StoreForbidden, match=r"etcd refuses user 'region-a'.*a put on '/region-b/"):
             await store.put(REGION_B.encode() + b"theirs", b"v")
-        with pytest.raises(PermissionDenied):
+        with pytest.raises(StoreForbidden):
             await store.get(REGION_B.encode() + b"theirs")
     async with _store(secure, secure.user("region-b")) as other:
         assert await other.get(REGION_B.encode() + b"theirs") is None  # nothing got through

@@ -18,7 +18,7 @@ async def test_console_exporters_show_spans_and_metrics(private_etcd: EtcdProces
     port = free_port()
     env = {**os.environ, "OTEL_TRACES_EXPORTER": "console", "OTEL_METRICS_EXPORTER": "console"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "discovery", "serve", "--region", "us-east",
+        sys.executable, "-m", "discovery", "serve", "--insecure", "--region", "us-east",
         "--listen", f"127.0.0.1:{port}", "--etcd", private_etcd.endpoint,
         "--peer", f"eu-west=127.0.0.1:{free_port()}",  # unreachable: its gauges say so
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,

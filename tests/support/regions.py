@@ -3,7 +3,7 @@ every other region (proximity in the order the regions are named)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from discovery.devtools.etcd import EtcdProcess
@@ -30,14 +30,24 @@ class Regions:
         self.ports: dict[str, list[int]] = {}
         self.etcd: dict[str, EtcdProcess] = {}
         self.overrides: dict[str, Any] = {}
+        self.per_region: Callable[[str], dict[str, Any]] = lambda _region: {}
         self.by_region: dict[str, list[Server]] = {}
 
     def __getitem__(self, region: str) -> list[Server]:
         return self.by_region[region]
 
-    async def start(self, etcds: dict[str, EtcdProcess], servers: int = 1, **overrides: Any) -> Regions:
+    async def start(
+        self,
+        etcds: dict[str, EtcdProcess],
+        servers: int = 1,
+        per_region: Callable[[str], dict[str, Any]] | None = None,
+        **overrides: Any,
+    ) -> Regions:
+        """``per_region(name)`` gives settings of one region's servers (their certificates)."""
         self.etcd = dict(etcds)
         self.overrides = {**FAST, **overrides}
+        if per_region is not None:
+            self.per_region = per_region
         self.ports = {name: [free_port() for _ in range(servers)] for name in etcds}
         for name in etcds:
             for index in range(servers):
@@ -57,7 +67,7 @@ class Regions:
             region=region,
             listen=f"127.0.0.1:{self.ports[region][index]}",
             peers=self.peers(region),
-            **{**self.overrides, **overrides},
+            **{**self.overrides, **self.per_region(region), **overrides},
         )
         running = self.by_region.setdefault(region, [])
         running[:] = [s for s in running if s.port != server.port] + [server]

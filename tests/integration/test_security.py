@@ -1,0 +1,393 @@
+"""Security at every door of a real server over mTLS, on a real etcd (docs/security.md):
+handshakes refused, identities and grants, record ownership, the Heartbeat lease attack,
+replication identities, limits, the audit log."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from discovery.devtools.etcd import EtcdProcess
+from discovery.security.certs import CertificateAuthority, server_id
+from discovery.server import Server
+from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, replication_pb2, replication_pb2_grpc, types_pb2
+from tests.support.helpers import CALL_TIMEOUT, eventually
+from tests.support.secure import ADMIN, TRUST_DOMAIN, Pki, svc
+from tests.support.servers import Servers, Stubs
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> Pki:
+    return Pki(tmp_path)
+
+
+@pytest.fixture
+async def secure(pki: Pki, servers: Servers, etcd: EtcdProcess) -> AsyncIterator[Callable[..., asyncio.Future[Server]]]:
+    async def start(region: str = "us-east", **overrides: object) -> Server:
+        return await servers.start(etcd, region=region, **{**pki.settings(region), **overrides})
+
+    yield start  # type: ignore[misc]
+
+
+@pytest.fixture
+async def as_identity(pki: Pki) -> AsyncIterator[Callable[[Server, str | None], Stubs]]:
+    channels: list[grpc.aio.Channel] = []
+
+    def connect(server: Server, identity: str | None, **issue: object) -> Stubs:
+        issued = pki.client(identity, **issue) if identity else None
+        channel = pki.channel(f"127.0.0.1:{server.port}", issued)
+        channels.append(channel)
+        return Stubs(channel)
+
+    yield connect  # type: ignore[misc]
+    for channel in channels:
+        await channel.close()
+
+
+def instance(
+    service: str, address: str, instance_id: str = "", ttl: int = 0, **meta: str
+) -> registry_pb2.RegisterRequest:
+    return registry_pb2.RegisterRequest(
+        instance=types_pb2.Instance(
+            service=service, address=address, instance_id=instance_id, ttl_seconds=ttl, metadata=meta
+        )
+    )
+
+
+def audit_lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+async def rpc_error(call: object) -> grpc.aio.AioRpcError:
+    try:
+        await call  # type: ignore[misc]
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    raise AssertionError("the call succeeded")
+
+
+# --- the handshake ----------------------------------------------------------------------
+
+
+async def test_handshakes_without_a_trusted_certificate_are_refused(secure, pki, tmp_path: Path) -> None:
+    server = await secure()
+    address = f"127.0.0.1:{server.port}"
+    other = CertificateAuthority.create(tmp_path / "other")
+    foreign = other.issue(spiffe_id=svc("web"), out=tmp_path / "foreign")
+    expired = pki.client(
+        svc("web"),
+        not_before=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=10),
+        days=1,
+    )
+    attempts = {
+        "plaintext": grpc.aio.insecure_channel(address),
+        "no certificate": pki.channel(address, None),
+        "another CA": pki.channel(address, foreign),
+        "expired": pki.channel(address, expired),
+    }
+    for what, channel in attempts.items():
+        async with channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            error = await rpc_error(stub.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, what
+
+
+async def test_health_and_the_plain_health_listener(secure, as_identity) -> None:
+    server = await secure(health_listen="127.0.0.1:0")
+    stubs = as_identity(server, svc("anyone-at-all"))  # any valid certificate: not in the policy either
+    health = health_pb2_grpc.HealthStub(stubs.channel)
+    assert (await health.Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)).status == 1
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.health_port}") as plain:
+        resp = await health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        # ... and nothing else is served there.
+        error = await rpc_error(
+            registry_pb2_grpc_stub(plain).Register(instance("web", "10.0.0.1:80"), timeout=CALL_TIMEOUT)
+        )
+        assert error.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def registry_pb2_grpc_stub(channel: grpc.aio.Channel):  # type: ignore[no-untyped-def]
+    from discovery_pb.v1 import registry_pb2_grpc
+
+    return registry_pb2_grpc.RegistryStub(channel)
+
+
+# --- identities and grants --------------------------------------------------------------
+
+
+async def test_unknown_identity_and_missing_grant_get_exact_codes_and_nothing_reaches_etcd(
+    secure, as_identity, pki, etcd
+) -> None:
+    server = await secure()
+    before = (await server.store.health()).revision
+    stranger = f"spiffe://{TRUST_DOMAIN}/batch/cron"
+    error = await rpc_error(as_identity(server, stranger).registry.Register(instance("web", "10.0.0.1:80")))
+    assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error.details() == f"certificate identity {stranger} is not in this server's policy"
+
+    error = await rpc_error(as_identity(server, svc("web")).registry.Register(instance("payments", "10.0.0.1:80")))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.details() == f"{svc('web')} may not register 'payments' (allowed: web, web.*)"
+
+    assert (await server.store.health()).revision == before  # nothing denied reached etcd
+    lines = audit_lines(Path(server.config.audit_log))
+    denied = [line for line in lines if line["event"] == "denied"]
+    assert [(d["identity"], d["code"]) for d in denied] == [
+        (stranger, "UNAUTHENTICATED"),
+        (svc("web"), "PERMISSION_DENIED"),
+    ]
+    assert denied[1]["service"] == "payments" and denied[1]["method"] == "Register"
+
+
+async def test_a_dotted_subtree_grant_does_not_cover_a_lookalike(secure, as_identity) -> None:
+    server = await secure()
+    web = as_identity(server, svc("web"))
+    ok = await web.registry.Register(instance("web.canary", "10.0.0.1:80"), timeout=CALL_TIMEOUT)
+    assert ok.revision > 0
+    error = await rpc_error(web.registry.Register(instance("webshop", "10.0.0.1:80"), timeout=CALL_TIMEOUT))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_reads_need_read_and_status_needs_admin(secure, as_identity, pki) -> None:
+    policy = pki.policy(
+        f"""
+        [[grant]]
+        identity = "{ADMIN}"
+        admin = true
+        read = ["*"]
+
+        [[grant]]
+        identity = "{svc("web")}"
+        read = ["web", "db"]
+        """,
+        name="reads.toml",
+    )
+    server = await secure(policy_file=str(policy))
+    web = as_identity(server, svc("web"))
+    assert (await web.lookup.Resolve(lookup_pb2.ResolveRequest(service="db"), timeout=CALL_TIMEOUT)).service == "db"
+    error = await rpc_error(web.lookup.Resolve(lookup_pb2.ResolveRequest(service="payments"), timeout=CALL_TIMEOUT))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    watch_all = web.lookup.Watch(lookup_pb2.WatchRequest(), timeout=CALL_TIMEOUT)
+    error = await rpc_error(watch_all.read())
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    error = await rpc_error(web.admin.Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    admin = as_identity(server, ADMIN)
+    assert (await admin.admin.Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)).region == "us-east"
+
+
+async def test_deny_list_and_policy_reload_apply_without_restart(secure, as_identity, pki) -> None:
+    path = pki.policy()
+    server = await secure(policy_file=str(path))
+    web = as_identity(server, svc("web"))
+    await web.registry.Register(instance("web", "10.0.0.1:80"), timeout=CALL_TIMEOUT)
+    path.write_text(path.read_text().replace("[[grant]]", f'deny = ["{svc("web")}"]\n\n[[grant]]', 1))
+
+    async def refused() -> bool:
+        try:
+            await web.registry.Register(instance("web", "10.0.0.1:80"), timeout=CALL_TIMEOUT)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+        return False
+
+    await eventually(refused, timeout=10, interval=0.1)
+    # A broken policy file keeps the last good one (web stays denied, the admin stays admin).
+    path.write_text("this is = not [valid toml")
+    server.reload()
+    admin = as_identity(server, ADMIN)
+    await asyncio.sleep(0)  # let the reload request reach the poller
+    assert (await admin.admin.Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)).region == "us-east"
+    assert await refused()
+
+
+# --- ownership ----------------------------------------------------------------------------
+
+
+async def test_another_identitys_instance_cannot_be_replaced_deregistered_or_heartbeated(
+    secure, as_identity, pki
+) -> None:
+    # Both may register "shared"; only the one that did owns each instance.
+    policy = pki.policy(
+        pki.policy().read_text()
+        + f"""
+[[grant]]
+identity = "{svc("a")}"
+register = ["shared"]
+
+[[grant]]
+identity = "{svc("b")}"
+register = ["shared"]
+""",
+        name="shared.toml",
+    )
+    server = await secure(policy_file=str(policy))
+    a, b, admin = as_identity(server, svc("a")), as_identity(server, svc("b")), as_identity(server, ADMIN)
+    mine = await a.registry.Register(instance("shared", "10.0.0.1:80", "one", ttl=30), timeout=CALL_TIMEOUT)
+    resolved = await a.lookup.Resolve(
+        lookup_pb2.ResolveRequest(service="shared", min_revision=mine.revision), timeout=CALL_TIMEOUT
+    )
+    assert resolved.endpoints[0].instance.owner == svc("a")
+
+    error = await rpc_error(b.registry.Register(instance("shared", "10.6.6.6:80", "one"), timeout=CALL_TIMEOUT))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "belongs to" in error.details()
+    error = await rpc_error(
+        b.registry.Deregister(registry_pb2.DeregisterRequest(service="shared", instance_id="one"), timeout=CALL_TIMEOUT)
+    )
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    stream = b.registry.Heartbeat(timeout=CALL_TIMEOUT)
+    await stream.write(registry_pb2.HeartbeatRequest(lease_id=mine.lease_id))
+    error = await rpc_error(stream.read())
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    # The owner and an admin may.
+    stream = a.registry.Heartbeat(timeout=CALL_TIMEOUT)
+    await stream.write(registry_pb2.HeartbeatRequest(lease_id=mine.lease_id))
+    assert (await stream.read()).ttl_seconds > 0
+    stream.cancel()
+    done = await admin.registry.Deregister(
+        registry_pb2.DeregisterRequest(service="shared", instance_id="one"), timeout=CALL_TIMEOUT
+    )
+    assert done.revision > mine.revision
+
+
+async def test_heartbeat_cannot_keep_a_replicator_election_lease_alive(regions, region_etcds, pki, as_identity) -> None:
+    """The attack: keep a dead server's election lease alive so the region's replication
+    never fails over. Heartbeat refreshes only leases of this region's instance records,
+    whoever asks (the admin included)."""
+    await regions.start({r: region_etcds[r] for r in "ab"}, per_region=pki.settings)
+    a = regions["a"][0]
+    lease = await eventually(lambda: _election_lease(a), timeout=15)
+    stream = as_identity(a, ADMIN).registry.Heartbeat(timeout=CALL_TIMEOUT)
+    await stream.write(registry_pb2.HeartbeatRequest(lease_id=lease))
+    error = await rpc_error(stream.read())
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert "holds no instance" in error.details()
+
+
+async def _election_lease(server: Server) -> int:
+    return server.session.lease_id
+
+
+# --- replication identities -----------------------------------------------------------------
+
+
+async def test_replication_needs_a_server_identity_of_the_region_it_claims(secure, as_identity) -> None:
+    server = await secure()
+    request = replication_pb2.StreamRequest(origin="us-east", requester="eu-west")
+    client = replication_pb2_grpc.ReplicationStub(as_identity(server, svc("web")).channel)
+    error = await rpc_error(client.Stream(request, timeout=CALL_TIMEOUT).read())
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    impostor = replication_pb2_grpc.ReplicationStub(as_identity(server, server_id(TRUST_DOMAIN, "ap-south")).channel)
+    error = await rpc_error(impostor.Stream(request, timeout=CALL_TIMEOUT).read())
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "eu-west" in error.details()
+    genuine = replication_pb2_grpc.ReplicationStub(as_identity(server, server_id(TRUST_DOMAIN, "eu-west")).channel)
+    call = genuine.Stream(request, timeout=CALL_TIMEOUT)
+    assert (await call.read()).kind in (replication_pb2.StreamResponse.SNAPSHOT, replication_pb2.StreamResponse.CHANGES)
+    call.cancel()
+
+
+# --- limits ------------------------------------------------------------------------------------
+
+
+async def test_rate_limit_and_quotas_hold_while_another_identity_is_unaffected(secure, as_identity, pki) -> None:
+    policy = pki.policy(
+        pki.policy().read_text()
+        + """
+[limits]
+writes_per_second = 2.0
+write_burst = 3
+instances_per_service = 2
+instances = 3
+""",
+        name="limits.toml",
+    )
+    server = await secure(policy_file=str(policy))
+    web, db = as_identity(server, svc("web")), as_identity(server, svc("db"))
+    for i in range(2):
+        await web.registry.Register(instance("web", f"10.0.0.{i}:80", f"w{i}"), timeout=CALL_TIMEOUT)
+    # A third instance of web is over instances_per_service; re-registering one is not.
+    call = web.registry.Register(instance("web", "10.0.0.9:80", "w9"), timeout=CALL_TIMEOUT)
+    error = await rpc_error(call)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(await call.trailing_metadata())
+    assert trailers["discovery-limit"] == "instances_per_service" and int(trailers["retry-after-ms"]) > 0
+    # The burst of 3 is spent: the next write is over the rate, with how long to wait.
+    call = web.registry.Register(instance("web", "10.0.0.0:80", "w0"), timeout=CALL_TIMEOUT)
+    error = await rpc_error(call)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers = dict(await call.trailing_metadata())
+    assert trailers["discovery-limit"] == "writes_per_second"
+    assert 0 < int(trailers["retry-after-ms"]) <= 1000
+    # Another identity is unaffected.
+    assert (await db.registry.Register(instance("db", "10.0.1.1:5432"), timeout=CALL_TIMEOUT)).revision > 0
+
+
+# --- audit ---------------------------------------------------------------------------------------
+
+
+async def test_the_audit_log_has_one_line_per_write_and_no_secret(secure, as_identity, pki) -> None:
+    server = await secure()
+    web = as_identity(server, svc("web"))
+    secret = "s3cr3t-value-never-logged"
+    done = await web.registry.Register(instance("web", "10.0.0.1:80", "w1", token=secret), timeout=CALL_TIMEOUT)
+    await web.registry.Deregister(registry_pb2.DeregisterRequest(service="web", instance_id="w1"), timeout=CALL_TIMEOUT)
+    text = Path(server.config.audit_log).read_text()  # noqa: ASYNC240  # a small file the test wrote
+    assert secret not in text and "BEGIN" not in text
+    writes = [line for line in audit_lines(Path(server.config.audit_log)) if line["event"] == "write"]
+    assert [(w["method"], w["service"], w["instance"], w["outcome"]) for w in writes] == [
+        ("Register", "web", "w1", "ok"),
+        ("Deregister", "web", "w1", "ok"),
+    ]
+    assert writes[0]["revision"] == done.revision
+    assert writes[0]["identity"] == svc("web") and writes[0]["serial"] and writes[0]["region"] == "us-east"
+
+
+async def test_writes_fail_closed_when_the_audit_log_cannot_be_written(secure, as_identity, pki, tmp_path) -> None:
+    audit = tmp_path / "audit" / "log.jsonl"
+    audit.parent.mkdir()
+    server = await secure(audit_log=str(audit))
+    web = as_identity(server, svc("web"))
+    await web.registry.Register(instance("web", "10.0.0.1:80"), timeout=CALL_TIMEOUT)
+    # Rotated away, and what takes its place cannot be appended to (tests run as root, so a
+    # directory stands in for a read-only file).
+    audit.rename(tmp_path / "audit" / "log.jsonl.1")
+    audit.mkdir()
+    server.reload()  # SIGHUP: reopen
+    error = await rpc_error(web.registry.Register(instance("web", "10.0.0.2:80"), timeout=CALL_TIMEOUT))
+    assert error.code() == grpc.StatusCode.UNAVAILABLE and str(audit) in error.details()
+
+
+async def test_a_peer_with_another_regions_certificate_imports_nothing(regions, region_etcds, pki, as_identity) -> None:
+    """Region b's server holds c's certificate: a refuses to read from it (the URI SAN is not
+    b's) and b cannot replicate from a as b. Region c, genuine, replicates as usual."""
+
+    def settings(region: str) -> dict[str, object]:
+        mine = pki.settings(region)
+        if region == "b":
+            impostor = pki.server("c")
+            mine.update(tls_cert=str(impostor.cert_path), tls_key=str(impostor.key_path))
+        return mine
+
+    await regions.start({r: region_etcds[r] for r in "abc"}, per_region=settings)
+    a, b, c = (regions[r][0] for r in "abc")
+    await as_identity(b, ADMIN).registry.Register(instance("web", "10.0.2.1:80", "from-b"), timeout=CALL_TIMEOUT)
+    await as_identity(c, ADMIN).registry.Register(instance("web", "10.0.3.1:80", "from-c"), timeout=CALL_TIMEOUT)
+    admin_a = as_identity(a, ADMIN)
+
+    async def seen_from_c() -> list[str]:
+        resp = await admin_a.lookup.Resolve(lookup_pb2.ResolveRequest(service="web", scope=lookup_pb2.ALL))
+        return sorted(e.instance.instance_id for e in resp.endpoints)
+
+    assert await eventually(seen_from_c, timeout=15) == ["from-c"]
+    status = await admin_a.admin.Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)
+    origin_b = next(o for o in status.origins if o.origin == "b")
+    assert not origin_b.connected
