@@ -14,8 +14,9 @@
      +-- ResourceExhausted   over a limit (``limit`` names it; ``retry_after`` seconds, 0 when unknown)
      +-- Fenced              a replicator's fenced write found it no longer leads
      +-- Compacted           the view's watch asked for a revision etcd has compacted away
+     +-- Conflict            a conditional put found the key changed since the caller looked
 
-The last two never reach a caller: the election and the view handle them.
+The last three never reach a caller: the election, the view and the registry handle them.
 """
 
 from __future__ import annotations
@@ -89,3 +90,12 @@ class Compacted(DiscoveryError):
     def __init__(self, compact_revision: int) -> None:
         super().__init__(f"revision compacted (compact revision {compact_revision})")
         self.compact_revision = compact_revision
+
+
+class Conflict(DiscoveryError):
+    """Raised by ``Store.put`` with ``expect_mod_revision`` when the key changed meanwhile;
+    ``current`` is what is there now (None: nothing)."""
+
+    def __init__(self, current: object) -> None:
+        super().__init__("the key changed since it was read")
+        self.current = current

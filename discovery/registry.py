@@ -35,11 +35,15 @@ class Registry:
         """The record a registration would store (validated; region and owner filled in)."""
         return normalize_registration(request, self.region, owner=owner)
 
-    async def register(self, record: Instance) -> Registered:
+    async def register(self, record: Instance, *, expect_mod_revision: int | None = None) -> Registered:
         """Put a prepared record (on a fresh lease when ttl > 0). Idempotent on
-        (service, instance_id): a second registration replaces the first."""
+        (service, instance_id): a second registration replaces the first. With
+        ``expect_mod_revision`` only if the record is still the one that was authorized
+        against (0: none), else ``Conflict``."""
         key = self._keys.instance(self.region, record.service, record.instance_id)
-        revision, lease_id, previous = await self._store.put(key, record.SerializeToString(), record.ttl_seconds)
+        revision, lease_id, previous = await self._store.put(
+            key, record.SerializeToString(), record.ttl_seconds, expect_mod_revision=expect_mod_revision
+        )
         if previous and previous != lease_id:
             # The key moved to the new lease; the old one would only linger until its TTL.
             try:

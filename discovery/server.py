@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -194,7 +195,16 @@ class Server:
 
     def _security_event(self, kind: str, message: str) -> None:
         """Certificate and policy reloads go to the audit log as well as the log."""
-        self.audit.record(kind, message=message)
+        event = kind if kind.startswith("policy_") else f"certificate_{kind}"
+        self.audit.record(event, message=message)
+
+    def _certificate_expiry(self) -> float | None:
+        if self.certificates is None:
+            return None
+        return (self.certificates.not_after - datetime.datetime.now(datetime.UTC)).total_seconds()
+
+    def _certificate_failures(self) -> int:
+        return 0 if self.certificates is None else self.certificates.reload_failures
 
     def reload(self) -> None:
         """SIGHUP: look at certificates and policy now, and reopen the audit log (rotation)."""
@@ -306,6 +316,7 @@ class Server:
         )
         instruments = telemetry.Instruments()
         instruments.observe_replication(self.states.origins)
+        instruments.observe_certificates(self._certificate_expiry, self._certificate_failures)
         guard = self.guard
         assert guard is not None  # _load_security ran
         self._registry_api = RegistryServicer(self.registry, self.view, instruments, guard, self._head_revision)

@@ -48,6 +48,7 @@ from etcd3aio.lease import LeaseService
 
 from discovery.errors import (
     Compacted,
+    Conflict,
     Fenced,
     NotFound,
     PermissionDenied,
@@ -422,20 +423,48 @@ class Store:
 
     # --- writes -----------------------------------------------------------------------
 
-    async def put(self, key: bytes, value: bytes, ttl: int = 0) -> tuple[int, int, int]:
+    async def put(
+        self, key: bytes, value: bytes, ttl: int = 0, *, expect_mod_revision: int | None = None
+    ) -> tuple[int, int, int]:
         """Put ``key`` (with a new lease of ``ttl`` seconds when ttl > 0), committed.
 
         Returns (revision, lease id or 0, lease id the key had before or 0). The previous
         lease is returned so the caller can revoke it: re-registration moves the key to a
-        fresh lease.
+        fresh lease. With ``expect_mod_revision`` (0: the key must not exist) the put happens
+        only if the key is still as the caller saw it, else ``Conflict`` carries what is there:
+        an authorization decided on a record must not apply to another one written meanwhile.
         """
+        if expect_mod_revision is None:
+            async with self._call("a put", key=key) as client:
+                lease_id = 0
+                if ttl > 0:
+                    lease_id = (await client.lease.grant(ttl, timeout=self._op_timeout)).ID
+                resp = await client.kv.put(key, value, lease=lease_id, prev_kv=True, timeout=self._op_timeout)
+            previous = resp.prev_kv.lease if resp.HasField("prev_kv") else 0
+            return resp.header.revision, lease_id, previous
         async with self._call("a put", key=key) as client:
-            lease_id = 0
-            if ttl > 0:
-                lease_id = (await client.lease.grant(ttl, timeout=self._op_timeout)).ID
-            resp = await client.kv.put(key, value, lease=lease_id, prev_kv=True, timeout=self._op_timeout)
-        previous = resp.prev_kv.lease if resp.HasField("prev_kv") else 0
-        return resp.header.revision, lease_id, previous
+            kv = client.kv
+            lease_id = (await client.lease.grant(ttl, timeout=self._op_timeout)).ID if ttl > 0 else 0
+            resp = await kv.txn(
+                [
+                    _rpc.Compare(
+                        result=_rpc.Compare.EQUAL, target=_rpc.Compare.MOD, key=key, mod_revision=expect_mod_revision
+                    )
+                ],
+                [kv.txn_op_put(key, value, lease=lease_id, prev_kv=True)],
+                [kv.txn_op_get(key)],
+                timeout=self._op_timeout,
+            )
+        if resp.succeeded:
+            put = resp.responses[0].response_put
+            previous = put.prev_kv.lease if put.HasField("prev_kv") else 0
+            return int(resp.header.revision), lease_id, previous
+        if lease_id:
+            with contextlib.suppress(StoreUnavailable):
+                await self.revoke(lease_id)
+        found = resp.responses[0].response_range.kvs
+        current = KeyValue(found[0].key, found[0].value, found[0].mod_revision, found[0].lease) if found else None
+        raise Conflict(current)
 
     async def delete(self, key: bytes) -> tuple[int, int]:
         """Delete ``key``; returns (revision, its lease). NotFound when it did not exist."""

@@ -118,6 +118,29 @@ class Instruments:
         )
         gauge("discovery.replication.connected", "1", "1 while in contact with the origin", _connected)
 
+    def observe_certificates(self, expiry: Callable[[], float | None], reload_failures: Callable[[], int]) -> None:
+        """The serving certificate's remaining validity (``expiry()``: seconds, None without
+        TLS) and how many new certificate files were refused, so alerts need no log scraping."""
+
+        def remaining(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            left = expiry()
+            return [] if left is None else [metrics.Observation(left)]
+
+        def failures(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            return [metrics.Observation(reload_failures())]
+
+        self.meter.create_observable_gauge(
+            "discovery.tls.certificate_expiry",
+            [remaining],
+            unit="s",
+            description="seconds until the certificate expires",
+        )
+        self.meter.create_observable_counter(
+            "discovery.tls.reload_failures",
+            [failures],
+            description="new certificate files refused (the old stay in use)",
+        )
+
 
 def _connected(origin: OriginState) -> float:
     return 1.0 if origin.connected else 0.0

@@ -9,13 +9,14 @@ import grpc.aio
 
 from discovery.api.errors import abort, status_for
 from discovery.api.streams import OpenStreams
-from discovery.errors import DiscoveryError, NotFound, ShuttingDown, StoreUnavailable
+from discovery.errors import Conflict, DiscoveryError, NotFound, ShuttingDown, StoreUnavailable
 from discovery.keys import InstanceKey
 from discovery.model import validate_instance_id, validate_service
-from discovery.registry import Registry
+from discovery.registry import Registered, Registry
 from discovery.security.guard import Guard
 from discovery.security.identity import Caller
 from discovery.security.policy import Grants
+from discovery.store import KeyValue
 from discovery.telemetry import Instruments
 from discovery.view import View
 from discovery_pb.v1 import registry_pb2 as pb
@@ -23,6 +24,7 @@ from discovery_pb.v1.registry_pb2_grpc import RegistryServicer as _Base
 from discovery_pb.v1.types_pb2 import Instance
 
 _SHUTTING_DOWN = "the server is shutting down; send heartbeats to another server of the region"
+_CONFLICT_ATTEMPTS = 3  # conditional puts per Register before giving up (a record written concurrently)
 _CATCH_UP_SECONDS = 2.0  # a lease not in the view yet: how long to wait for the view to reach etcd's head
 
 
@@ -50,25 +52,15 @@ class RegistryServicer(_Base):
                 caller, grants = guard.caller(context, "Register")
                 record = self._registry.prepare(request.instance, caller.identity)
                 guard.require_register(caller, grants, "Register", record.service, record.instance_id)
+                guard.charge_write(caller, grants, "Register", record.service)  # denied attempts cost too
                 existing = self._view.get(InstanceKey(self._region, record.service, record.instance_id))
-                if existing is not None:
-                    guard.require_owner(
-                        caller,
-                        grants,
-                        "Register",
-                        owner=existing.instance.owner,
-                        service=record.service,
-                        instance=record.instance_id,
-                        what="replace",
-                    )
-                guard.charge_write(caller, grants, "Register", record.service)
-                guard.check_quota(caller, grants, "Register", record.service, 0 if existing is not None else 1)
+                self._admit(caller, grants, record, existing.instance if existing else None)
                 guard.before_write()
             except DiscoveryError as exc:
                 labels["outcome"] = type(exc).__name__
                 await abort(context, exc)
             try:
-                done = await self._registry.register(record)
+                done = await self._put(caller, grants, record, existing.mod_revision if existing else 0)
             except DiscoveryError as exc:
                 labels["outcome"] = type(exc).__name__
                 self._audit(caller, "Register", record.service, record.instance_id, error=exc)
@@ -79,6 +71,38 @@ class RegistryServicer(_Base):
             revision=done.revision,
             lease_id=done.lease_id,
             ttl_seconds=done.instance.ttl_seconds,
+        )
+
+    def _admit(self, caller: Caller, grants: Grants, record: Instance, existing: Instance | None) -> None:
+        """Ownership and quotas against the record there now (``existing``)."""
+        if existing is not None:
+            self._guard.require_owner(
+                caller,
+                grants,
+                "Register",
+                owner=existing.owner,
+                service=record.service,
+                instance=record.instance_id,
+                what="replace",
+            )
+        self._guard.check_quota(caller, grants, "Register", record.service, 0 if existing is not None else 1)
+
+    async def _put(self, caller: Caller, grants: Grants, record: Instance, expected: int) -> Registered:
+        """Write only over the record that was authorized: the view may lag etcd by a moment,
+        and another identity's registration in that moment must not be replaced unchecked.
+        An admin (every caller of an insecure server) may replace anything: no condition."""
+        if grants.admin:
+            return await self._registry.register(record)
+        for _ in range(_CONFLICT_ATTEMPTS):
+            try:
+                return await self._registry.register(record, expect_mod_revision=expected)
+            except Conflict as exc:
+                current = exc.current
+                found = Instance.FromString(current.value) if isinstance(current, KeyValue) else None
+                self._admit(caller, grants, record, found)
+                expected = current.mod_revision if isinstance(current, KeyValue) else 0
+        raise StoreUnavailable(
+            f"instance {record.instance_id!r} of {record.service!r} kept changing while being registered: retry"
         )
 
     async def Heartbeat(

@@ -391,3 +391,98 @@ async def test_a_peer_with_another_regions_certificate_imports_nothing(regions, 
     status = await admin_a.admin.Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)
     origin_b = next(o for o in status.origins if o.origin == "b")
     assert not origin_b.connected
+
+
+# --- records from before identities, and records the view has not seen yet -----------------------
+
+
+async def test_a_record_without_owner_may_be_taken_by_a_grantee(secure, as_identity) -> None:
+    """Written by a server older than identities (no owner field): whoever may register the
+    service may replace it, and from then on it is theirs."""
+    server = await secure()
+    key = server.keys.instance("us-east", "web", "legacy")
+    legacy = types_pb2.Instance(
+        service="web", instance_id="legacy", region="us-east", address="10.0.0.1:80", weight=100
+    )
+    revision, _, _ = await server.store.put(key, legacy.SerializeToString())
+    await server.view.wait_for(revision, CALL_TIMEOUT)
+    web = as_identity(server, svc("web"))
+    done = await web.registry.Register(instance("web", "10.0.0.2:80", "legacy"), timeout=CALL_TIMEOUT)
+    await server.view.wait_for(done.revision, CALL_TIMEOUT)
+    record = server.view.get(server_key(server, "web", "legacy"))
+    assert record is not None and record.instance.owner == svc("web")
+    other = as_identity(server, svc("web.canary"))  # may not register web at all
+    error = await rpc_error(other.registry.Register(instance("web", "10.0.0.3:80", "legacy"), timeout=CALL_TIMEOUT))
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_record_the_view_has_not_seen_yet_is_still_protected(secure, as_identity, pki) -> None:
+    policy = pki.policy(
+        pki.policy().read_text() + f'\n[[grant]]\nidentity = "{svc("b")}"\nregister = ["a"]\n', name="race.toml"
+    )
+    server = await secure(policy_file=str(policy))
+    b = as_identity(server, svc("b"))
+    for i in range(20):
+        # Written straight to etcd as a's, and b registers the same instance at once: whether
+        # or not the view has caught up, b may not replace it.
+        record = types_pb2.Instance(
+            service="a", instance_id=f"i{i}", region="us-east", address="10.0.0.1:80", weight=100, owner=svc("a")
+        )
+        await server.store.put(server.keys.instance("us-east", "a", f"i{i}"), record.SerializeToString())
+        error = await rpc_error(b.registry.Register(instance("a", "10.6.6.6:80", f"i{i}"), timeout=CALL_TIMEOUT))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED, i
+
+
+def server_key(server: Server, service: str, instance_id: str):  # type: ignore[no-untyped-def]
+    from discovery.keys import InstanceKey
+
+    return InstanceKey(server.config.region, service, instance_id)
+
+
+# --- rotation on a running server ---------------------------------------------------------------------
+
+
+async def test_rotation_new_handshakes_get_the_new_certificate_while_an_open_watch_goes_on(
+    secure, as_identity, pki
+) -> None:
+    from discovery.security.tls import TlsFiles, peer_uris
+
+    server = await secure()
+    admin = as_identity(server, ADMIN)
+    watch = admin.lookup.Watch(lookup_pb2.WatchRequest(service="web"), timeout=60)
+    assert (await watch.read()).kind == lookup_pb2.WatchResponse.SNAPSHOT
+    before = server.certificates.current.serial
+    issued = pki.ca.issue(spiffe_id=server_id(TRUST_DOMAIN, "us-east"), dns=("localhost",), ips=("127.0.0.1",))
+    cert, key = Path(server.config.tls_cert), Path(server.config.tls_key)
+    for path, data in ((key, issued.key), (cert, issued.cert)):
+        (path.parent / (path.name + ".new")).write_bytes(data)
+        (path.parent / (path.name + ".new")).rename(path)
+    server.reload()
+    await eventually(lambda: _serial_changed(server, before), timeout=10)
+    admin_issued = pki.client(ADMIN)
+    files = TlsFiles(str(admin_issued.cert_path), str(admin_issued.key_path), str(pki.ca_path))
+    assert await peer_uris(f"127.0.0.1:{server.port}", files, timeout=5) == (server_id(TRUST_DOMAIN, "us-east"),)
+    # A fresh connection works with the new certificate, and the old stream still delivers.
+    fresh = as_identity(server, ADMIN)
+    await fresh.registry.Register(instance("web", "10.0.0.1:80", "after-rotation"), timeout=CALL_TIMEOUT)
+    while True:
+        message = await watch.read()
+        if any(c.instance_id == "after-rotation" for c in message.changes):
+            break
+    watch.cancel()
+    # A key that does not match is refused: the new certificate stays, the audit log says so.
+    serial = server.certificates.current.serial
+    key.write_bytes(pki.ca.issue(spiffe_id=svc("other")).key)  # noqa: ASYNC240  # a small test file
+    server.reload()
+    await eventually(lambda: _failed_once(server), timeout=10)
+    assert server.certificates.current.serial == serial
+    events = [line["event"] for line in audit_lines(Path(server.config.audit_log))]
+    assert "certificate_reloaded" in events and "certificate_rejected" in events
+
+
+async def _failed_once(server: Server) -> bool:
+    return server.certificates is not None and server.certificates.reload_failures == 1
+
+
+async def _serial_changed(server: Server, before: str) -> bool:
+    return server.certificates is not None and server.certificates.current.serial != before

@@ -156,3 +156,16 @@ def test_a_change_in_the_view_touches_endpoints_only_and_late_acks_leave_no_reco
     state.handle(DiscoveryRequest(type_url=ENDPOINTS, resource_names=["web"], response_nonce=pushed[0].nonce))
     state.handle(ack(first[ENDPOINTS], ["web"]))
     assert set(state.types[ENDPOINTS].acked) <= {"web"}
+
+
+def test_names_the_client_may_not_read_are_left_out_as_permission_denied() -> None:
+    hub = XdsHub(None, SimpleNamespace(region="a"))  # type: ignore[arg-type]
+    hub.builder = FakeBuilder()  # type: ignore[assignment]
+    state = StreamState(hub, "test", may_read=lambda name: name != "payments")
+    state.handle(DiscoveryRequest(type_url=LISTENER, resource_names=["web", "payments"]))
+    (response,) = responses(state)
+    assert names(response) == ["web"]
+    (error,) = response.resource_errors
+    assert error.resource_name.name == "payments"
+    assert error.error_detail.code == 7  # PERMISSION_DENIED
+    assert "may not read 'payments'" in error.error_detail.message
