@@ -48,7 +48,7 @@ from discovery_pb.v1.types_pb2 import Instance
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "clients"))  # the client package lives apart from the server's
-from discovery_client import ClientConfig, DiscoveryClient, SyncDiscoveryClient  # noqa: E402
+from discovery_client import ClientConfig, DiscoveryClient, SyncDiscoveryClient, TlsConfig  # noqa: E402
 
 RUNNER = Path(__file__).with_name("_servers.py")
 REGION = "us-east"
@@ -152,7 +152,9 @@ async def change_latency(client: DiscoveryClient, registry: Any, changes: int) -
 
 async def measure(etcd: str, port: int, args: argparse.Namespace) -> dict[str, Any]:
     services = [f"svc-{i:03d}" for i in range(args.services)]
-    config = ClientConfig(region=REGION, servers=(f"127.0.0.1:{port}",), zone="z1").validate()
+    # The bench's server is --insecure: the client says so explicitly, as clients must.
+    insecure = TlsConfig(insecure=True)
+    config = ClientConfig(region=REGION, servers=(f"127.0.0.1:{port}",), zone="z1", tls=insecure).validate()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     etcd_channel = grpc.aio.insecure_channel(etcd)
     try:
