@@ -21,6 +21,7 @@ from discovery.devtools.etcd import EtcdNotFound, EtcdProcess, EtcdServerTls, fi
 from discovery.errors import PermissionDenied, ResourceExhausted, StoreForbidden
 from discovery.security.certs import CertificateAuthority, Issued
 from discovery.store import PROBE, EtcdTls, Store, Write
+from discovery_pb.v1.types_pb2 import Instance
 
 REGION_A = "/region-a/discovery/v1/"
 REGION_B = "/region-b/discovery/v1/"
@@ -274,3 +275,38 @@ async def test_nospace_refuses_writes_keeps_reads_until_the_runbook_recovers(tin
         etcd.member.etcdctl("alarm", "disarm")
         assert etcd.member.etcdctl("alarm", "list").strip() == ""
         await store.put(prefix + b"new", b"v")
+
+
+async def test_a_server_runs_on_etcd_over_tls_inside_its_prefix(secure: SecureEtcd, servers) -> None:
+    """The whole server on an etcd with client-certificate auth and RBAC: it starts (the access
+    check and the health probe stay inside its prefix), registers and resolves."""
+    issued = secure.user("region-a", out="server-a")
+    server = await servers.start(
+        secure.member,
+        region="us-east",
+        key_prefix=REGION_A,
+        etcd_ca=str(secure.files.ca),
+        etcd_cert=str(issued.cert_path),
+        etcd_key=str(issued.key_path),
+    )
+    assert (await server.store.health()).healthy
+    record = Instance(service="web", instance_id="w1", region="us-east", address="10.0.0.1:80", weight=100)
+    done = await server.registry.register(record)
+    await server.view.wait_for(done.revision, 5)
+    assert [i.instance_id for i in server.view.snapshot("web")] == ["w1"]
+
+
+async def test_a_server_whose_etcd_user_lacks_its_prefix_stops_at_start_naming_both(
+    secure: SecureEtcd, servers
+) -> None:
+    issued = secure.user("region-b", out="server-b-wrong")
+    with pytest.raises(PermissionDenied, match=r"etcd refuses user 'region-b'.*'/region-a/discovery/v1/'"):
+        async with asyncio.timeout(10):
+            await servers.start(
+                secure.member,
+                region="us-east",
+                key_prefix=REGION_A,
+                etcd_ca=str(secure.files.ca),
+                etcd_cert=str(issued.cert_path),
+                etcd_key=str(issued.key_path),
+            )
