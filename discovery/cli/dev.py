@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import os
 import signal
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import TextIO
 
 from discovery.cli._common import OK, USAGE, CommandError, add_verb, bounded_int
-from discovery.devtools.cluster import DEFAULT_REGIONS, DevCluster, EarlierCluster
+from discovery.devtools.cluster import DEFAULT_REGIONS, DEFAULT_TRUST_DOMAIN, DevCluster, EarlierCluster
 from discovery.devtools.process import StartAborted
 
 DEV_DESCRIPTION = """Run a whole local cluster in the foreground, like `consul agent -dev`.
@@ -22,32 +23,51 @@ Each region gets its own etcd (1 or 3 members) and its discovery servers, all on
 Every region is peered with all the others, nearest first in the order of --regions: that
 order is what FAILOVER follows. For trying and testing, never production.
 
+Every port serves mTLS from a development CA made in STATE_DIR/tls/ (kept and used again when
+you restart into the same --state-dir): each region's servers present the identity
+spiffe://TRUST_DOMAIN/discovery/server/REGION, clients present a certificate of the CA.
+STATE_DIR/env.sh exports the admin's certificate (spiffe://TRUST_DOMAIN/admin) and the first
+server for the CLI and the client library: `source STATE_DIR/env.sh`. STATE_DIR/policy.toml
+lets the admin do everything, spiffe://TRUST_DOMAIN/svc/NAME register NAME and NAME.* and read
+everything, and the servers replicate; the servers reload it when you edit it. Each server
+also serves plaintext gRPC health alone on a port of its own (role `health` in the table), for
+probes without a certificate. --insecure serves plaintext with no identities instead.
+
 Servers reach the other regions through a userspace fault proxy, and a control endpoint takes
 faults from `discovery drill` (pause a region, kill a server or etcd member, partition or
 slow a link between regions), without root."""
 
 DEV_EXAMPLES = """examples:
   discovery dev                                  # us-east, eu-west, ap-south; servers on 7400, 7401, 7402
-  discovery resolve web --server 127.0.0.1:7400  # (in another terminal) ask us-east
+  source STATE_DIR/env.sh                        # (in another terminal) the admin's certificate...
+  discovery resolve web --server 127.0.0.1:7401  # ...then ask eu-west
+  discovery dev --insecure                       # plaintext, no certificates (env.sh: DISCOVERY_INSECURE=1)
+  discovery dev --trust-domain example.test      # identities spiffe://example.test/...
   discovery dev --regions us-east,eu-west --servers-per-region 2 --etcd-members 3
   discovery dev --base-port 0                    # free ports, to run beside another cluster
   discovery dev --state-dir /tmp/dc --keep       # keep data, logs and cluster.json after exit
   discovery dev --no-fault-proxy                 # servers dial the other regions directly
   discovery dev --state-dir /tmp/dc --replace    # take over from a cluster still running there
 
-It prints a line per process it starts, then a table of every endpoint (region, role,
-address, pid, log file), the line `control: ADDRESS` (the control endpoint), then the line
-`ready`: from then on every server answers and every etcd is healthy. The same endpoints, as
-JSON, are in STATE_DIR/cluster.json (the line `cluster.json: PATH` just before `ready` says
-where):
-  {"regions": {"us-east": {"servers": [{"address": "127.0.0.1:7400", "pid": 4242}],
+It prints a line per process it starts, then `state dir: PATH`, a table of every endpoint
+(region, role, address, pid, log file in the state dir), the lines `mtls: ...` (or `insecure:
+...`), `clients: source STATE_DIR/env.sh` and `control: ADDRESS` (the control endpoint), then
+the line `ready`: from then on every server answers and every etcd is healthy. The same
+endpoints, as JSON, are in STATE_DIR/cluster.json (the line `cluster.json: PATH` just before
+`ready` says where):
+  {"regions": {"us-east": {"servers": [{"address": "127.0.0.1:7400", "pid": 4242,
+                                        "health": "127.0.0.1:40215"}],
                            "etcd": [{"address": "127.0.0.1:40213", "pid": 4240}]}, ...},
    "state_dir": "...",
+   "tls": {"ca": ".../tls/ca.pem", "cert": ".../tls/admin.pem", "key": ".../tls/admin-key.pem",
+           "trust_domain": "discovery.local"},
    "control": "127.0.0.1:39145",
    "routes": {"us-east": {"eu-west": ["127.0.0.1:41877"], ...}, ...}}
 Every pid is the process itself (etcd, the server's Python): a signal sent to it reaches it.
-`routes` gives, per region and peer region, the proxy address its servers dial for each of
-that peer's servers (absent with --no-fault-proxy).
+`tls` holds the admin's files (what `discovery drill` presents) and `health` each server's
+plaintext health port; both are absent with --insecure. `routes` gives, per region and peer
+region, the proxy address its servers dial for each of that peer's servers (absent with
+--no-fault-proxy).
 
 Ctrl-C, SIGTERM or SIGHUP (the terminal closed), also during startup, stops everything it
 started and exits 0. However it ends, even by SIGKILL, no etcd or server outlives it: the kernel
@@ -113,6 +133,17 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "then start; without this flag such a start is refused",
     )
     p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve plaintext with no identities (anyone who can reach a port may do anything), as before mTLS",
+    )
+    p.add_argument(
+        "--trust-domain",
+        default=DEFAULT_TRUST_DOMAIN,
+        metavar="DOMAIN",
+        help="identities are spiffe://DOMAIN/... (default: %(default)s)",
+    )
+    p.add_argument(
         "--no-fault-proxy",
         dest="fault_proxy",
         action="store_false",
@@ -133,6 +164,8 @@ async def dev(args: argparse.Namespace) -> int:
         fault_proxy=args.fault_proxy,
         control=True,
         replace=args.replace,
+        mtls=not args.insecure,
+        trust_domain=args.trust_domain,
     )
     try:
         cluster.validate()
@@ -153,7 +186,10 @@ async def dev(args: argparse.Namespace) -> int:
     refused = False
     try:
         await asyncio.to_thread(cluster.start, _say)
+        _say(f"state dir: {cluster.state_dir}")
         _say(cluster.table())
+        for line in _security_lines(cluster):
+            _say(line)
         _say(f"control: {cluster.control_address}")
         _say(f"cluster.json: {cluster.state_file}")
         _say("ready")
@@ -174,6 +210,26 @@ async def dev(args: argparse.Namespace) -> int:
             _say("stopping")
         await asyncio.to_thread(cluster.stop)
     return OK
+
+
+def _security_lines(cluster: DevCluster) -> list[str]:
+    """How clients get in: the CA and identities (or that there are none), and env.sh."""
+    env = f"clients: source {cluster.env_file}"
+    tls = cluster.tls
+    if tls is None:
+        return ["insecure: plaintext, no identities: anyone who can reach a port may do anything", env]
+    assert cluster.state_dir is not None
+    lines = [
+        f"mtls: CA tls/ca.pem ({'kept from an earlier run' if tls.ca_reused else 'new'}), "
+        f"admin {tls.admin} (tls/admin.pem), policy {tls.policy.name}",
+        env,
+    ]
+    if importlib.util.find_spec("discovery.cli.certs") is not None:
+        lines.append(
+            f"a service's certificate: discovery certs issue --ca-dir {tls.dir} "
+            f"--id spiffe://{tls.trust_domain}/svc/NAME --out PREFIX"
+        )
+    return lines
 
 
 def _say(line: str, stream: TextIO | None = None) -> None:
