@@ -1,14 +1,17 @@
 """`discovery dev` and the DevCluster API: real etcd and server processes on 127.0.0.1.
 
 Few cluster starts, many assertions each: a start costs one to three seconds of a 2-core machine.
+Clusters serve mTLS (what `discovery dev` does by default) unless a test is about --insecure.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -20,10 +23,14 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from discovery.devtools.cluster import DevCluster
 from discovery.devtools.etcd import EtcdProcess
 from discovery.devtools.process import free_ports
+from discovery.security.certs import server_id
+from discovery.security.policy import Policy
 from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, registry_pb2, registry_pb2_grpc
 from tests.support.helpers import CALL_TIMEOUT, eventually, instance
 
@@ -97,10 +104,62 @@ def all_pids(cluster: dict[str, Any]) -> list[int]:
     return [p["pid"] for r in cluster["regions"].values() for role in ("servers", "etcd") for p in r[role]]
 
 
-async def status_region(address: str) -> str:
-    async with grpc.aio.insecure_channel(address) as channel:
-        response = await admin_pb2_grpc.AdminStub(channel).Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)
+def credentials(cluster: dict[str, Any], certificate: bool = True) -> grpc.ChannelCredentials | None:
+    """The admin's credentials from cluster.json's ``tls`` (only trusting its CA, without
+    ``certificate``); None for an --insecure cluster."""
+    tls = cluster.get("tls")
+    if tls is None:
+        return None
+    if not certificate:
+        return grpc.ssl_channel_credentials(Path(tls["ca"]).read_bytes())
+    return grpc.ssl_channel_credentials(*(Path(tls[key]).read_bytes() for key in ("ca", "key", "cert")))
+
+
+def channel(cluster: dict[str, Any], address: str) -> grpc.aio.Channel:
+    creds = credentials(cluster)
+    return grpc.aio.insecure_channel(address) if creds is None else grpc.aio.secure_channel(address, creds)
+
+
+async def status_region(cluster: dict[str, Any], address: str) -> str:
+    """The region a server of ``cluster`` (its cluster.json) says it serves, asked as the admin."""
+    async with channel(cluster, address) as ch:
+        response = await admin_pb2_grpc.AdminStub(ch).Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)
         return str(response.region)
+
+
+async def plaintext_health(address: str) -> int:
+    """gRPC health on a server's plaintext health port: no certificate at all."""
+    async with grpc.aio.insecure_channel(address) as ch:
+        request = health_pb2.HealthCheckRequest()
+        return int((await health_pb2_grpc.HealthStub(ch).Check(request, timeout=CALL_TIMEOUT)).status)
+
+
+async def refused_without_certificate(cluster: dict[str, Any], address: str) -> None:
+    """A client that trusts the CA but presents no certificate, and a plaintext client, are
+    both refused in the handshake: UNAVAILABLE, as every refused handshake reaches a client."""
+    without = credentials(cluster, certificate=False)
+    assert without is not None
+    for ch in (grpc.aio.secure_channel(address, without), grpc.aio.insecure_channel(address)):
+        async with ch:
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await admin_pb2_grpc.AdminStub(ch).Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE, raised.value
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without any DISCOVERY_ setting, as a fresh shell would have it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DISCOVERY_")}
+
+
+async def cli_with_env(env_file: Path, *commands: str) -> tuple[int | None, str, str]:
+    """`source env_file`, then each `discovery` command in turn (stopping at a failure)."""
+    python = shlex.quote(sys.executable)
+    script = " && ".join([f"source {shlex.quote(str(env_file))}", *(f"{python} -m discovery {c}" for c in commands)])
+    proc = await asyncio.create_subprocess_exec(
+        "bash", "-c", script, env=clean_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await finish(proc)
+    return proc.returncode, out, err
 
 
 # --- the command ----------------------------------------------------------------------------------
@@ -154,22 +213,23 @@ async def test_dev_default_regions_cluster_json_pids_peers_then_sigterm_leaves_n
     lines = await read_until(proc, lambda line: line == "ready", timeout=60)
 
     cluster = json.loads((state_dir / "cluster.json").read_text())
-    assert set(cluster) == {"regions", "state_dir", "control", "routes"}
+    assert set(cluster) == {"regions", "state_dir", "tls", "control", "routes"}
     assert Path(cluster["state_dir"]) == state_dir.resolve() and ADDRESS.fullmatch(cluster["control"])
     assert f"control: {cluster['control']}" in lines
     assert list(cluster["regions"]) == REGIONS
     for name, region in cluster["regions"].items():
         assert set(region) == {"servers", "etcd"} and len(region["servers"]) == len(region["etcd"]) == 1
         for entry in region["servers"] + region["etcd"]:
-            assert set(entry) == {"address", "pid"} and ADDRESS.fullmatch(entry["address"]), entry
-            assert isinstance(entry["pid"], int)
+            assert ADDRESS.fullmatch(entry["address"]) and isinstance(entry["pid"], int), entry
         (server,), (member,) = region["servers"], region["etcd"]
+        assert set(server) == {"address", "pid", "health"} and set(member) == {"address", "pid"}
         assert is_server(server["pid"], name, server["address"]), cmdline(server["pid"])
         assert is_etcd(member["pid"], member["address"]), cmdline(member["pid"])
         assert peer_flags(server["pid"]) == expected_peers(cluster, name)
         assert _flag(cmdline(server["pid"]), "--etcd") == member["address"]
-        assert await status_region(server["address"]) == name
-    assert len({e["address"] for e in _entries(cluster)}) == 6, "every process has a port of its own"
+        assert await status_region(cluster, server["address"]) == name
+    health = {s["health"] for r in cluster["regions"].values() for s in r["servers"]}
+    assert len({e["address"] for e in _entries(cluster)} | health) == 9, "every listener has a port of its own"
     routes = [a for targets in cluster["routes"].values() for addresses in targets.values() for a in addresses]
     assert len(routes) == 6 and not set(routes) & {e["address"] for e in _entries(cluster)}
 
@@ -177,8 +237,13 @@ async def test_dev_default_regions_cluster_json_pids_peers_then_sigterm_leaves_n
     started = [int(m.group(3)) for line in lines if (m := STARTED.match(line))]
     assert sorted(started) == sorted(pids), lines
     assert f"cluster.json: {state_dir.resolve() / 'cluster.json'}" in lines
-    table = "\n".join(lines)
-    assert all(str(pid) in table for pid in pids) and all(e["address"] in table for e in _entries(cluster))
+    first = lines.index(f"state dir: {state_dir.resolve()}")
+    table = "\n".join(lines[first + 1 : next(i for i, line in enumerate(lines) if line.startswith("mtls:"))])
+    assert all(str(pid) in table for pid in pids) and all(a in table for a in health)
+    assert all(e["address"] in table for e in _entries(cluster))
+    assert max(len(line) for line in table.splitlines()) <= 80, table
+
+    await _secure_by_default(state_dir.resolve(), cluster, lines)
 
     proc.send_signal(signal.SIGTERM)
     out, err = await finish(proc)
@@ -190,6 +255,124 @@ async def test_dev_default_regions_cluster_json_pids_peers_then_sigterm_leaves_n
 
 def _entries(cluster: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for r in cluster["regions"].values() for role in ("servers", "etcd") for e in r[role]]
+
+
+async def _secure_by_default(state_dir: Path, cluster: dict[str, Any], lines: list[str]) -> None:
+    """mTLS on every server from the CA in STATE_DIR/tls; the plaintext health ports answer
+    anyone, the TLS ports refuse a client without a certificate; env.sh makes the CLI work
+    as the admin; the policy parses; writes land in the audit log."""
+    tls_dir = state_dir / "tls"
+    assert cluster["tls"] == {
+        "ca": str(tls_dir / "ca.pem"),
+        "cert": str(tls_dir / "admin.pem"),
+        "key": str(tls_dir / "admin-key.pem"),
+        "trust_domain": "discovery.local",
+    }
+    assert (tls_dir / "ca-key.pem").stat().st_mode & 0o077 == 0, "the CA key is its owner's alone"
+    assert (
+        "mtls: CA tls/ca.pem (new), admin spiffe://discovery.local/admin (tls/admin.pem), policy policy.toml" in lines
+    )
+    assert f"clients: source {state_dir / 'env.sh'}" in lines
+    for name, region in cluster["regions"].items():
+        (server,) = region["servers"]
+        argv = cmdline(server["pid"])
+        assert "--insecure" not in argv
+        assert {flag: _flag(argv, flag) for flag in SECURITY_FLAGS} == {
+            "--tls-cert": str(tls_dir / f"server-{name}.pem"),
+            "--tls-key": str(tls_dir / f"server-{name}-key.pem"),
+            "--tls-client-ca": cluster["tls"]["ca"],
+            "--trust-domain": "discovery.local",
+            "--policy": str(state_dir / "policy.toml"),
+            "--audit-log": str(state_dir / name / "audit-0.jsonl"),
+            "--health-listen": server["health"],
+        }
+        cert = x509.load_pem_x509_certificate((tls_dir / f"server-{name}.pem").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [server_id("discovery.local", name)]
+        assert san.get_values_for_type(x509.DNSName) == ["localhost"]
+        assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+        assert await plaintext_health(server["health"]) == health_pb2.HealthCheckResponse.SERVING
+        await refused_without_certificate(cluster, server["address"])
+
+    policy = Policy.load(state_dir / "policy.toml")
+    admin = policy.grants_for("spiffe://discovery.local/admin")
+    assert (
+        admin is not None and admin.admin and admin.may_register("payments") and admin.limits.writes_per_second >= 1000
+    )
+    web = policy.grants_for("spiffe://discovery.local/svc/web")
+    assert web is not None and web.may_register("web.canary") and not web.may_register("payments")
+    assert web.may_read("payments") and not web.admin
+    for name in REGIONS:
+        peer = policy.grants_for(server_id("discovery.local", name))
+        assert peer is not None and peer.replicate and peer.may_read_all and not peer.admin
+    assert policy.grants_for("spiffe://discovery.local/someone") is None
+
+    env = (state_dir / "env.sh").read_text()
+    us_east = cluster["regions"]["us-east"]["servers"][0]["address"]
+    assert f"export DISCOVERY_SERVER={us_east}\n" in env and "export DISCOVERY_TLS_CERT=" in env
+    code, out, err = await cli_with_env(
+        state_dir / "env.sh", "register web 127.0.0.1:8080 --id web-1", "resolve web --json", "status --json"
+    )
+    assert code == 0, err
+    assert '"region": "us-east"' in out and "127.0.0.1:8080" in out
+    audit = (state_dir / "us-east" / "audit-0.jsonl").read_text()
+    assert "spiffe://discovery.local/admin" in audit and "BEGIN" not in audit
+
+    # Trusting the CA but with no certificate of its own, the CLI is refused (exit 4) and says
+    # why; with no settings at all it points at env.sh.
+    only_ca = {**clean_env(), "DISCOVERY_TLS_CA": cluster["tls"]["ca"]}
+    code, _, err = await cli(["status", "--server", us_east], only_ca)
+    assert code == 4 and "certificate" in err, err
+    code, _, err = await cli(["status", "--server", us_east], clean_env())
+    assert code != 0 and "env.sh" in err, err
+
+
+async def cli(args: list[str], env: dict[str, str]) -> tuple[int | None, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await finish(proc)
+    return proc.returncode, out, err
+
+
+SECURITY_FLAGS = (
+    "--tls-cert",
+    "--tls-key",
+    "--tls-client-ca",
+    "--trust-domain",
+    "--policy",
+    "--audit-log",
+    "--health-listen",
+)
+
+
+async def test_dev_insecure_serves_plaintext_as_before(
+    tmp_path: Path, processes: list[asyncio.subprocess.Process]
+) -> None:
+    state_dir = tmp_path / "state"
+    proc = await start("dev", *SMALL, "--insecure", "--state-dir", str(state_dir))
+    processes.append(proc)
+    lines = await read_until(proc, lambda line: line == "ready", timeout=60)
+    cluster = json.loads((state_dir / "cluster.json").read_text())
+    assert set(cluster) == {"regions", "state_dir", "control", "routes"}
+    assert not (state_dir / "tls").exists() and not (state_dir / "policy.toml").exists()
+    assert "insecure: plaintext, no identities: anyone who can reach a port may do anything" in lines
+    for name, region in cluster["regions"].items():
+        (server,) = region["servers"]
+        argv = cmdline(server["pid"])
+        assert set(server) == {"address", "pid"} and "--insecure" in argv
+        assert not [flag for flag in SECURITY_FLAGS if flag in argv]
+        assert await status_region(cluster, server["address"]) == name
+    env = (state_dir / "env.sh").read_text()
+    assert "export DISCOVERY_INSECURE=1\n" in env and "unset DISCOVERY_TLS_CA" in env
+    code, out, err = await cli_with_env(state_dir / "env.sh", "status --json")
+    assert code == 0 and '"region": "a"' in out, err
+
+    proc.send_signal(signal.SIGTERM)
+    out, err = await finish(proc)
+    assert (proc.returncode, out, err) == (0, "stopping\n", "")
+    await nothing_left(cluster, timeout=0)
+    assert not state_dir.exists()
 
 
 async def test_dev_sigterm_during_startup_stops_everything_started(
@@ -224,9 +407,11 @@ async def test_dev_refuses_bad_flags_and_a_busy_port(tmp_path: Path) -> None:
             run("--etcd-members", "2"),
             run("--regions", "us-east,us-east"),
             run("--regions", "us-east", "--base-port", str(port), "--state-dir", str(tmp_path / "s")),
+            run("--trust-domain", "Not A Domain"),
         )
-    (members_code, members_err), (twice_code, twice_err), (busy_code, busy_err) = results
+    (members_code, members_err), (twice_code, twice_err), (busy_code, busy_err), (domain_code, domain_err) = results
     assert members_code == 2 and "--etcd-members" in members_err
+    assert domain_code == 2 and "--trust-domain: 'Not A Domain' is not a trust domain" in domain_err, domain_err
     assert twice_code == 2 and "named twice" in twice_err
     assert busy_code == 1 and f"port {port}" in busy_err and "in use" in busy_err, busy_err
     assert not (tmp_path / "s").exists(), "nothing is left of a start that failed"
@@ -254,6 +439,7 @@ async def test_api_three_member_etcd_leader_kill_server_restart_pause_and_keep(
         state_dir=state_dir,
         keep=True,
         server_args=("--resume-grace", "2"),
+        mtls=True,
         # The seam for a fault proxy: eu-west dials us-east by another name for the same place.
         peer_via=lambda src, dst, address: address.replace("127.0.0.1", "localhost") if src == "eu-west" else address,
     )
@@ -301,8 +487,8 @@ async def _writes_survive_the_etcd_leader_dying(cluster: DevCluster) -> None:
     region = cluster.region("us-east")
     leader = await asyncio.to_thread(cluster.etcd_leader, "us-east")
     old_pid = region.etcd.members[leader].pid
-    async with grpc.aio.insecure_channel(region.servers[0].address) as channel:
-        registry = registry_pb2_grpc.RegistryStub(channel)
+    async with channel(cluster.describe(), region.servers[0].address) as ch:
+        registry = registry_pb2_grpc.RegistryStub(ch)
         await registry.Register(_register("before"), timeout=CALL_TIMEOUT)
         cluster.kill_etcd_member("us-east", leader)
         assert not alive(old_pid)
@@ -334,7 +520,7 @@ async def _a_killed_server_restarts_on_its_address(cluster: DevCluster) -> None:
     assert not alive(old_pid)
     new_pid = await asyncio.to_thread(cluster.restart_server, "eu-west", 1)
     assert new_pid != old_pid and is_server(new_pid, "eu-west", server.address)
-    assert await status_region(server.address) == "eu-west"
+    assert await status_region(cluster.describe(), server.address) == "eu-west"
     assert json.loads(cluster.state_file.read_text())["regions"]["eu-west"]["servers"][1]["pid"] == new_pid
 
 
@@ -348,7 +534,7 @@ async def _a_paused_region_is_stopped_then_resumed(cluster: DevCluster) -> None:
     finally:
         cluster.resume_region("eu-west")
     assert "T" not in [state(pid) for pid in paused]
-    assert await status_region(cluster.region("eu-west").servers[0].address) == "eu-west"
+    assert await status_region(cluster.describe(), cluster.region("eu-west").servers[0].address) == "eu-west"
 
 
 def test_etcd_process_alone_keeps_its_single_member_flags(tmp_path: Path) -> None:
@@ -407,6 +593,7 @@ async def test_dev_sigkill_takes_every_process_along(
     await read_until(proc, lambda line: line == "ready", timeout=60)
     cluster = json.loads((state_dir / "cluster.json").read_text())
     assert all(alive(pid) for pid in all_pids(cluster))
+    ca = (state_dir / "tls" / "ca.pem").read_bytes()
 
     proc.kill()  # no handler runs: only the kernel can take the children along
     await finish(proc)
@@ -423,7 +610,12 @@ async def test_dev_sigkill_takes_every_process_along(
     processes.append(replacing)
     lines = await read_until(replacing, lambda line: line == "ready", timeout=60)
     assert f"replacing the earlier cluster of state dir {state_dir.resolve()}: removed a, b, cluster.json" in lines
-    assert set(all_pids(json.loads((state_dir / "cluster.json").read_text()))).isdisjoint(all_pids(cluster))
+    new = json.loads((state_dir / "cluster.json").read_text())
+    assert set(all_pids(new)).isdisjoint(all_pids(cluster))
+    # The CA is used again, so certificates issued from it (and a shell's env.sh) still work.
+    assert (state_dir / "tls" / "ca.pem").read_bytes() == ca and new["tls"] == cluster["tls"]
+    assert any(line.startswith("mtls: CA tls/ca.pem (kept from an earlier run)") for line in lines), lines
+    assert await status_region(new, new["regions"]["a"]["servers"][0]["address"]) == "a"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
@@ -517,10 +709,11 @@ async def test_dev_refuses_to_start_where_a_cluster_runs_and_names_its_processes
     assert first.returncode is None and all(alive(pid) for pid in all_pids(cluster))
     assert (state_dir / "cluster.json").read_text() == before
     for name, region in cluster["regions"].items():
-        assert await status_region(region["servers"][0]["address"]) == name
+        assert await status_region(cluster, region["servers"][0]["address"]) == name
 
     help_out, _ = await finish(await start("dev", "--help"))
     assert "--replace" in help_out and "exits 2" in help_out
+    assert "--insecure" in help_out and "--trust-domain" in help_out and "env.sh" in help_out
 
 
 async def test_dev_replace_stops_the_running_cluster_then_starts_in_its_place(
@@ -545,7 +738,7 @@ async def test_dev_replace_stops_the_running_cluster_then_starts_in_its_place(
     new = json.loads((state_dir / "cluster.json").read_text())
     assert set(all_pids(new)).isdisjoint(all_pids(old))
     for name, region in new["regions"].items():
-        assert await status_region(region["servers"][0]["address"]) == name
+        assert await status_region(new, region["servers"][0]["address"]) == name
 
 
 def consecutive_free_ports(count: int) -> int:
@@ -582,11 +775,13 @@ async def test_dev_default_state_dir_finds_the_cluster_on_its_ports_refuses_then
 
     third = await start("dev", *fixed, "--replace")
     processes.append(third)
-    await read_until(third, lambda line: line == "ready", timeout=90)
+    lines = await read_until(third, lambda line: line == "ready", timeout=90)
+    new = read_json(Path(next(line for line in lines if line.startswith("cluster.json: ")).partition(": ")[2]))
     _, err = await finish(first)
     assert first.returncode == 0 and err == "", err
     assert gone(all_pids(old)) and not state_file.parent.exists(), "the first removed its own state dir"
-    assert await status_region(f"127.0.0.1:{base}") == "a" and await status_region(f"127.0.0.1:{base + 1}") == "b"
+    assert await status_region(new, f"127.0.0.1:{base}") == "a"
+    assert await status_region(new, f"127.0.0.1:{base + 1}") == "b"
 
 
 async def test_dev_replace_stops_leftover_processes_but_never_a_reused_pid(

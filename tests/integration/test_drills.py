@@ -9,6 +9,10 @@ lag grew, the slow link's lag reached its delay, the compaction passed the check
 The machine is shared: when it is saturated, the latency verdict is inconclusive (never
 failed), so the guarantees are asserted, and the verdict is passed or, for latency alone,
 inconclusive.
+
+The clusters serve mTLS, as `discovery dev` does: the drill presents the admin's certificate
+named in cluster.json's ``tls``. The three-member one runs --insecure, so the drill's path
+without ``tls`` (a deployment without TLS) is driven too.
 """
 
 from __future__ import annotations
@@ -39,12 +43,13 @@ BASELINE = 3.0  # 30-45 calls of each kind: latency judged at p83-p88
 SERVER_ARGS = ("--stale-after", "1.5", "--resume-grace", "2")
 
 
-def _cluster(tmp: Path, **kwargs: object) -> Iterator[ClusterFile]:
+def _cluster(tmp: Path, *, mtls: bool, **kwargs: object) -> Iterator[ClusterFile]:
     dev = DevCluster(
         state_dir=tmp / "dev",
         fault_proxy=True,
         control=True,
         server_args=SERVER_ARGS,
+        mtls=mtls,
         **kwargs,  # type: ignore[arg-type]
     )
     dev.start(lambda line: None)
@@ -56,12 +61,17 @@ def _cluster(tmp: Path, **kwargs: object) -> Iterator[ClusterFile]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFile]:
-    yield from _cluster(tmp_path_factory.mktemp("drills"), regions=("a", "b", "c"), servers_per_region=2)
+    yield from _cluster(tmp_path_factory.mktemp("drills"), mtls=True, regions=("a", "b", "c"), servers_per_region=2)
 
 
 @pytest.fixture(scope="module")
 def three_member_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterFile]:
-    yield from _cluster(tmp_path_factory.mktemp("drills3"), regions=("a", "b"), etcd_members=3)
+    yield from _cluster(tmp_path_factory.mktemp("drills3"), mtls=False, regions=("a", "b"), etcd_members=3)
+
+
+def admin_credentials(cluster: ClusterFile) -> grpc.ChannelCredentials:
+    tls = json.loads(cluster.path.read_text())["tls"]
+    return grpc.ssl_channel_credentials(*(Path(tls[key]).read_bytes() for key in ("ca", "key", "cert")))
 
 
 async def drill(cluster: ClusterFile, scenario: str, hold: float, **overrides: object) -> Report:
@@ -122,8 +132,9 @@ async def test_a_drill_leaves_nothing_behind(cluster: ClusterFile) -> None:
     request = lookup_pb2.ResolveRequest(
         service=report.service, scope=lookup_pb2.ALL, statuses=[types_pb2.SERVING, types_pb2.DRAINING]
     )
+    creds = admin_credentials(cluster)
     for region in cluster.regions:
-        async with grpc.aio.insecure_channel(region.servers[0]) as channel:
+        async with grpc.aio.secure_channel(region.servers[0], creds) as channel:
             stub = lookup_pb2_grpc.LookupStub(channel)
 
             async def empty(stub: lookup_pb2_grpc.LookupStub = stub) -> bool:
