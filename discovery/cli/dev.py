@@ -23,8 +23,9 @@ Each region gets its own etcd (1 or 3 members) and its discovery servers, all on
 Every region is peered with all the others, nearest first in the order of --regions: that
 order is what FAILOVER follows. For trying and testing, never production.
 
-Every port serves mTLS from a development CA made in STATE_DIR/tls/ (kept and used again when
-you restart into the same --state-dir): each region's servers present the identity
+Every port serves mTLS from a development CA made in STATE_DIR/tls/ (a CA already there, left
+by a run with --keep, is used again, so certificates issued from it keep working); each
+region's servers present the identity
 spiffe://TRUST_DOMAIN/discovery/server/REGION, clients present a certificate of the CA.
 STATE_DIR/env.sh exports the admin's certificate (spiffe://TRUST_DOMAIN/admin) and the first
 server for the CLI and the client library: `source STATE_DIR/env.sh`. STATE_DIR/policy.toml
