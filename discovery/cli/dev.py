@@ -24,9 +24,8 @@ Every region is peered with all the others, nearest first in the order of --regi
 order is what FAILOVER follows. For trying and testing, never production.
 
 Every port serves mTLS from a development CA made in STATE_DIR/tls/ (a CA already there, left
-by a run with --keep, is used again, so certificates issued from it keep working); each
-region's servers present the identity
-spiffe://TRUST_DOMAIN/discovery/server/REGION, clients present a certificate of the CA.
+by a run with --keep, is used again, so certificates issued from it keep working). A region's
+servers present spiffe://TRUST_DOMAIN/discovery/server/REGION; clients, a certificate of the CA.
 STATE_DIR/env.sh exports the admin's certificate (spiffe://TRUST_DOMAIN/admin) and the first
 server for the CLI and the client library: `source STATE_DIR/env.sh`. STATE_DIR/policy.toml
 lets the admin do everything, spiffe://TRUST_DOMAIN/svc/NAME register NAME and NAME.* and read
