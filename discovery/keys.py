@@ -3,6 +3,7 @@
     <prefix>instances/<origin>/<service>/<instance_id>   Instance (protobuf bytes)
     <prefix>replication/<origin>                          Checkpoint of the replicator for origin
     <prefix>election/replicator/<origin>                  the replicator leader's key (on its lease)
+    <prefix>sessions/<region>/<session_id hex>            Session (on the session's own lease)
 
 The prefix defaults to ``/discovery/v1/``; tests give each case its own prefix so they can
 share one etcd.
@@ -46,6 +47,9 @@ class KeySchema:
 
     def election(self, origin: str) -> bytes:
         return f"{self.prefix}election/replicator/{origin}".encode()
+
+    def session(self, region: str, session_id: int) -> bytes:
+        return f"{self.prefix}sessions/{region}/{session_id:x}".encode()
 
     def instance(self, region: str, service: str, instance_id: str) -> bytes:
         return f"{self.prefix}instances/{region}/{service}/{instance_id}".encode()

@@ -1,4 +1,5 @@
-"""Writes: register (leased or static), heartbeat, deregister (docs/architecture.md, write path).
+"""Writes: register (leased, on a session, or static), batches, sessions, heartbeat, deregister
+(docs/architecture.md, write path).
 
 A registration is acknowledged only once etcd has committed it, and its revision is
 returned so the caller can read its own write back (Resolve ``min_revision``).
@@ -7,15 +8,27 @@ returned so the caller can read its own write back (Resolve ``min_revision``).
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from discovery.errors import InvalidArgument, NotFound, StoreUnavailable
 from discovery.keys import KeySchema
-from discovery.model import normalize_registration, validate_instance_id, validate_service
-from discovery.store import Store
-from discovery_pb.v1.types_pb2 import Instance
+from discovery.model import MAX_TTL, MIN_TTL, normalize_registration, validate_instance_id, validate_service
+from discovery.store import KeyValue, Store
+from discovery_pb.v1.types_pb2 import Instance, Session
 
 log = logging.getLogger(__name__)
+
+BATCH_CHUNK = 100  # puts per etcd transaction: under etcd's default --max-txn-ops of 128
+MAX_BATCH = 1000  # instances per RegisterBatch
+MAX_SESSION_NAME = 128
+
+
+def _session_of(value: bytes) -> int:
+    try:
+        return Instance.FromString(value).session_id
+    except Exception:  # not ours to judge here: treat as a lease of its own
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,22 +48,90 @@ class Registry:
         """The record a registration would store (validated; region and owner filled in)."""
         return normalize_registration(request, self.region, owner=owner)
 
-    async def register(self, record: Instance, *, expect_mod_revision: int | None = None) -> Registered:
-        """Put a prepared record (on a fresh lease when ttl > 0). Idempotent on
-        (service, instance_id): a second registration replaces the first. With
-        ``expect_mod_revision`` only if the record is still the one that was authorized
-        against (0: none), else ``Conflict``."""
+    async def register(
+        self, record: Instance, *, session: int = 0, expect_mod_revision: int | None = None
+    ) -> Registered:
+        """Put a prepared record: on ``session``'s lease when given, else on a fresh lease when
+        ttl > 0, else on none. Idempotent on (service, instance_id): a second registration
+        replaces the first. With ``expect_mod_revision`` only if the record is still the one
+        that was authorized against (0: none), else ``Conflict``."""
+        if session:
+            record.session_id = session
         key = self._keys.instance(self.region, record.service, record.instance_id)
         revision, lease_id, previous = await self._store.put(
-            key, record.SerializeToString(), record.ttl_seconds, expect_mod_revision=expect_mod_revision
+            key,
+            record.SerializeToString(),
+            0 if session else record.ttl_seconds,
+            lease=session,
+            expect_mod_revision=expect_mod_revision,
         )
-        if previous and previous != lease_id:
-            # The key moved to the new lease; the old one would only linger until its TTL.
-            try:
-                await self._store.revoke(previous)
-            except StoreUnavailable as exc:
-                log.info("registry: could not revoke replaced lease %x: %s", previous, exc)
+        await self._release(previous, lease_id)
         return Registered(record, revision, lease_id)
+
+    async def register_batch(self, records: list[Instance], session: int = 0) -> tuple[int, list[Registered]]:
+        """Put prepared records, static or on ``session``'s lease, one transaction per chunk of
+        ``BATCH_CHUNK`` (each all or nothing). Returns the last revision and a result each."""
+        done: list[Registered] = []
+        revision = 0
+        for start in range(0, len(records), BATCH_CHUNK):
+            chunk = records[start : start + BATCH_CHUNK]
+            items = []
+            for record in chunk:
+                if session:
+                    record.session_id = session
+                items.append(
+                    (self._keys.instance(self.region, record.service, record.instance_id), record.SerializeToString())
+                )
+            revision, previous = await self._store.put_many(items, lease=session)
+            for record, before in zip(chunk, previous, strict=True):
+                await self._release(before, session)
+                done.append(Registered(record, revision, session))
+        return revision, done
+
+    async def _release(self, previous: KeyValue | None, lease_id: int) -> None:
+        """Revoke the lease the record had before if it was the record's own: the key moved
+        off it, and it would only linger until its TTL. A session's lease holds other
+        instances and is never revoked here."""
+        if previous is None or not previous.lease or previous.lease == lease_id:
+            return
+        if _session_of(previous.value):
+            return
+        try:
+            await self._store.revoke(previous.lease)
+        except StoreUnavailable as exc:
+            log.info("registry: could not revoke replaced lease %x: %s", previous.lease, exc)
+
+    async def open_session(self, ttl: int, owner: str, name: str) -> tuple[Session, int]:
+        """A new session: a lease of ``ttl`` seconds and its record on it (which says whose it
+        is). Returns the record and the revision that wrote it."""
+        if not MIN_TTL <= ttl <= MAX_TTL:
+            raise InvalidArgument("ttl_seconds", f"{ttl} must be from {MIN_TTL} to {MAX_TTL} seconds")
+        if len(name) > MAX_SESSION_NAME:
+            raise InvalidArgument("name", f"at most {MAX_SESSION_NAME} characters")
+        lease = await self._store.grant(ttl)
+        session = Session(
+            session_id=lease,
+            region=self.region,
+            owner=owner,
+            name=name,
+            ttl_seconds=ttl,
+            opened_at_ms=int(time.time() * 1000),
+        )
+        revision, _, _ = await self._store.put(
+            self._keys.session(self.region, lease), session.SerializeToString(), lease=lease
+        )
+        return session, revision
+
+    async def session(self, session_id: int) -> Session | None:
+        """The session's record as etcd has it now (None: expired, closed or never opened)."""
+        kv = await self._store.get(self._keys.session(self.region, session_id))
+        return Session.FromString(kv.value) if kv is not None else None
+
+    async def close_session(self, session_id: int) -> int:
+        """Revoke the session's lease: its record and every instance on it go at once."""
+        await self._store.revoke(session_id)
+        health = await self._store.health()
+        return health.revision
 
     async def heartbeat(self, lease_id: int) -> int:
         """Refresh a registration's lease; returns the seconds it now has left."""
@@ -65,14 +146,10 @@ class Registry:
         validate_service(service)
         validate_instance_id(instance_id)
         try:
-            revision, lease_id = await self._store.delete(self._keys.instance(self.region, service, instance_id))
+            revision, previous = await self._store.delete(self._keys.instance(self.region, service, instance_id))
         except NotFound:
             raise NotFound(
                 f"instance {instance_id!r} of service {service!r} is not registered in region {self.region!r}"
             ) from None
-        if lease_id:
-            try:
-                await self._store.revoke(lease_id)
-            except StoreUnavailable as exc:
-                log.info("registry: could not revoke lease %x of a deregistered instance: %s", lease_id, exc)
+        await self._release(previous, 0)
         return revision

@@ -319,7 +319,9 @@ class Server:
         instruments.observe_certificates(self._certificate_expiry, self._certificate_failures)
         guard = self.guard
         assert guard is not None  # _load_security ran
-        self._registry_api = RegistryServicer(self.registry, self.view, instruments, guard, self._head_revision)
+        self._registry_api = RegistryServicer(
+            self.registry, self.keys, self.view, instruments, guard=guard, head_revision=self._head_revision
+        )
         registry_pb2_grpc.add_RegistryServicer_to_server(self._registry_api, server)
         self._lookup = LookupServicer(
             self.view,

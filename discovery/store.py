@@ -424,28 +424,31 @@ class Store:
     # --- writes -----------------------------------------------------------------------
 
     async def put(
-        self, key: bytes, value: bytes, ttl: int = 0, *, expect_mod_revision: int | None = None
-    ) -> tuple[int, int, int]:
-        """Put ``key`` (with a new lease of ``ttl`` seconds when ttl > 0), committed.
+        self,
+        key: bytes,
+        value: bytes,
+        ttl: int = 0,
+        *,
+        lease: int = 0,
+        expect_mod_revision: int | None = None,
+    ) -> tuple[int, int, KeyValue | None]:
+        """Put ``key`` committed: on a new lease of ``ttl`` seconds when ttl > 0, on ``lease``
+        when given (a session's), else on none.
 
-        Returns (revision, lease id or 0, lease id the key had before or 0). The previous
-        lease is returned so the caller can revoke it: re-registration moves the key to a
-        fresh lease. With ``expect_mod_revision`` (0: the key must not exist) the put happens
-        only if the key is still as the caller saw it, else ``Conflict`` carries what is there:
-        an authorization decided on a record must not apply to another one written meanwhile.
+        Returns (revision, the lease it is on or 0, the key as it was before or None). The
+        previous record is returned so the caller can revoke a lease only that record used:
+        re-registration moves the key to a fresh lease. With ``expect_mod_revision`` (0: the
+        key must not exist) the put happens only if the key is still as the caller saw it, else
+        ``Conflict`` carries what is there: an authorization decided on a record must not apply
+        to another one written meanwhile.
         """
-        if expect_mod_revision is None:
-            async with self._call("a put", key=key) as client:
-                lease_id = 0
-                if ttl > 0:
-                    lease_id = (await client.lease.grant(ttl, timeout=self._op_timeout)).ID
-                resp = await client.kv.put(key, value, lease=lease_id, prev_kv=True, timeout=self._op_timeout)
-            previous = resp.prev_kv.lease if resp.HasField("prev_kv") else 0
-            return resp.header.revision, lease_id, previous
         async with self._call("a put", key=key) as client:
             kv = client.kv
-            lease_id = (await client.lease.grant(ttl, timeout=self._op_timeout)).ID if ttl > 0 else 0
-            resp = await kv.txn(
+            lease_id = lease or ((await client.lease.grant(ttl, timeout=self._op_timeout)).ID if ttl > 0 else 0)
+            if expect_mod_revision is None:
+                resp = await kv.put(key, value, lease=lease_id, prev_kv=True, timeout=self._op_timeout)
+                return resp.header.revision, lease_id, _kv(resp.prev_kv) if resp.HasField("prev_kv") else None
+            txn = await kv.txn(
                 [
                     _rpc.Compare(
                         result=_rpc.Compare.EQUAL, target=_rpc.Compare.MOD, key=key, mod_revision=expect_mod_revision
@@ -455,25 +458,35 @@ class Store:
                 [kv.txn_op_get(key)],
                 timeout=self._op_timeout,
             )
-        if resp.succeeded:
-            put = resp.responses[0].response_put
-            previous = put.prev_kv.lease if put.HasField("prev_kv") else 0
-            return int(resp.header.revision), lease_id, previous
-        if lease_id:
+        if txn.succeeded:
+            put = txn.responses[0].response_put
+            return int(txn.header.revision), lease_id, _kv(put.prev_kv) if put.HasField("prev_kv") else None
+        if lease_id and not lease:
             with contextlib.suppress(StoreUnavailable):
                 await self.revoke(lease_id)
-        found = resp.responses[0].response_range.kvs
-        current = KeyValue(found[0].key, found[0].value, found[0].mod_revision, found[0].lease) if found else None
-        raise Conflict(current)
+        found = txn.responses[0].response_range.kvs
+        raise Conflict(_kv(found[0]) if found else None)
 
-    async def delete(self, key: bytes) -> tuple[int, int]:
-        """Delete ``key``; returns (revision, its lease). NotFound when it did not exist."""
+    async def put_many(self, items: Sequence[tuple[bytes, bytes]], lease: int = 0) -> tuple[int, list[KeyValue | None]]:
+        """Put every (key, value) on ``lease`` in one transaction (all or none); returns the
+        revision and each key as it was before. Callers keep ``items`` within etcd's
+        --max-txn-ops (128 by default)."""
+        async with self._call("a batch put", key=items[0][0] if items else b"") as client:
+            kv = client.kv
+            resp = await kv.txn(
+                [], [kv.txn_op_put(k, v, lease=lease, prev_kv=True) for k, v in items], [], timeout=self._op_timeout
+            )
+        previous = [_kv(r.response_put.prev_kv) if r.response_put.HasField("prev_kv") else None for r in resp.responses]
+        return int(resp.header.revision), previous
+
+    async def delete(self, key: bytes) -> tuple[int, KeyValue]:
+        """Delete ``key``; returns (revision, the key as it was). NotFound when it did not exist."""
         async with self._call("a delete", key=key) as client:
             # Not retried: a retry after a delete that did commit would answer NotFound.
             resp = await client.kv.delete(key, prev_kv=True, timeout=self._op_timeout, max_attempts=1)
         if resp.deleted == 0:
             raise NotFound(key.decode(errors="replace"))
-        return resp.header.revision, resp.prev_kvs[0].lease
+        return resp.header.revision, _kv(resp.prev_kvs[0])
 
     async def revoke(self, lease_id: int) -> None:
         async with self._call("a lease revoke") as client:
@@ -777,3 +790,7 @@ def _describe(exc: BaseException) -> str:
             details += " (etcd refuses our keep-alive pings: start it with --grpc-keepalive-min-time=1s or lower)"
         return f"{exc.code().name}: {details}"
     return str(exc) or type(exc).__name__
+
+
+def _kv(kv: Any) -> KeyValue:
+    return KeyValue(kv.key, kv.value, kv.mod_revision, kv.lease)

@@ -9,10 +9,10 @@ import grpc.aio
 
 from discovery.api.errors import abort, status_for
 from discovery.api.streams import OpenStreams
-from discovery.errors import Conflict, DiscoveryError, NotFound, ShuttingDown, StoreUnavailable
-from discovery.keys import InstanceKey
+from discovery.errors import Conflict, DiscoveryError, InvalidArgument, NotFound, ShuttingDown, StoreUnavailable
+from discovery.keys import InstanceKey, KeySchema
 from discovery.model import validate_instance_id, validate_service
-from discovery.registry import Registered, Registry
+from discovery.registry import MAX_BATCH, Registered, Registry
 from discovery.security.guard import Guard
 from discovery.security.identity import Caller
 from discovery.security.policy import Grants
@@ -21,7 +21,7 @@ from discovery.telemetry import Instruments
 from discovery.view import View
 from discovery_pb.v1 import registry_pb2 as pb
 from discovery_pb.v1.registry_pb2_grpc import RegistryServicer as _Base
-from discovery_pb.v1.types_pb2 import Instance
+from discovery_pb.v1.types_pb2 import Instance, Session
 
 _SHUTTING_DOWN = "the server is shutting down; send heartbeats to another server of the region"
 _CONFLICT_ATTEMPTS = 3  # conditional puts per Register before giving up (a record written concurrently)
@@ -32,12 +32,15 @@ class RegistryServicer(_Base):
     def __init__(
         self,
         registry: Registry,
+        keys: KeySchema,
         view: View,
         instruments: Instruments,
+        *,
         guard: Guard,
         head_revision: Callable[[], Awaitable[int]],
     ) -> None:
         self._registry = registry
+        self._keys = keys
         self._view = view
         self._region = registry.region
         self._m = instruments
@@ -60,7 +63,12 @@ class RegistryServicer(_Base):
                 labels["outcome"] = type(exc).__name__
                 await abort(context, exc)
             try:
-                done = await self._put(caller, grants, record, existing.mod_revision if existing else 0)
+                if request.session_id:
+                    session = await self._require_session(caller, grants, "Register", request.session_id)
+                    record.ttl_seconds = session.ttl_seconds
+                done = await self._put(
+                    caller, grants, record, existing.mod_revision if existing else 0, request.session_id
+                )
             except DiscoveryError as exc:
                 labels["outcome"] = type(exc).__name__
                 self._audit(caller, "Register", record.service, record.instance_id, error=exc)
@@ -87,15 +95,17 @@ class RegistryServicer(_Base):
             )
         self._guard.check_quota(caller, grants, "Register", record.service, 0 if existing is not None else 1)
 
-    async def _put(self, caller: Caller, grants: Grants, record: Instance, expected: int) -> Registered:
+    async def _put(
+        self, caller: Caller, grants: Grants, record: Instance, expected: int, session: int = 0
+    ) -> Registered:
         """Write only over the record that was authorized: the view may lag etcd by a moment,
         and another identity's registration in that moment must not be replaced unchecked.
         An admin (every caller of an insecure server) may replace anything: no condition."""
         if grants.admin:
-            return await self._registry.register(record)
+            return await self._registry.register(record, session=session)
         for _ in range(_CONFLICT_ATTEMPTS):
             try:
-                return await self._registry.register(record, expect_mod_revision=expected)
+                return await self._registry.register(record, session=session, expect_mod_revision=expected)
             except Conflict as exc:
                 current = exc.current
                 found = Instance.FromString(current.value) if isinstance(current, KeyValue) else None
@@ -134,12 +144,36 @@ class RegistryServicer(_Base):
             self.streams.discard(task)
             self._guard.event("stream_end", caller, "Heartbeat", leases=len(allowed))
 
+    async def _session(self, session_id: int) -> Session | None:
+        """This region's session ``session_id``: from the view, else (opened a moment ago
+        through another server) from etcd."""
+        data = self._view.meta(self._keys.session(self._region, session_id))
+        if data is not None:
+            return Session.FromString(data)
+        return await self._registry.session(session_id)
+
+    async def _require_session(self, caller: Caller, grants: Grants, method: str, session_id: int) -> Session:
+        session = await self._session(session_id) if session_id > 0 else None
+        if session is None:
+            raise NotFound(f"session {session_id} has expired or was closed: open a new one (OpenSession)")
+        self._guard.require_owner(
+            caller, grants, method, owner=session.owner, service="", instance="", what=f"use session {session_id} of"
+        )
+        return session
+
     async def _authorize_lease(self, caller: Caller, grants: Grants, lease_id: int) -> None:
-        """Heartbeat keeps alive only leases of this region's instance records that the caller
-        owns (an admin: any such record), never another lease in etcd: a replicator's election
-        lease kept alive by a stranger would block the region's replication failover."""
+        """Heartbeat keeps alive only this region's sessions and leases of its instance
+        records that the caller owns (an admin: any such), never another lease in etcd: a
+        replicator's election lease kept alive by a stranger would block the region's
+        replication failover."""
         if lease_id <= 0:
             return  # the registry says why
+        session = await self._session(lease_id)
+        if session is not None:
+            self._guard.require_owner(
+                caller, grants, "Heartbeat", owner=session.owner, service="", instance="", what="heartbeat session of"
+            )
+            return
         records = self._records_on(lease_id)
         if not records:
             # Registered a moment ago through another server: let the view reach etcd's head.
@@ -170,6 +204,123 @@ class RegistryServicer(_Base):
 
     def _records_on(self, lease_id: int) -> list[Instance]:
         return [r.instance for r in self._view.on_lease(lease_id) if r.instance.region == self._region]
+
+    async def OpenSession(
+        self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.OpenSessionResponse:
+        guard = self._guard
+        try:
+            caller, grants = guard.caller(context, "OpenSession")
+            if not grants.register_patterns and not grants.admin:
+                guard.require_register(caller, grants, "OpenSession", "*")
+            guard.charge_write(caller, grants, "OpenSession")
+            guard.before_write()
+            session, revision = await self._registry.open_session(request.ttl_seconds, caller.identity, request.name)
+        except DiscoveryError as exc:
+            await abort(context, exc)
+        guard.audit.record(
+            "session_opened",
+            caller=caller,
+            method="OpenSession",
+            revision=revision,
+            message=f"session {session.session_id:x} ttl {session.ttl_seconds}s {request.name}",
+        )
+        return pb.OpenSessionResponse(session_id=session.session_id, ttl_seconds=session.ttl_seconds, revision=revision)
+
+    async def CloseSession(
+        self, request: pb.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CloseSessionResponse:
+        guard = self._guard
+        try:
+            caller, grants = guard.caller(context, "CloseSession")
+            await self._require_session(caller, grants, "CloseSession", request.session_id)
+            guard.before_write()
+            revision = await self._registry.close_session(request.session_id)
+        except DiscoveryError as exc:
+            await abort(context, exc)
+        guard.audit.record(
+            "session_closed",
+            caller=caller,
+            method="CloseSession",
+            revision=revision,
+            message=f"session {request.session_id:x}",
+        )
+        return pb.CloseSessionResponse(revision=revision)
+
+    async def RegisterBatch(
+        self, request: pb.RegisterBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RegisterBatchResponse:
+        """Every instance is authorized as a Register would be (grant, owner, quota); the batch
+        counts once against the write rate. Leased instances need the session: a batch grants
+        no lease per instance."""
+        guard = self._guard
+        try:
+            caller, grants = guard.caller(context, "RegisterBatch")
+            if len(request.instances) > MAX_BATCH:
+                raise InvalidArgument("instances", f"at most {MAX_BATCH} per batch (got {len(request.instances)})")
+            records = []
+            seen: set[tuple[str, str]] = set()
+            for i, item in enumerate(request.instances):
+                if item.ttl_seconds and not request.session_id:
+                    raise InvalidArgument(
+                        f"instances[{i}].ttl_seconds",
+                        "a batch registers static instances or a session's: open a session",
+                    )
+                record = self._registry.prepare(item, caller.identity)
+                if (record.service, record.instance_id) in seen:
+                    raise InvalidArgument(
+                        f"instances[{i}]", f"{record.service}/{record.instance_id} is in the batch twice"
+                    )
+                seen.add((record.service, record.instance_id))
+                guard.require_register(caller, grants, "RegisterBatch", record.service, record.instance_id)
+                records.append(record)
+            guard.charge_write(caller, grants, "RegisterBatch")
+            new: dict[str, int] = {}
+            for record in records:
+                existing = self._view.get(InstanceKey(self._region, record.service, record.instance_id))
+                if existing is not None:
+                    guard.require_owner(
+                        caller,
+                        grants,
+                        "RegisterBatch",
+                        owner=existing.instance.owner,
+                        service=record.service,
+                        instance=record.instance_id,
+                        what="replace",
+                    )
+                else:
+                    new[record.service] = new.get(record.service, 0) + 1
+            for service, count in new.items():
+                guard.check_quota(caller, grants, "RegisterBatch", service, count)
+            if request.session_id:
+                session = await self._require_session(caller, grants, "RegisterBatch", request.session_id)
+                for record in records:
+                    record.ttl_seconds = session.ttl_seconds
+            guard.before_write()
+            revision, done = await self._registry.register_batch(records, request.session_id)
+        except DiscoveryError as exc:
+            await abort(context, exc)
+        guard.audit.record(
+            "write",
+            caller=caller,
+            method="RegisterBatch",
+            outcome="ok",
+            code="OK",
+            revision=revision,
+            message=f"{len(done)} instances",
+        )
+        return pb.RegisterBatchResponse(
+            revision=revision,
+            results=[
+                pb.RegisterResponse(
+                    instance_id=d.instance.instance_id,
+                    revision=d.revision,
+                    lease_id=d.lease_id,
+                    ttl_seconds=d.instance.ttl_seconds,
+                )
+                for d in done
+            ],
+        )
 
     async def Deregister(
         self, request: pb.DeregisterRequest, context: grpc.aio.ServicerContext

@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from discovery_pb.v1 import types_pb2 as discovery_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64iscovery/v1/registry.proto\x12\x0c\x64iscovery.v1\x1a\x18\x64iscovery/v1/types.proto\";\n\x0fRegisterRequest\x12(\n\x08instance\x18\x01 \x01(\x0b\x32\x16.discovery.v1.Instance\"`\n\x10RegisterResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x10\n\x08lease_id\x18\x03 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\"$\n\x10HeartbeatRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\":\n\x11HeartbeatResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"9\n\x11\x44\x65registerRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"&\n\x12\x44\x65registerResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x32\xf8\x01\n\x08Registry\x12I\n\x08Register\x12\x1d.discovery.v1.RegisterRequest\x1a\x1e.discovery.v1.RegisterResponse\x12P\n\tHeartbeat\x12\x1e.discovery.v1.HeartbeatRequest\x1a\x1f.discovery.v1.HeartbeatResponse(\x01\x30\x01\x12O\n\nDeregister\x12\x1f.discovery.v1.DeregisterRequest\x1a .discovery.v1.DeregisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x64iscovery/v1/registry.proto\x12\x0c\x64iscovery.v1\x1a\x18\x64iscovery/v1/types.proto\"O\n\x0fRegisterRequest\x12(\n\x08instance\x18\x01 \x01(\x0b\x32\x16.discovery.v1.Instance\x12\x12\n\nsession_id\x18\x02 \x01(\x03\"7\n\x12OpenSessionRequest\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\"P\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\x12\x10\n\x08revision\x18\x03 \x01(\x03\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\x03\"(\n\x14\x43loseSessionResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\"U\n\x14RegisterBatchRequest\x12)\n\tinstances\x18\x01 \x03(\x0b\x32\x16.discovery.v1.Instance\x12\x12\n\nsession_id\x18\x02 \x01(\x03\"Z\n\x15RegisterBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.discovery.v1.RegisterResponse\x12\x10\n\x08revision\x18\x02 \x01(\x03\"`\n\x10RegisterResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x10\n\x08lease_id\x18\x03 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\"$\n\x10HeartbeatRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\":\n\x11HeartbeatResponse\x12\x10\n\x08lease_id\x18\x01 \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"9\n\x11\x44\x65registerRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"&\n\x12\x44\x65registerResponse\x12\x10\n\x08revision\x18\x01 \x01(\x03\x32\xfd\x03\n\x08Registry\x12I\n\x08Register\x12\x1d.discovery.v1.RegisterRequest\x1a\x1e.discovery.v1.RegisterResponse\x12P\n\tHeartbeat\x12\x1e.discovery.v1.HeartbeatRequest\x1a\x1f.discovery.v1.HeartbeatResponse(\x01\x30\x01\x12O\n\nDeregister\x12\x1f.discovery.v1.DeregisterRequest\x1a .discovery.v1.DeregisterResponse\x12R\n\x0bOpenSession\x12 .discovery.v1.OpenSessionRequest\x1a!.discovery.v1.OpenSessionResponse\x12U\n\x0c\x43loseSession\x12!.discovery.v1.CloseSessionRequest\x1a\".discovery.v1.CloseSessionResponse\x12X\n\rRegisterBatch\x12\".discovery.v1.RegisterBatchRequest\x1a#.discovery.v1.RegisterBatchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'discovery.v1.registry_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERREQUEST']._serialized_start=71
-  _globals['_REGISTERREQUEST']._serialized_end=130
-  _globals['_REGISTERRESPONSE']._serialized_start=132
-  _globals['_REGISTERRESPONSE']._serialized_end=228
-  _globals['_HEARTBEATREQUEST']._serialized_start=230
-  _globals['_HEARTBEATREQUEST']._serialized_end=266
-  _globals['_HEARTBEATRESPONSE']._serialized_start=268
-  _globals['_HEARTBEATRESPONSE']._serialized_end=326
-  _globals['_DEREGISTERREQUEST']._serialized_start=328
-  _globals['_DEREGISTERREQUEST']._serialized_end=385
-  _globals['_DEREGISTERRESPONSE']._serialized_start=387
-  _globals['_DEREGISTERRESPONSE']._serialized_end=425
-  _globals['_REGISTRY']._serialized_start=428
-  _globals['_REGISTRY']._serialized_end=676
+  _globals['_REGISTERREQUEST']._serialized_end=150
+  _globals['_OPENSESSIONREQUEST']._serialized_start=152
+  _globals['_OPENSESSIONREQUEST']._serialized_end=207
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=209
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=289
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=291
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=332
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=334
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=374
+  _globals['_REGISTERBATCHREQUEST']._serialized_start=376
+  _globals['_REGISTERBATCHREQUEST']._serialized_end=461
+  _globals['_REGISTERBATCHRESPONSE']._serialized_start=463
+  _globals['_REGISTERBATCHRESPONSE']._serialized_end=553
+  _globals['_REGISTERRESPONSE']._serialized_start=555
+  _globals['_REGISTERRESPONSE']._serialized_end=651
+  _globals['_HEARTBEATREQUEST']._serialized_start=653
+  _globals['_HEARTBEATREQUEST']._serialized_end=689
+  _globals['_HEARTBEATRESPONSE']._serialized_start=691
+  _globals['_HEARTBEATRESPONSE']._serialized_end=749
+  _globals['_DEREGISTERREQUEST']._serialized_start=751
+  _globals['_DEREGISTERREQUEST']._serialized_end=808
+  _globals['_DEREGISTERRESPONSE']._serialized_start=810
+  _globals['_DEREGISTERRESPONSE']._serialized_end=848
+  _globals['_REGISTRY']._serialized_start=851
+  _globals['_REGISTRY']._serialized_end=1360
 # @@protoc_insertion_point(module_scope)

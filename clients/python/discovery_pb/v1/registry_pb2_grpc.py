@@ -51,6 +51,21 @@ class RegistryStub:
                 request_serializer=discovery_dot_v1_dot_registry__pb2.DeregisterRequest.SerializeToString,
                 response_deserializer=discovery_dot_v1_dot_registry__pb2.DeregisterResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/discovery.v1.Registry/OpenSession',
+                request_serializer=discovery_dot_v1_dot_registry__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=discovery_dot_v1_dot_registry__pb2.OpenSessionResponse.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/discovery.v1.Registry/CloseSession',
+                request_serializer=discovery_dot_v1_dot_registry__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=discovery_dot_v1_dot_registry__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
+        self.RegisterBatch = channel.unary_unary(
+                '/discovery.v1.Registry/RegisterBatch',
+                request_serializer=discovery_dot_v1_dot_registry__pb2.RegisterBatchRequest.SerializeToString,
+                response_deserializer=discovery_dot_v1_dot_registry__pb2.RegisterBatchResponse.FromString,
+                _registered_method=True)
 
 
 class RegistryServicer:
@@ -79,6 +94,31 @@ class RegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """A session: one lease for any number of this caller's instances (one per client process).
+        Heartbeat keeps it alive with its session_id as the lease_id; when it expires or is
+        closed, every instance attached to it goes. Servers without sessions answer UNIMPLEMENTED:
+        clients fall back to a lease per instance.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """Ends the session now: its instances are removed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterBatch(self, request, context):
+        """Registers many instances in one call (one etcd transaction per chunk), e.g. all of a
+        session's instances again after the session was lost. All or nothing per chunk.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +136,21 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.Deregister,
                     request_deserializer=discovery_dot_v1_dot_registry__pb2.DeregisterRequest.FromString,
                     response_serializer=discovery_dot_v1_dot_registry__pb2.DeregisterResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=discovery_dot_v1_dot_registry__pb2.OpenSessionRequest.FromString,
+                    response_serializer=discovery_dot_v1_dot_registry__pb2.OpenSessionResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=discovery_dot_v1_dot_registry__pb2.CloseSessionRequest.FromString,
+                    response_serializer=discovery_dot_v1_dot_registry__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'RegisterBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterBatch,
+                    request_deserializer=discovery_dot_v1_dot_registry__pb2.RegisterBatchRequest.FromString,
+                    response_serializer=discovery_dot_v1_dot_registry__pb2.RegisterBatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +235,87 @@ class Registry:
             '/discovery.v1.Registry/Deregister',
             discovery_dot_v1_dot_registry__pb2.DeregisterRequest.SerializeToString,
             discovery_dot_v1_dot_registry__pb2.DeregisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/discovery.v1.Registry/OpenSession',
+            discovery_dot_v1_dot_registry__pb2.OpenSessionRequest.SerializeToString,
+            discovery_dot_v1_dot_registry__pb2.OpenSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/discovery.v1.Registry/CloseSession',
+            discovery_dot_v1_dot_registry__pb2.CloseSessionRequest.SerializeToString,
+            discovery_dot_v1_dot_registry__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/discovery.v1.Registry/RegisterBatch',
+            discovery_dot_v1_dot_registry__pb2.RegisterBatchRequest.SerializeToString,
+            discovery_dot_v1_dot_registry__pb2.RegisterBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,18 @@ class RegistryStub:
     """
     Deregister: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeregisterRequest, _registry_pb2.DeregisterResponse]
     """Removes the instance now. NOT_FOUND when it is not registered."""
+    OpenSession: _grpc.UnaryUnaryMultiCallable[_registry_pb2.OpenSessionRequest, _registry_pb2.OpenSessionResponse]
+    """A session: one lease for any number of this caller's instances (one per client process).
+    Heartbeat keeps it alive with its session_id as the lease_id; when it expires or is
+    closed, every instance attached to it goes. Servers without sessions answer UNIMPLEMENTED:
+    clients fall back to a lease per instance.
+    """
+    CloseSession: _grpc.UnaryUnaryMultiCallable[_registry_pb2.CloseSessionRequest, _registry_pb2.CloseSessionResponse]
+    """Ends the session now: its instances are removed."""
+    RegisterBatch: _grpc.UnaryUnaryMultiCallable[_registry_pb2.RegisterBatchRequest, _registry_pb2.RegisterBatchResponse]
+    """Registers many instances in one call (one etcd transaction per chunk), e.g. all of a
+    session's instances again after the session was lost. All or nothing per chunk.
+    """
 
 @_typing.type_check_only
 class RegistryAsyncStub(RegistryStub):
@@ -56,6 +68,18 @@ class RegistryAsyncStub(RegistryStub):
     """
     Deregister: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeregisterRequest, _registry_pb2.DeregisterResponse]  # type: ignore[assignment]
     """Removes the instance now. NOT_FOUND when it is not registered."""
+    OpenSession: _aio.UnaryUnaryMultiCallable[_registry_pb2.OpenSessionRequest, _registry_pb2.OpenSessionResponse]  # type: ignore[assignment]
+    """A session: one lease for any number of this caller's instances (one per client process).
+    Heartbeat keeps it alive with its session_id as the lease_id; when it expires or is
+    closed, every instance attached to it goes. Servers without sessions answer UNIMPLEMENTED:
+    clients fall back to a lease per instance.
+    """
+    CloseSession: _aio.UnaryUnaryMultiCallable[_registry_pb2.CloseSessionRequest, _registry_pb2.CloseSessionResponse]  # type: ignore[assignment]
+    """Ends the session now: its instances are removed."""
+    RegisterBatch: _aio.UnaryUnaryMultiCallable[_registry_pb2.RegisterBatchRequest, _registry_pb2.RegisterBatchResponse]  # type: ignore[assignment]
+    """Registers many instances in one call (one etcd transaction per chunk), e.g. all of a
+    session's instances again after the session was lost. All or nothing per chunk.
+    """
 
 class RegistryServicer(metaclass=_abc_1.ABCMeta):
     """Writes. Every write is acknowledged only after the region's etcd has committed it."""
@@ -85,5 +109,35 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.DeregisterResponse, _abc.Awaitable[_registry_pb2.DeregisterResponse]]:
         """Removes the instance now. NOT_FOUND when it is not registered."""
+
+    @_abc_1.abstractmethod
+    def OpenSession(
+        self,
+        request: _registry_pb2.OpenSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.OpenSessionResponse, _abc.Awaitable[_registry_pb2.OpenSessionResponse]]:
+        """A session: one lease for any number of this caller's instances (one per client process).
+        Heartbeat keeps it alive with its session_id as the lease_id; when it expires or is
+        closed, every instance attached to it goes. Servers without sessions answer UNIMPLEMENTED:
+        clients fall back to a lease per instance.
+        """
+
+    @_abc_1.abstractmethod
+    def CloseSession(
+        self,
+        request: _registry_pb2.CloseSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.CloseSessionResponse, _abc.Awaitable[_registry_pb2.CloseSessionResponse]]:
+        """Ends the session now: its instances are removed."""
+
+    @_abc_1.abstractmethod
+    def RegisterBatch(
+        self,
+        request: _registry_pb2.RegisterBatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_registry_pb2.RegisterBatchResponse, _abc.Awaitable[_registry_pb2.RegisterBatchResponse]]:
+        """Registers many instances in one call (one etcd transaction per chunk), e.g. all of a
+        session's instances again after the session was lost. All or nothing per chunk.
+        """
 
 def add_RegistryServicer_to_server(servicer: RegistryServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

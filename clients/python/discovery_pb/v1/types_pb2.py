@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iscovery/v1/types.proto\x12\x0c\x64iscovery.v1\"\xdb\x02\n\x08Instance\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x36\n\x08metadata\x18\x06 \x03(\x0b\x32$.discovery.v1.Instance.MetadataEntry\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12\x0e\n\x06weight\x18\x08 \x01(\r\x12$\n\x06status\x18\t \x01(\x0e\x32\x14.discovery.v1.Status\x12\x0f\n\x07version\x18\n \x01(\t\x12\x18\n\x10registered_at_ms\x18\x0b \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x0c \x01(\r\x12\r\n\x05owner\x18\r \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"n\n\x08\x45ndpoint\x12(\n\x08instance\x18\x01 \x01(\x0b\x32\x16.discovery.v1.Instance\x12\x14\n\x0cmod_revision\x18\x02 \x01(\x03\x12\r\n\x05stale\x18\x03 \x01(\x08\x12\x13\n\x0b\x61ge_seconds\x18\x04 \x01(\x01\"\xd6\x01\n\x06\x43hange\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.discovery.v1.Change.Kind\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12(\n\x08instance\x18\x06 \x01(\x0b\x32\x16.discovery.v1.Instance\"1\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03PUT\x10\x01\x12\n\n\x06\x44\x45LETE\x10\x02*L\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x0f\n\x0bNOT_SERVING\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iscovery/v1/types.proto\x12\x0c\x64iscovery.v1\"\xef\x02\n\x08Instance\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x36\n\x08metadata\x18\x06 \x03(\x0b\x32$.discovery.v1.Instance.MetadataEntry\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12\x0e\n\x06weight\x18\x08 \x01(\r\x12$\n\x06status\x18\t \x01(\x0e\x32\x14.discovery.v1.Status\x12\x0f\n\x07version\x18\n \x01(\t\x12\x18\n\x10registered_at_ms\x18\x0b \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x0c \x01(\r\x12\r\n\x05owner\x18\r \x01(\t\x12\x12\n\nsession_id\x18\x0e \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\x12\x14\n\x0copened_at_ms\x18\x06 \x01(\x03\"n\n\x08\x45ndpoint\x12(\n\x08instance\x18\x01 \x01(\x0b\x32\x16.discovery.v1.Instance\x12\x14\n\x0cmod_revision\x18\x02 \x01(\x03\x12\r\n\x05stale\x18\x03 \x01(\x08\x12\x13\n\x0b\x61ge_seconds\x18\x04 \x01(\x01\"\xd6\x01\n\x06\x43hange\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.discovery.v1.Change.Kind\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12(\n\x08instance\x18\x06 \x01(\x0b\x32\x16.discovery.v1.Instance\"1\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03PUT\x10\x01\x12\n\n\x06\x44\x45LETE\x10\x02*L\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x0f\n\x0bNOT_SERVING\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,16 +34,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INSTANCE_METADATAENTRY']._loaded_options = None
   _globals['_INSTANCE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_STATUS']._serialized_start=721
-  _globals['_STATUS']._serialized_end=797
+  _globals['_STATUS']._serialized_start=860
+  _globals['_STATUS']._serialized_end=936
   _globals['_INSTANCE']._serialized_start=43
-  _globals['_INSTANCE']._serialized_end=390
-  _globals['_INSTANCE_METADATAENTRY']._serialized_start=343
-  _globals['_INSTANCE_METADATAENTRY']._serialized_end=390
-  _globals['_ENDPOINT']._serialized_start=392
-  _globals['_ENDPOINT']._serialized_end=502
-  _globals['_CHANGE']._serialized_start=505
-  _globals['_CHANGE']._serialized_end=719
-  _globals['_CHANGE_KIND']._serialized_start=670
-  _globals['_CHANGE_KIND']._serialized_end=719
+  _globals['_INSTANCE']._serialized_end=410
+  _globals['_INSTANCE_METADATAENTRY']._serialized_start=363
+  _globals['_INSTANCE_METADATAENTRY']._serialized_end=410
+  _globals['_SESSION']._serialized_start=412
+  _globals['_SESSION']._serialized_end=529
+  _globals['_ENDPOINT']._serialized_start=531
+  _globals['_ENDPOINT']._serialized_end=641
+  _globals['_CHANGE']._serialized_start=644
+  _globals['_CHANGE']._serialized_end=858
+  _globals['_CHANGE_KIND']._serialized_start=809
+  _globals['_CHANGE_KIND']._serialized_end=858
 # @@protoc_insertion_point(module_scope)

@@ -83,6 +83,7 @@ class Instance(_message.Message):
     REGISTERED_AT_MS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     instance_id: _builtins.str
     """unique within (service, region); derived from address if empty"""
@@ -104,6 +105,8 @@ class Instance(_message.Message):
     server); set by the server. Only that identity, or an admin, may replace, deregister or
     heartbeat it. Empty on records written before servers knew identities.
     """
+    session_id: _builtins.int
+    """The session it is attached to (set by the server; 0: a lease of its own, or static)."""
     @_builtins.property
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -124,14 +127,54 @@ class Instance(_message.Message):
         registered_at_ms: _builtins.int = ...,
         ttl_seconds: _builtins.int = ...,
         owner: _builtins.str = ...,
+        session_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "instance_id", b"instance_id", "metadata", b"metadata", "owner", b"owner", "region", b"region", "registered_at_ms", b"registered_at_ms", "service", b"service", "status", b"status", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "version", b"version", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "instance_id", b"instance_id", "metadata", b"metadata", "owner", b"owner", "region", b"region", "registered_at_ms", b"registered_at_ms", "service", b"service", "session_id", b"session_id", "status", b"status", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "version", b"version", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Instance: _TypeAlias = Instance  # noqa: Y015
+
+@_typing.final
+class Session(_message.Message):
+    """A client's session (OpenSession), stored on its own lease beside the instances attached to it
+    under /discovery/v1/sessions/<region>/<session_id>.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    OPENED_AT_MS_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.int
+    region: _builtins.str
+    owner: _builtins.str
+    """the identity that opened it; only it (or an admin) may use it"""
+    name: _builtins.str
+    ttl_seconds: _builtins.int
+    opened_at_ms: _builtins.int
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.int = ...,
+        region: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        name: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+        opened_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "opened_at_ms", b"opened_at_ms", "owner", b"owner", "region", b"region", "session_id", b"session_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Session: _TypeAlias = Session  # noqa: Y015
 
 @_typing.final
 class Endpoint(_message.Message):
