@@ -40,6 +40,9 @@ class ServerConfig:
     max_staleness_seconds: float = 0.0  # stale replicas older than this are not served (0: always served)
     resume_grace_seconds: float = 10.0  # deletions from a region just back from silence wait this long
     election_ttl_seconds: int = 3  # a dead replicator leader is replaced after about this long
+    # etcd writes in flight at once (registrations, sessions, heartbeats); beyond it, writes are
+    # refused with RESOURCE_EXHAUSTED "overload" and a retry-after (0: no limit).
+    max_pending_writes: int = 1024
     # Security (docs/security.md). Serving needs the three TLS files or an explicit insecure.
     insecure: bool = False  # plaintext, everyone may do everything: development only
     tls_cert: str = ""  # this server's certificate chain (PEM); reloaded when the file changes
@@ -83,7 +86,7 @@ class ServerConfig:
         ):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be > 0")
-        for name in ("max_staleness_seconds", "resume_grace_seconds"):
+        for name in ("max_staleness_seconds", "resume_grace_seconds", "max_pending_writes"):
             if getattr(self, name) < 0:
                 raise InvalidArgument(name, "must be >= 0 (0 turns it off)")
         if not 0.05 <= self.replication_heartbeat_seconds <= 10:

@@ -22,6 +22,7 @@ from discovery.api import (
     ReplicationServicer,
     add_lookup_to_server,
 )
+from discovery.api.admission import Admission
 from discovery.api.decoding import DecodeRequests
 from discovery.config import ServerConfig
 from discovery.errors import InvalidArgument, PermissionDenied, StoreUnavailable
@@ -146,6 +147,7 @@ class Server:
         self.policy: PolicyFile | None = None
         self.guard: Guard | None = None
         self._etcd_reload = asyncio.Event()
+        self.admission = Admission(config.max_pending_writes)
 
     async def __aenter__(self) -> Server:
         try:
@@ -320,7 +322,13 @@ class Server:
         guard = self.guard
         assert guard is not None  # _load_security ran
         self._registry_api = RegistryServicer(
-            self.registry, self.keys, self.view, instruments, guard=guard, head_revision=self._head_revision
+            self.registry,
+            self.keys,
+            self.view,
+            instruments,
+            guard=guard,
+            admission=self.admission,
+            head_revision=self._head_revision,
         )
         registry_pb2_grpc.add_RegistryServicer_to_server(self._registry_api, server)
         self._lookup = LookupServicer(

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc.aio
 
+from discovery.api.admission import Admission
 from discovery.api.errors import abort, status_for
 from discovery.api.streams import OpenStreams
 from discovery.errors import Conflict, DiscoveryError, InvalidArgument, NotFound, ShuttingDown, StoreUnavailable
@@ -24,6 +25,7 @@ from discovery_pb.v1.registry_pb2_grpc import RegistryServicer as _Base
 from discovery_pb.v1.types_pb2 import Instance, Session
 
 _SHUTTING_DOWN = "the server is shutting down; send heartbeats to another server of the region"
+HEARTBEAT_SLACK = 2.0  # heartbeats may go past the write limit this many times over
 _CONFLICT_ATTEMPTS = 3  # conditional puts per Register before giving up (a record written concurrently)
 _CATCH_UP_SECONDS = 2.0  # a lease not in the view yet: how long to wait for the view to reach etcd's head
 
@@ -37,6 +39,7 @@ class RegistryServicer(_Base):
         instruments: Instruments,
         *,
         guard: Guard,
+        admission: Admission,
         head_revision: Callable[[], Awaitable[int]],
     ) -> None:
         self._registry = registry
@@ -45,6 +48,7 @@ class RegistryServicer(_Base):
         self._region = registry.region
         self._m = instruments
         self._guard = guard
+        self._admission = admission
         self._head_revision = head_revision
         self.streams = OpenStreams(_SHUTTING_DOWN)
 
@@ -66,9 +70,10 @@ class RegistryServicer(_Base):
                 if request.session_id:
                     session = await self._require_session(caller, grants, "Register", request.session_id)
                     record.ttl_seconds = session.ttl_seconds
-                done = await self._put(
-                    caller, grants, record, existing.mod_revision if existing else 0, request.session_id
-                )
+                with self._admission.write("Register"):
+                    done = await self._put(
+                        caller, grants, record, existing.mod_revision if existing else 0, request.session_id
+                    )
             except DiscoveryError as exc:
                 labels["outcome"] = type(exc).__name__
                 self._audit(caller, "Register", record.service, record.instance_id, error=exc)
@@ -135,7 +140,8 @@ class RegistryServicer(_Base):
                         if request.lease_id not in allowed:
                             await self._authorize_lease(caller, grants, request.lease_id)
                             allowed.add(request.lease_id)
-                        ttl = await self._registry.heartbeat(request.lease_id)
+                        with self._admission.write("a heartbeat", slack=HEARTBEAT_SLACK):
+                            ttl = await self._registry.heartbeat(request.lease_id)
                     except DiscoveryError as exc:
                         allowed.discard(request.lease_id)
                         await abort(context, exc)
@@ -215,7 +221,10 @@ class RegistryServicer(_Base):
                 guard.require_register(caller, grants, "OpenSession", "*")
             guard.charge_write(caller, grants, "OpenSession")
             guard.before_write()
-            session, revision = await self._registry.open_session(request.ttl_seconds, caller.identity, request.name)
+            with self._admission.write("OpenSession"):
+                session, revision = await self._registry.open_session(
+                    request.ttl_seconds, caller.identity, request.name
+                )
         except DiscoveryError as exc:
             await abort(context, exc)
         guard.audit.record(
@@ -235,7 +244,8 @@ class RegistryServicer(_Base):
             caller, grants = guard.caller(context, "CloseSession")
             await self._require_session(caller, grants, "CloseSession", request.session_id)
             guard.before_write()
-            revision = await self._registry.close_session(request.session_id)
+            with self._admission.write("CloseSession"):
+                revision = await self._registry.close_session(request.session_id)
         except DiscoveryError as exc:
             await abort(context, exc)
         guard.audit.record(
@@ -297,7 +307,8 @@ class RegistryServicer(_Base):
                 for record in records:
                     record.ttl_seconds = session.ttl_seconds
             guard.before_write()
-            revision, done = await self._registry.register_batch(records, request.session_id)
+            with self._admission.write("RegisterBatch"):
+                revision, done = await self._registry.register_batch(records, request.session_id)
         except DiscoveryError as exc:
             await abort(context, exc)
         guard.audit.record(
@@ -348,7 +359,8 @@ class RegistryServicer(_Base):
             self._m.deregistrations.add(1, {"outcome": type(exc).__name__})
             await abort(context, exc)
         try:
-            revision = await self._registry.deregister(request.service, request.instance_id)
+            with self._admission.write("Deregister"):
+                revision = await self._registry.deregister(request.service, request.instance_id)
         except DiscoveryError as exc:
             self._m.deregistrations.add(1, {"outcome": type(exc).__name__})
             self._audit(caller, "Deregister", request.service, request.instance_id, error=exc)

@@ -34,6 +34,7 @@ config file (TOML, top level or a [server] table):
   max_staleness_seconds = 0      # drop a peer's replicas once stale this long (0: serve stale forever)
   resume_grace_seconds = 10.0    # deletions from a peer just back from silence wait this long
   election_ttl_seconds = 3       # a dead replicator leader is replaced after about this long
+  max_pending_writes = 1024      # etcd writes in flight before writes are refused as "overload"
   tls_cert = "/etc/discovery/tls/server.pem"       # mTLS on every port (docs/security.md)
   tls_key = "/etc/discovery/tls/server-key.pem"
   tls_client_ca = "/etc/discovery/tls/ca.pem"      # clients and peers must chain to this
@@ -103,6 +104,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="SECONDS",
         help="hold deletions from a region that just came back this long (default 10)",
     )
+    p.add_argument(
+        "--max-pending-writes",
+        type=int,
+        metavar="N",
+        help="etcd writes in flight at once before writes are refused as overload, with a retry-after "
+        "(default 1024; 0: no limit)",
+    )
     tls = p.add_argument_group("security (docs/security.md)")
     tls.add_argument(
         "--insecure",
@@ -146,6 +154,7 @@ async def serve(args: argparse.Namespace) -> int:
             "stale_after_seconds": args.stale_after_seconds,
             "replication_heartbeat_seconds": args.replication_heartbeat_seconds,
             "resume_grace_seconds": args.resume_grace_seconds,
+            "max_pending_writes": args.max_pending_writes,
             **{name: getattr(args, name) for name in _SECURITY_FLAGS},
         },
     )
