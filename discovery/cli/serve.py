@@ -129,6 +129,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     tls.add_argument("--policy", dest="policy_file", metavar="FILE", help="who may do what (TOML); default deny")
     tls.add_argument("--audit-log", metavar="FILE", help="one JSON line per write and denial; - for stdout")
     tls.add_argument(
+        "--audit-fail-open",
+        action="store_true",
+        default=None,
+        help="keep accepting writes when the audit log cannot be written (logged loudly); default: refuse them",
+    )
+    tls.add_argument(
         "--health-listen",
         metavar="HOST:PORT",
         help="also serve the gRPC health service alone, plaintext, here (for probes without a certificate)",
@@ -199,6 +205,7 @@ _SECURITY_FLAGS = (
     "trust_domain",
     "policy_file",
     "audit_log",
+    "audit_fail_open",
     "health_listen",
     "etcd_ca",
     "etcd_cert",
