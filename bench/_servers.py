@@ -1,12 +1,17 @@
 """Server processes for the benchmarks and tests, run apart from the load generator (their own GIL).
 
     python bench/_servers.py discovery --listen 127.0.0.1:PORT --etcd HOST:PORT --region R [--prefix P]
+                                       [--settings JSON]
     python bench/_servers.py empty --listen 127.0.0.1:PORT
 
 Start them with ``discovery.devtools.process.ServerProcess``, which waits for gRPC health to
 say SERVING and stops them with SIGTERM (they never outlive the process that started them).
 Once listening, prints one JSON line ``{"port": N, "pid": N}`` on stdout, then serves until
 SIGTERM or SIGINT.
+
+``--settings`` is a JSON object of further ``ServerConfig`` keys, e.g. the TLS files, policy and
+audit log of a secure server (``{"insecure": false, "tls_cert": ..., "health_listen": ...}``);
+without it the server is plaintext (``insecure``), as before.
 
 ``empty`` is the ceiling: a grpc.aio server whose Lookup/Resolve handler returns a prebuilt
 empty response, so a client measures the same method path with no work behind it (and gRPC
@@ -22,6 +27,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -72,14 +78,15 @@ async def serve_empty(listen: str) -> None:
     await server.stop(0.5)
 
 
-async def serve_discovery(listen: str, etcd: str, region: str, prefix: str) -> None:
+async def serve_discovery(
+    listen: str, etcd: str, region: str, prefix: str, settings: dict[str, Any] | None = None
+) -> None:
     from discovery import telemetry
     from discovery.config import ServerConfig
     from discovery.server import Server
 
-    config = ServerConfig(
-        region=region, listen=listen, etcd=(etcd,), key_prefix=prefix, grace_seconds=0.5, insecure=True
-    )
+    fields: dict[str, Any] = {"insecure": True} | (settings or {})
+    config = ServerConfig(region=region, listen=listen, etcd=(etcd,), key_prefix=prefix, grace_seconds=0.5, **fields)
     tracing = telemetry.setup("discovery", region)  # as `discovery serve` would: no-op unless OTEL_* asks
     async with Server(config.validate(), startup_timeout=60, tracing=tracing) as server:
         stop = _stop_event()
@@ -95,13 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     disc.add_argument("--etcd", required=True)
     disc.add_argument("--region", required=True)
     disc.add_argument("--prefix", default="/discovery/v1/")
+    disc.add_argument("--settings", type=json.loads, default=None, help="JSON object of further ServerConfig keys")
     empty = sub.add_parser("empty", help="an empty grpc.aio unary handler (the ceiling)")
     empty.add_argument("--listen", default="127.0.0.1:0")
     args = parser.parse_args(argv)
     if args.kind == "empty":
         asyncio.run(serve_empty(args.listen))
     else:
-        asyncio.run(serve_discovery(args.listen, args.etcd, args.region, args.prefix))
+        asyncio.run(serve_discovery(args.listen, args.etcd, args.region, args.prefix, args.settings))
     return 0
 
 
