@@ -17,6 +17,7 @@ from discovery_client.model import Endpoint, Query, Resolution, Scope, Status, t
 from discovery_client.picker import Picker, Strategy
 from discovery_client.registration import Registration, instance_message
 from discovery_client.servers import ServerPool
+from discovery_client.session import ClientSession
 from discovery_client.tls import TlsConfig
 from discovery_client.watch import ServiceWatch
 
@@ -32,13 +33,19 @@ class DiscoveryClient:
     ``async with DiscoveryClient(config) as client:`` (or ``DiscoveryClient()`` to read the
     ``DISCOVERY_*`` environment). Nothing connects until the first call. Leaving the block
     closes, in this order: channels from ``grpc_channel`` stop following and close; the
-    watches stop; the cache file is written a last time; the server channels close.
-    Registrations are context managers of their own and are left before that.
+    watches stop; the cache file is written a last time; the session closes (CloseSession);
+    the server channels close. Registrations are context managers of their own and are left
+    before that (one still open when the session closes goes with it).
+
+    Attributes:
+        session: the ``ClientSession`` leased registrations share (opened by the first of
+            them), or None with ``config.sessions`` off.
     """
 
     def __init__(self, config: ClientConfig | None = None) -> None:
         self.config = (config or ClientConfig.from_env()).validate()
         self._pool = ServerPool(self.config)
+        self.session = ClientSession(self._pool, ttl=self.config.session_ttl) if self.config.sessions else None
         self._files = (
             FileCache(self.config.cache_file, self.config.cache_file_interval) if self.config.cache_file else None
         )
@@ -163,11 +170,17 @@ class DiscoveryClient:
         version: str = "",
         ttl: int = 10,
         drain_seconds: float = 5.0,
+        session: bool | None = None,
     ) -> Registration:
         """``async with client.register("web", "10.0.0.5:8080") as reg:`` registers this
         instance in this region for the block, heartbeating its lease (``ttl`` seconds, 0 for
         a static registration) and registering again if the lease is lost; on exit it turns
-        DRAINING, waits ``drain_seconds`` and deregisters. ``zone`` defaults to the config's."""
+        DRAINING, waits ``drain_seconds`` and deregisters. ``zone`` defaults to the config's.
+
+        A leased instance is attached to the client's session (``session=None``: when
+        ``config.sessions``; False: a lease of its own): the session's TTL applies, one
+        heartbeat stream keeps all of them, and after the session is lost they all come
+        back in one RegisterBatch."""
         instance = instance_message(
             service,
             address,
@@ -179,7 +192,10 @@ class DiscoveryClient:
             version=version,
             ttl=ttl,
         )
-        return Registration(self._pool, instance, drain_seconds=drain_seconds)
+        shared = self.session if session is not False else None
+        if session and shared is None:
+            shared = self.session = ClientSession(self._pool, ttl=self.config.session_ttl)
+        return Registration(self._pool, instance, drain_seconds=drain_seconds, session=shared)
 
     # --- channels ---------------------------------------------------------------------
 
@@ -266,6 +282,8 @@ class DiscoveryClient:
         self._watches.clear()
         if self._files is not None:
             await self._files.close()
+        if self.session is not None:
+            await self.session.close()
         await self._pool.close()
 
 

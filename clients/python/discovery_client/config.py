@@ -54,6 +54,11 @@ class ClientConfig:
         cache_file_interval: the file is rewritten at most this often (seconds).
         channel_drain_seconds: how long a replaced ``grpc_channel`` keeps serving in-flight calls.
         guard: the destructive-update guard.
+        sessions: leased registrations share one session (one lease, one Heartbeat stream,
+            one RegisterBatch to come back after losing it); False: a lease per instance.
+            A server without sessions (UNIMPLEMENTED) gets a lease per instance anyway.
+        session_ttl: the session's TTL in seconds; 0: the TTL of the first leased
+            registration (10 by default).
         tls: how channels to the servers are secured; by default from the
             ``DISCOVERY_TLS_*`` / ``DISCOVERY_INSECURE`` environment (``TlsConfig.from_env``).
             One of mTLS files or an explicit insecure switch is required.
@@ -73,6 +78,8 @@ class ClientConfig:
     cache_file_interval: float = 1.0
     channel_drain_seconds: float = 5.0
     guard: GuardPolicy = field(default_factory=GuardPolicy)
+    sessions: bool = True
+    session_ttl: int = 0
     tls: TlsConfig = field(default_factory=TlsConfig.from_env)
 
     def validate(self) -> ClientConfig:
@@ -141,6 +148,8 @@ def check_settings(config: ClientConfig) -> None:
         raise ConfigError("keepalive_seconds must be >= 1 (servers refuse more frequent pings)")
     if config.cache_file_interval < 0 or config.channel_drain_seconds < 0:
         raise ConfigError("cache_file_interval and channel_drain_seconds must be >= 0")
+    if not 0 <= config.session_ttl <= 3600:
+        raise ConfigError("session_ttl must be 0 (the first registration's ttl) or 1..3600 seconds")
     config.retry.validate()
     config.guard.validate()
     config.tls.validate()

@@ -13,6 +13,7 @@ from discovery_client.model import Scope, Status, to_scope, to_statuses
 from discovery_client.registration import Registration, instance_message
 from discovery_client.retry import RetryPolicy
 from discovery_client.servers import ServerPool
+from discovery_client.session import ClientSession, default_name
 from discovery_client.tls import TlsConfig
 from discovery_client.watch import StreamBroken, follow_watch
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
@@ -40,6 +41,8 @@ class DirectClient:
         retry: passes over the servers, backoff between them, and the overall deadline of
             each call; a Watch uses it between passes that got no message (see ``watch``).
         keepalive_seconds, watch_idle_timeout, stream_max_seconds: as in ``ClientConfig``.
+        sessions, session_ttl: as in ``ClientConfig``: the leased ``registration`` calls made
+            here share one session (falling back to a lease each on a server without).
         tls: how the channels are secured; None reads the ``DISCOVERY_TLS_*`` /
             ``DISCOVERY_INSECURE`` environment (``TlsConfig.from_env``).
 
@@ -57,6 +60,8 @@ class DirectClient:
         watch_idle_timeout: float = 11.0,
         stream_max_seconds: float = 600.0,
         tls: TlsConfig | None = None,
+        sessions: bool = True,
+        session_ttl: int = 0,
     ) -> None:
         targets = (servers,) if isinstance(servers, str) else tuple(servers)
         if not targets or not all(t.strip() for t in targets):
@@ -72,10 +77,13 @@ class DirectClient:
             watch_idle_timeout=watch_idle_timeout,
             stream_max_seconds=stream_max_seconds,
             tls=TlsConfig.from_env() if tls is None else tls,
+            sessions=sessions,
+            session_ttl=session_ttl,
         )
         check_settings(config)
         self.servers = targets
         self._pool = ServerPool(config)
+        self.session = ClientSession(self._pool, ttl=session_ttl) if sessions else None
 
     async def __aenter__(self) -> DirectClient:
         return self
@@ -84,7 +92,10 @@ class DirectClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channels; registrations made here should be left first."""
+        """Close the session of the registrations (CloseSession), then the channels;
+        registrations made here should be left first."""
+        if self.session is not None:
+            await self.session.close()
         await self._pool.close()
 
     # --- Registry ---------------------------------------------------------------------
@@ -102,10 +113,12 @@ class DirectClient:
         version: str = "",
         ttl: int = 0,
         status: Status | None = None,
+        session_id: int = 0,
     ) -> registry_pb2.RegisterResponse:
         """One Register: static with ``ttl=0``; with a ``ttl`` the lease is not kept alive
-        here (``registration`` does that). Zero values take the server's defaults (an id
-        derived from the address, weight 100, SERVING)."""
+        here (``registration`` does that); with a ``session_id`` (``open_session``) the
+        instance is attached to that session and ``ttl`` is ignored. Zero values take the
+        server's defaults (an id derived from the address, weight 100, SERVING)."""
         instance = instance_message(
             service,
             address,
@@ -120,8 +133,37 @@ class DirectClient:
         )
         response: registry_pb2.RegisterResponse
         response, _ = await self._pool.call(
-            lambda s: s.registry.Register, registry_pb2.RegisterRequest(instance=instance)
+            lambda s: s.registry.Register, registry_pb2.RegisterRequest(instance=instance, session_id=session_id)
         )
+        return response
+
+    async def open_session(self, ttl: int = 10, name: str = "") -> registry_pb2.OpenSessionResponse:
+        """One OpenSession: a lease of ``ttl`` seconds for any number of instances; not kept
+        alive here (heartbeat its ``session_id`` as a lease id, or use ``registration``).
+        ``name`` is shown in the server's logs (default: "HOST pid PID"). A server without
+        sessions raises ``ServerError`` with code UNIMPLEMENTED."""
+        request = registry_pb2.OpenSessionRequest(ttl_seconds=ttl, name=name or default_name())
+        response: registry_pb2.OpenSessionResponse
+        response, _ = await self._pool.call(lambda s: s.registry.OpenSession, request)
+        return response
+
+    async def close_session(self, session_id: int) -> registry_pb2.CloseSessionResponse:
+        """One CloseSession: the session ends now and its instances are removed (``NotFound``
+        when it has expired or was closed)."""
+        request = registry_pb2.CloseSessionRequest(session_id=session_id)
+        response: registry_pb2.CloseSessionResponse
+        response, _ = await self._pool.call(lambda s: s.registry.CloseSession, request)
+        return response
+
+    async def register_batch(
+        self, instances: Sequence[types_pb2.Instance], *, session_id: int = 0
+    ) -> registry_pb2.RegisterBatchResponse:
+        """One RegisterBatch of at most 1,000 ``instances`` (see ``instance_message``): all
+        on ``session_id``, or, with 0, static ones (a batch grants no lease per instance).
+        Results come in request order; one etcd transaction per 100."""
+        request = registry_pb2.RegisterBatchRequest(instances=list(instances), session_id=session_id)
+        response: registry_pb2.RegisterBatchResponse
+        response, _ = await self._pool.call(lambda s: s.registry.RegisterBatch, request)
         return response
 
     def registration(
@@ -137,10 +179,11 @@ class DirectClient:
         version: str = "",
         ttl: int = 10,
         drain_seconds: float = 5.0,
+        session: bool | None = None,
     ) -> Registration:
-        """``async with`` keeps the instance registered, as ``DiscoveryClient.register``: the
-        lease heartbeated, registered again when lost; on leaving, DRAINING for
-        ``drain_seconds``, then deregistered."""
+        """``async with`` keeps the instance registered, as ``DiscoveryClient.register``: on
+        this client's session (``session=False``: a lease of its own), heartbeated, registered
+        again when lost; on leaving, DRAINING for ``drain_seconds``, then deregistered."""
         instance = instance_message(
             service,
             address,
@@ -152,7 +195,10 @@ class DirectClient:
             version=version,
             ttl=ttl,
         )
-        return Registration(self._pool, instance, drain_seconds=drain_seconds)
+        shared = self.session if session is not False else None
+        if session and shared is None:
+            shared = self.session = ClientSession(self._pool, ttl=self._pool.config.session_ttl)
+        return Registration(self._pool, instance, drain_seconds=drain_seconds, session=shared)
 
     async def deregister(self, service: str, instance_id: str) -> registry_pb2.DeregisterResponse:
         """One Deregister. ``NotFound`` when the server does not know the instance; with a

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 from discovery_client.errors import ConfigError, DiscoveryClientError, ResourceExhausted
 
+OVERLOAD_SPREAD = 30.0  # seconds: the most a retry-after is stretched by its jitter
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -21,7 +23,8 @@ class RetryPolicy:
             fleet of clients that lost the same server does not come back in step.
 
     A server over a limit answers RESOURCE_EXHAUSTED with ``retry-after-ms``: the next pass
-    then waits at least that long, if it still fits in the deadline (else the error is raised).
+    then waits that long times a random factor in [1, 2] (``after_refusal``), if the wait
+    still fits in the deadline (else the error is raised).
     """
 
     attempts: int = 3
@@ -38,6 +41,15 @@ class RetryPolicy:
         except OverflowError:  # a long outage's count (2.0 ** 1100 is no float): the cap holds
             raw = self.max_delay
         return raw * random.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def after_refusal(self, told: float, attempt: int = 0) -> float:
+        """Seconds to wait after a refusal: with a server's retry-after (``told`` > 0), a
+        random point in [told, 2 * told] (at most ``told`` + ``OVERLOAD_SPREAD``), so a fleet
+        refused at the same moment comes back spread out instead of in step; without one,
+        the exponential backoff of pass ``attempt``."""
+        if told <= 0:
+            return self.delay(attempt)
+        return min(told * random.uniform(1, 2), told + OVERLOAD_SPREAD)
 
     def retry_after(self, error: DiscoveryClientError, remaining: float) -> float | None:
         """Seconds to wait before trying again after ``error``, when a server said how long

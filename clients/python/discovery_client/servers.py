@@ -157,7 +157,10 @@ class ServerPool:
                         if after is None or attempt == policy.attempts - 1:
                             raise error from exc
                         errors.append(error)
-                        wait = after
+                        # Jittered, so clients refused together come back spread out; never
+                        # so long that no attempt fits in the deadline after it.
+                        spread = end - loop.time() - self.config.call_timeout
+                        wait = max(after, min(policy.after_refusal(after), spread))
                         break  # over a limit of this identity: wait as told, not at the next server
                     if not is_retryable(exc):
                         raise error from exc

@@ -108,6 +108,7 @@ class SyncDiscoveryClient:
         version: str = "",
         ttl: int = 10,
         drain_seconds: float = 5.0,
+        session: bool | None = None,
     ) -> SyncRegistration:
         """As ``DiscoveryClient.register``: ``with client.register("web", "10.0.0.5:8080") as reg:``."""
         registration = self._client.register(
@@ -121,6 +122,7 @@ class SyncDiscoveryClient:
             version=version,
             ttl=ttl,
             drain_seconds=drain_seconds,
+            session=session,
         )
         return SyncRegistration(self, registration, drain_seconds)
 
