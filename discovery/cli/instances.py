@@ -15,8 +15,9 @@ REGISTER_EXAMPLES = """examples:
   discovery register web 10.0.0.5:8080 --id web-1 --zone us-east-1a --tag canary --meta version=1.4
       static: stays until `discovery deregister web web-1`
   discovery register web 10.0.0.5:8080 --ttl 10
-      leased: stays in the foreground sending heartbeats; Ctrl-C or SIGTERM marks it DRAINING,
-      waits --drain seconds (clients stop picking it), then deregisters
+      leased: stays in the foreground sending heartbeats (on a session of TTL 10 s, or a lease
+      of its own with --no-session or on a server without sessions); Ctrl-C or SIGTERM marks
+      it DRAINING, waits --drain seconds (clients stop picking it), then deregisters
   discovery register web 10.0.0.5:8080 --ttl 10 --json
       prints {"service", "instance_id", "revision"} once registered"""
 
@@ -45,6 +46,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         default=DRAIN_SECONDS,
         metavar="SECONDS",
         help="leased: on Ctrl-C or SIGTERM, stay DRAINING this long before deregistering (default: %(default)s)",
+    )
+    p.add_argument(
+        "--no-session",
+        dest="session",
+        action="store_false",
+        help="leased: a lease of its own instead of a session (what servers without sessions get anyway)",
     )
     add_client_flags(p)
     p.set_defaults(func=register)
@@ -99,10 +106,16 @@ async def register(args: argparse.Namespace) -> int:
             return OK
         # Listening before anything is printed: whoever reads the first line may signal at once.
         stop = _stop_on_signals()
-        # The library's registration: heartbeats (on another stream when one breaks), a new
-        # registration when the lease is lost, and on the way out DRAINING, then deregister.
-        async with api.registration(args.service, args.address, **fields, drain_seconds=args.drain) as registration:
+        # The library's registration: on a session (opened here, closed on the way out; a lease
+        # of its own on a server without sessions), heartbeats (on another stream when one
+        # breaks), registered again when the lease is lost, and on the way out DRAINING, then
+        # deregister.
+        async with api.registration(
+            args.service, args.address, **fields, drain_seconds=args.drain, session=args.session
+        ) as registration:
             kind = f"leased, ttl {registration.ttl_seconds}s"
+            if registration.session_id:
+                kind += f", session {registration.session_id:x}"
             _registered(args, registration.instance_id, registration.revision, kind)
             await stop.wait()
             if args.drain and not args.json:

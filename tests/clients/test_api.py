@@ -33,6 +33,7 @@ PUBLIC = {
     "AccessDenied",
     "AioServiceChannel",
     "ClientConfig",
+    "ClientSession",
     "ConfigError",
     "DirectClient",
     "DiscoveryClient",
@@ -60,6 +61,7 @@ PUBLIC = {
     "Unavailable",
     "Unreachable",
     "from_rpc_error",
+    "instance_message",
 }
 
 CONSTANTS = {"DEFAULT_WEIGHT"}  # values, not classes or functions: they have no module

@@ -29,8 +29,9 @@ from discovery_client.errors import (
 from discovery_client.guard import GuardPolicy
 from discovery_client.model import DEFAULT_WEIGHT, Endpoint, Resolution, Scope, Status
 from discovery_client.picker import Strategy
-from discovery_client.registration import Registration
+from discovery_client.registration import Registration, instance_message
 from discovery_client.retry import RetryPolicy
+from discovery_client.session import ClientSession
 from discovery_client.sync import SyncDiscoveryClient, SyncRegistration
 from discovery_client.tls import TlsConfig
 
@@ -39,6 +40,7 @@ __all__ = [
     "AccessDenied",
     "AioServiceChannel",
     "ClientConfig",
+    "ClientSession",
     "ConfigError",
     "DirectClient",
     "DiscoveryClient",
@@ -66,4 +68,5 @@ __all__ = [
     "Unavailable",
     "Unreachable",
     "from_rpc_error",
+    "instance_message",
 ]

@@ -115,9 +115,9 @@ class LeaseKeeper:
         cut short so that a heartbeat still reaches the server before the lease expires."""
         wait = self._pool.config.retry.after_refusal(told, attempt)
         if self._expires is not None:
-            left = self._expires - asyncio.get_running_loop().time() - self._pool.config.call_timeout
-            if left > 0:  # else it has expired already, or will before any answer: no hurry
-                wait = min(wait, left)
+            left = self._expires - asyncio.get_running_loop().time()
+            if left > 0:  # else it has expired already: no hurry
+                wait = min(wait, left - self._pool.config.call_timeout)
         return max(MIN_WAIT, wait)
 
     async def _heartbeat_any(self) -> None:
