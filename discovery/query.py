@@ -32,11 +32,10 @@ class Query:
         )
 
     def matches(self, record: Record) -> bool:
-        inst = record.instance
         return (
-            inst.status in self.statuses
-            and (not self.zone or inst.zone == self.zone)
-            and (not self.tags or self.tags.issubset(inst.tags))
+            record.status in self.statuses
+            and (not self.zone or record.zone == self.zone)
+            and (not self.tags or self.tags.issubset(record.tags))
         )
 
 
@@ -53,7 +52,7 @@ def select(
     by_region: dict[str, list[Record]] = {}
     for record in records:
         if query.matches(record):
-            by_region.setdefault(record.instance.region, []).append(record)
+            by_region.setdefault(record.region, []).append(record)
     if servable is not None:
         for region in [r for r in by_region if r != local and not servable(r)]:
             del by_region[region]
@@ -62,7 +61,7 @@ def select(
         nearest = [r for r in dict.fromkeys(proximity) if r in by_region]  # a repeated region counts once
         order = nearest + sorted(set(by_region) - set(nearest))
         for region in order:
-            if sum(r.instance.status == Status.SERVING for r in chosen) >= query.min_healthy:
+            if sum(r.status == Status.SERVING for r in chosen) >= query.min_healthy:
                 break
             chosen += by_region[region]
     elif query.scope == Scope.ALL:

@@ -23,7 +23,7 @@ from discovery.telemetry import Instruments
 from discovery.view import SNAPSHOT_CHUNK, Changes, Snapshot, View, updates
 from discovery_pb.v1 import lookup_pb2 as pb
 from discovery_pb.v1.lookup_pb2_grpc import LookupServicer as _Base
-from discovery_pb.v1.types_pb2 import Status
+from discovery_pb.v1.types_pb2 import Endpoint, Status
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +87,30 @@ class LookupServicer(_Base):
             hit = self._cache.get(query.service)
             if hit is not None and hit[0] == key:
                 return hit[1]
-        body = pb.ResolveResponse()
-        fresh: dict[str, Freshness] = {}
+        # Each endpoint is written out around the record's stored bytes (no decode, no copy):
+        # Endpoint is instance (1), mod_revision (2), then stale (3) and age_seconds (4), which
+        # are the same for every endpoint of a region.
+        parts: list[bytes] = []
+        tails: dict[str, bytes] = {}
         counts: dict[str, int] = {}
+        fresh: dict[str, Freshness] = {}
         chosen = select(view.service(query.service), query, self._region, states.peers, states.servable)
         for record in chosen:
-            region = record.instance.region
-            state = fresh.get(region)
-            if state is None:
+            region = record.region
+            tail = tails.get(region)
+            if tail is None:
                 state = fresh[region] = states.freshness(region)
-            counts[region] = counts.get(region, 0) + 1
-            endpoint = body.endpoints.add(
-                mod_revision=record.mod_revision, stale=state.stale, age_seconds=_seconds(state)
+                tail = tails[region] = Endpoint(stale=state.stale, age_seconds=_seconds(state)).SerializeToString()
+                counts[region] = 0
+            counts[region] += 1
+            value = record.value
+            endpoint = b"".join(
+                (_INSTANCE_TAG, _varint(len(value)), value, _MOD_REVISION_TAG, _varint(record.mod_revision), tail)
+                if record.mod_revision
+                else (_INSTANCE_TAG, _varint(len(value)), value, tail)
             )
-            endpoint.instance.CopyFrom(record.instance)
+            parts += (_ENDPOINTS_TAG, _varint(len(endpoint)), endpoint)
+        body = pb.ResolveResponse()
         for region, count in counts.items():
             state = fresh[region]
             body.regions.add(
@@ -110,7 +120,8 @@ class LookupServicer(_Base):
                 stale_seconds=_seconds(state),
                 local=region == self._region,
             )
-        data = body.SerializeToString()
+        parts.append(body.SerializeToString())
+        data = b"".join(parts)
         if cacheable:
             if len(self._cache) > 2 * view.service_count + 1024:  # services come and go
                 self._cache.clear()
@@ -203,6 +214,27 @@ def _query(request: pb.ResolveRequest) -> Query:
         zone=request.zone,
         min_healthy=request.min_healthy or 1,
     )
+
+
+# Tags (field number << 3 | wire type 2 or 0) of the fields _endpoints writes by hand.
+_ENDPOINTS_TAG = bytes([3 << 3 | 2])  # ResolveResponse.endpoints
+_INSTANCE_TAG = bytes([1 << 3 | 2])  # Endpoint.instance
+_MOD_REVISION_TAG = bytes([2 << 3 | 0])  # Endpoint.mod_revision
+
+
+def _varint(n: int) -> bytes:
+    """A protobuf varint of ``n`` >= 0."""
+    if n < 0x80:
+        return _SMALL[n]
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+_SMALL = [bytes([n]) for n in range(0x80)]
 
 
 def _seconds(state: Freshness) -> float:

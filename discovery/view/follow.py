@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from discovery.errors import Compacted, StoreUnavailable
 from discovery.store import Event, KeyValue, WatchBatch
@@ -29,9 +29,30 @@ class WatchSource(Protocol):
     def watch(self, prefix: bytes, start_revision: int) -> AsyncGenerator[WatchBatch, None]: ...
 
 
+class PagedSource(WatchSource, Protocol):
+    """A source that can also list a page at a time (``discovery.store.Store``)."""
+
+    def list_pages(self, prefix: bytes) -> AsyncGenerator[tuple[int, list[KeyValue]], None]: ...
+
+
+class Listing(Protocol):
+    """Takes a listing in a page at a time: ``page`` for each (all at one revision), then
+    ``done`` once the last has come. Dropped unfinished when the listing fails."""
+
+    def page(self, revision: int, items: list[KeyValue]) -> None: ...
+
+    def done(self, revision: int) -> None: ...
+
+
 Listed = Callable[[int, list[KeyValue]], None]  # (revision, every key-value under the prefix)
+# A listing taken in a page at a time, when the view can (None: all at once, through Listed).
+Paged = Callable[[], Listing | None]
 Applied = Callable[[list[Event], int], None]  # (events, the revision everything is delivered up to)
 Progressed = Callable[[int], None]  # etcd's answer to a progress request, still unconfirmed
+
+
+def _has_pages(source: object) -> bool:
+    return callable(getattr(source, "list_pages", None))
 
 
 class Follower:
@@ -47,6 +68,7 @@ class Follower:
         listed: Listed,
         applied: Applied,
         progressed: Progressed,
+        paged: Paged | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
         self._source = source
@@ -55,6 +77,7 @@ class Follower:
         self._listed = listed
         self._applied = applied
         self._progressed = progressed
+        self._paged = paged
         # Only the backoff fields apply: the watch reconnects until the server stops it.
         self.retry = retry or RetryPolicy()
         self.watching = False
@@ -90,8 +113,19 @@ class Follower:
         self._failures += 1
 
     async def _load(self) -> None:
-        revision, items = await self._source.list_prefix(self._prefix)
-        self._listed(revision, items)
+        listing = self._paged() if self._paged is not None and _has_pages(self._source) else None
+        if listing is None:
+            revision, items = await self._source.list_prefix(self._prefix)
+            self._listed(revision, items)
+        else:
+            # Each page taken in (decoded, kept compactly) before the next is read: the
+            # listing as etcd sent it is never all in memory at once.
+            revision = 0
+            source = cast(PagedSource, self._source)
+            async with contextlib.aclosing(source.list_pages(self._prefix)) as pages:
+                async for revision, page in pages:
+                    listing.page(revision, page)
+            listing.done(revision)
         self._resume = revision
         self._contact()
 

@@ -1,30 +1,92 @@
 """The instance index: every instance under the prefix, by key and by service, with a
 generation per service, a count per region, and (for authorization) the instances on each
 lease and the instances each owner holds per region. Resolve, Watch snapshots, xDS and Status read
-it; only the view writes it, one etcd event at a time."""
+it; only the view writes it, one etcd event at a time.
+
+A record is kept compactly (issue 13, memory): the value as etcd stored it (protobuf bytes,
+shared with the change history) and, decoded, only what the hot paths filter on (region,
+status, zone, tags, owner), with repeated strings and tag lists shared between records. The
+full ``Instance`` is decoded on demand (``Record.instance``), a fresh message each time."""
 
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import TypeVar
 
 from discovery.keys import InstanceKey
 from discovery_pb.v1.types_pb2 import Instance
 
 _K = TypeVar("_K")
+_SHARED_TAGS_LIMIT = 1 << 16  # distinct tag lists shared; past that the table starts again
 
 
-@dataclass(slots=True)
+class Shared:
+    """Shares the strings and tag lists that repeat across records (regions, services, zones,
+    owners, tags): one object each instead of one per record. Strings go through
+    ``sys.intern`` (freed once no record holds them); tag lists through a bounded table."""
+
+    def __init__(self) -> None:
+        self._tags: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def tags(self, tags: Iterable[str]) -> tuple[str, ...]:
+        key = tuple(tags)
+        if not key:
+            return ()
+        shared = self._tags.get(key)
+        if shared is None:
+            if len(self._tags) >= _SHARED_TAGS_LIMIT:
+                self._tags.clear()
+            shared = self._tags[key] = tuple(sys.intern(t) for t in key)
+        return shared
+
+    @staticmethod
+    def key(key: InstanceKey) -> InstanceKey:
+        return InstanceKey(sys.intern(key.region), sys.intern(key.service), key.instance_id)
+
+
+_SHARED = Shared()  # for records built outside a view (tests, tools)
+
+
 class Record:
-    instance: Instance
-    mod_revision: int
-    lease: int
+    """One instance as the view holds it: ``value`` (the record's protobuf bytes, exactly as
+    stored), the etcd ``mod_revision`` and ``lease``, and the fields answers filter on."""
+
+    __slots__ = ("lease", "mod_revision", "owner", "region", "status", "tags", "value", "zone")
+
+    def __init__(self, instance: Instance, mod_revision: int, lease: int) -> None:
+        self._fill(instance.SerializeToString(), instance, mod_revision, lease, _SHARED)
+
+    @classmethod
+    def decoded(cls, value: bytes, instance: Instance, mod_revision: int, lease: int, shared: Shared) -> Record:
+        """The record of ``value``, which decodes to ``instance`` (kept: ``value``, not ``instance``)."""
+        record = cls.__new__(cls)
+        record._fill(value, instance, mod_revision, lease, shared)
+        return record
+
+    def _fill(self, value: bytes, instance: Instance, mod_revision: int, lease: int, shared: Shared) -> None:
+        self.value = value
+        self.mod_revision = mod_revision
+        self.lease = lease
+        self.region = sys.intern(instance.region)
+        self.status = instance.status
+        self.zone = sys.intern(instance.zone)
+        self.tags = shared.tags(instance.tags)
+        self.owner = sys.intern(instance.owner)
+
+    @property
+    def instance(self) -> Instance:
+        """The record decoded: a new message each time (changing it changes nothing here)."""
+        return Instance.FromString(self.value)
+
+    def __repr__(self) -> str:
+        return f"Record({self.instance!r}, mod_revision={self.mod_revision}, lease={self.lease})"
 
 
 class Index:
     def __init__(self) -> None:
+        self.shared = Shared()
         self._records: dict[InstanceKey, Record] = {}
         self._by_service: dict[str, dict[InstanceKey, Record]] = {}
         self._generations: dict[str, int] = {}
@@ -61,7 +123,7 @@ class Index:
 
     def snapshot(self, service: str, region: str = "") -> list[Instance]:
         records = self._by_service.get(service, {}).values() if service else self._records.values()
-        return [r.instance for r in records if not region or r.instance.region == region]
+        return [Instance.FromString(r.value) for r in records if not region or r.region == region]
 
     def on_lease(self, lease: int) -> list[Record]:
         """The records attached to etcd lease ``lease`` (empty when none is known)."""
@@ -73,7 +135,9 @@ class Index:
             return self._owned_in_service.get((region, owner, service), 0)
         return self._owned.get((region, owner), 0)
 
-    def put(self, key: InstanceKey, record: Record) -> None:
+    def put(self, key: InstanceKey, record: Record) -> InstanceKey:
+        """Returns ``key`` as kept (its strings shared)."""
+        key = Shared.key(key)  # its region and service shared with every other key's
         old = self._records.get(key)
         if old is None:
             self._count(key.region, 1)
@@ -83,6 +147,7 @@ class Index:
         self._records[key] = record
         self._by_service.setdefault(key.service, {})[key] = record
         self._touch(key.service)
+        return key
 
     def remove(self, key: InstanceKey) -> bool:
         """Whether there was such an instance (a delete of an unknown key is no change)."""
@@ -102,7 +167,7 @@ class Index:
     def _link(self, key: InstanceKey, record: Record) -> None:
         if record.lease:
             self._leases.setdefault(record.lease, set()).add(key)
-        owner = record.instance.owner
+        owner = record.owner
         _bump(self._owned, (key.region, owner), 1)
         _bump(self._owned_in_service, (key.region, owner, key.service), 1)
 
@@ -113,7 +178,7 @@ class Index:
                 keys.discard(key)
                 if not keys:
                     del self._leases[record.lease]
-        owner = record.instance.owner
+        owner = record.owner
         _bump(self._owned, (key.region, owner), -1)
         _bump(self._owned_in_service, (key.region, owner, key.service), -1)
 

@@ -1,11 +1,13 @@
 """Subscription fan-out: every change the view applies is offered to each subscription that
-wants it (by service, by origin region), where it waits, coalesced, for its reader."""
+wants it (by service, by origin region), where it waits, coalesced, for its reader. The
+``Change`` message is built once per change, and only when some subscription wants it."""
 
 from __future__ import annotations
 
 import asyncio
 
 from discovery.keys import InstanceKey
+from discovery.view.history import make_change
 from discovery_pb.v1.types_pb2 import Change
 
 
@@ -48,9 +50,13 @@ class Subscriptions:
     def unsubscribe(self, sub: Subscription) -> None:
         self._open.discard(sub)
 
-    def publish(self, key: InstanceKey, change: Change) -> None:
+    def publish(self, revision: int, key: InstanceKey, value: bytes | None) -> None:
+        """Offer a put (``value``: the record's bytes) or a delete (None) at ``revision``."""
+        change: Change | None = None
         for sub in self._open:
-            if (not sub.service or sub.service == change.service) and (not sub.region or sub.region == change.region):
+            if (not sub.service or sub.service == key.service) and (not sub.region or sub.region == key.region):
+                if change is None:
+                    change = make_change(revision, key, value)
                 sub.offer(key, change)
 
     def close(self) -> None:

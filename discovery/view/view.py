@@ -25,8 +25,9 @@ from typing import Protocol
 from discovery.keys import InstanceKey, KeySchema
 from discovery.store import Event, KeyValue
 from discovery.view.follow import Follower, WatchSource
+from discovery.view.history import DEFAULT_MAX_BYTES as DEFAULT_HISTORY_BYTES
 from discovery.view.history import History
-from discovery.view.index import Index, Record
+from discovery.view.index import Index, Record, Shared
 from discovery.view.meta import MetaKeys
 from discovery.view.recovery import Recovery, TermSource
 from discovery.view.revision import AppliedRevision, ProgressSource
@@ -52,13 +53,19 @@ class View:
     first listing."""
 
     def __init__(
-        self, store: ViewSource, keys: KeySchema, *, history: int = 10_000, retry: RetryPolicy | None = None
+        self,
+        store: ViewSource,
+        keys: KeySchema,
+        *,
+        history: int = 10_000,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
+        retry: RetryPolicy | None = None,
     ) -> None:
         self._store = store
         self._keys = keys
         self._index = Index()
         self._meta = MetaKeys()
-        self._history = History(history)
+        self._history = History(history, history_bytes)
         self._subscriptions = Subscriptions()
         self._applied = AppliedRevision(
             store, keys.root, key_count=lambda: len(self._index) + len(self._meta), stale=lambda: self.stale
@@ -71,6 +78,7 @@ class View:
             listed=self._listed,
             applied=self._apply,
             progressed=self._applied.progressed,
+            paged=self._paged,
             retry=retry,
         )
         self.ready = asyncio.Event()
@@ -178,26 +186,31 @@ class View:
         await self._follower.run()
 
     def _listed(self, revision: int, items: list[KeyValue]) -> None:
+        parse = self._keys.parse_instance
         fresh: dict[InstanceKey, KeyValue] = {}
-        foreign: list[Event] = []
+        foreign: list[_Item] = []
         for kv in items:
-            key = self._keys.parse_instance(kv.key)
+            key = parse(kv.key)
             if key is not None:
                 fresh[key] = kv
             else:
-                foreign.append(Event(False, kv))
+                foreign.append((None, False, kv))
         self._meta.clear()  # the listing (through _apply below) says what is there now
         first = not self.ready.is_set()
-        events = [Event(False, kv) for key, kv in fresh.items() if first or not self._holds(key, kv.mod_revision)]
-        gone = [
-            Event(True, KeyValue(self._keys.instance_key(key), b"", revision, 0))
+        if first:
+            events: list[_Item] = [(key, False, kv) for key, kv in fresh.items()]
+        else:
+            events = [(key, False, kv) for key, kv in fresh.items() if not self._holds(key, kv.mod_revision)]
+        gone: list[_Item] = [
+            (key, True, KeyValue(self._keys.instance_key(key), b"", revision, 0))
             for key in self._index
             if key not in fresh
         ]
         # A re-list turns what changed while we were not watching into changes at `revision`.
         if not first and revision > self.revision:
             self._history.gap(self.revision, revision)
-        self._apply(foreign + events + gone, revision, stamp=revision)
+        self._apply_items(foreign + events + gone, stamp=revision, history=not first)
+        self._applied.advance(revision)
         if first:
             self._history.restart(revision)
             self.ready.set()
@@ -205,52 +218,100 @@ class View:
             self.reloads += 1
         log.info("view: listed %d instances at revision %d", len(fresh), revision)
 
+    def _paged(self) -> _FirstListing | None:
+        """The first listing is taken in a page at a time (no reader sees the view before it
+        is ready); a re-list, all at once (``_listed``)."""
+        return None if self.ready.is_set() else _FirstListing(self)
+
+    def _first_listed(self, revision: int, gone: list[_Item], count: int) -> None:
+        self._apply_items(gone, stamp=revision, history=False)
+        self._applied.advance(revision)
+        self._history.restart(revision)
+        self.ready.set()
+        log.info("view: listed %d instances at revision %d", count, revision)
+
     def _holds(self, key: InstanceKey, mod_revision: int) -> bool:
         record = self._index.get(key)
         return record is not None and record.mod_revision == mod_revision
 
-    def _classify(self, event: Event) -> tuple[InstanceKey, Instance | None] | None:
-        """The instance an event is about and its new state (None: gone), or None for a key
-        that is no instance. Keys we cannot serve are still kept (see ``meta``)."""
-        parsed = self._keys.parse_instance(event.kv.key)
-        instance = None
-        if parsed is not None and not event.deleted:
-            try:
-                instance = Instance.FromString(event.kv.value)
-            except Exception:  # a corrupt value must not stop the feed; it is served no more
-                log.warning("view: cannot decode %r; not served", event.kv.key)
-        served = parsed is not None and instance is not None
-        self._meta.set(event.kv.key, None if event.deleted or served else event.kv.value)
-        return None if parsed is None else (parsed, instance)
-
-    def _apply(self, events: list[Event], revision: int, stamp: int = 0) -> None:
-        for event in events:
-            item = self._classify(event)
-            if item is None:
-                continue
-            key, instance = item
-            region, service, instance_id = key
-            change_revision = stamp or event.kv.mod_revision
-            if instance is None:
-                if not self._index.remove(key):
-                    continue
-                change = Change(
-                    kind=Change.DELETE,
-                    revision=change_revision,
-                    region=region,
-                    service=service,
-                    instance_id=instance_id,
-                )
-            else:
-                self._index.put(key, Record(instance, event.kv.mod_revision, event.kv.lease))
-                change = Change(
-                    kind=Change.PUT,
-                    revision=change_revision,
-                    region=region,
-                    service=service,
-                    instance_id=instance_id,
-                    instance=instance,
-                )
-            self._history.add(change)
-            self._subscriptions.publish(key, change)
+    def _apply(self, events: list[Event], revision: int) -> None:
+        parse = self._keys.parse_instance
+        self._apply_items([(parse(e.kv.key), e.deleted, e.kv) for e in events])
         self._applied.advance(revision)
+
+    def _apply_items(self, items: list[_Item], stamp: int = 0, *, history: bool = True) -> None:
+        """Apply each (instance key or None, deleted, key-value); ``stamp``: the revision of
+        every change (a re-list's), 0: each its own; ``history``: False for the first
+        listing, whose changes no one can resume from.
+
+        A key that is no instance, or a value that does not decode, is kept apart (``meta``);
+        an instance whose value no longer decodes is served no more."""
+        index, shared, meta, publish = self._index, self._index.shared, self._meta, self._subscriptions.publish
+        for parsed, deleted, kv in items:
+            if parsed is None:
+                meta.set(kv.key, None if deleted else kv.value)
+                continue
+            change_revision = stamp or kv.mod_revision
+            value: bytes | None = None
+            if not deleted:
+                try:
+                    instance = Instance.FromString(kv.value)
+                except Exception:  # a corrupt value must not stop the feed; it is served no more
+                    log.warning("view: cannot decode %r; not served", kv.key)
+                    meta.set(kv.key, kv.value)
+                else:
+                    value = kv.value
+                    meta.set(kv.key, None)
+            else:
+                meta.set(kv.key, None)
+            if value is None:
+                if not index.remove(parsed):
+                    continue
+                key = Shared.key(parsed)
+            else:
+                key = index.put(parsed, Record.decoded(value, instance, kv.mod_revision, kv.lease, shared))
+            if history:
+                self._history.add(change_revision, key, value)
+            publish(change_revision, key, value)
+
+
+# (the instance key, None for any other key; whether it was deleted; the key-value)
+_Item = tuple[InstanceKey | None, bool, KeyValue]
+
+
+class _FirstListing:
+    """The first listing, applied a page at a time: each page is decoded into the index (and
+    its key-values dropped) before the next is read, so the listing as etcd sent it is never
+    all in memory at once. Nothing is visible before ``done``: the view is not ready."""
+
+    def __init__(self, view: View) -> None:
+        self._view = view
+        view._meta.clear()
+        # An attempt that failed half way left part of a listing: what this one does not
+        # bring must go when it is done.
+        self._seen: set[InstanceKey] | None = set() if view.instance_count else None
+        self._count = 0
+
+    def page(self, revision: int, items: list[KeyValue]) -> None:
+        view, seen = self._view, self._seen
+        parse = view._keys.parse_instance
+        batch: list[_Item] = []
+        for kv in items:
+            key = parse(kv.key)
+            batch.append((key, False, kv))
+            if key is not None:
+                self._count += 1
+                if seen is not None:
+                    seen.add(key)
+        view._apply_items(batch, stamp=revision, history=False)
+
+    def done(self, revision: int) -> None:
+        view, seen = self._view, self._seen
+        gone: list[_Item] = []
+        if seen is not None:
+            gone = [
+                (key, True, KeyValue(view._keys.instance_key(key), b"", revision, 0))
+                for key in view._index
+                if key not in seen
+            ]
+        view._first_listed(revision, gone, self._count)

@@ -116,7 +116,7 @@ class Builder:
 
     def load_assignment(self, name: str, perspective: str) -> Message:
         states = self.states
-        instances = [r.instance for r in self.view.service(name) if states.servable(r.instance.region)]
+        instances = [r.instance for r in self.view.service(name) if states.servable(r.region)]
         present = {i.region for i in instances}
         order = rs.region_order(perspective or states.region, states.region, states.peers, present)
         stale = {region: states.freshness(region).stale for region in present}
