@@ -151,8 +151,8 @@ class ClientSession:
         self._start_recovery(lease)
         while not self._fresh.is_set() and not self._closed:
             await self._fresh.wait()
-        if self._closed:
-            await asyncio.Event().wait()  # stopped by close()
+        if self._closed or not self.supported:
+            await asyncio.Event().wait()  # nothing to heartbeat: stopped by close()
 
     def _start_recovery(self, lost: int) -> None:
         if self._closed or lost != self.session_id or self._recovery is not None:
@@ -225,6 +225,7 @@ class ClientSession:
         log.warning("discovery client: the server has no sessions any more: a lease per instance")
         self.supported = False
         self.session_id = 0
+        self._fresh.set()
         for registration in list(self.members.values()):
             registration.leave_session()
         self.members.clear()
