@@ -29,6 +29,7 @@ class ServerConfig:
     watch_keepalive_seconds: float = 5.0  # Watch sends KEEPALIVE after this long idle
     max_wait_seconds: float = 30.0  # a min_revision wait without a deadline ends here
     history: int = 10_000  # changes kept for Watch resume
+    history_bytes: int = 8 * 1024 * 1024  # ... and at most this many bytes of them
     # Other regions, nearest first: "REGION=HOST:PORT[,HOST:PORT...]". The order is the
     # proximity FAILOVER follows; the addresses are where this region's replicator pulls from.
     peers: tuple[str, ...] = ()
@@ -83,6 +84,7 @@ class ServerConfig:
             "replication_heartbeat_seconds",
             "election_ttl_seconds",
             "history",
+            "history_bytes",
         ):
             if getattr(self, name) <= 0:
                 raise InvalidArgument(name, "must be > 0")

@@ -112,7 +112,7 @@ class Server:
             else None,
             health_key=self.keys.root + PROBE + b"health",  # inside the prefix: RBAC allows it
         )
-        self.view = View(self.store, self.keys, history=config.history)
+        self.view = View(self.store, self.keys, history=config.history, history_bytes=config.history_bytes)
         self.registry = Registry(self.store, self.keys, config.region)
         self.states = RegionStates(
             self.view,
