@@ -19,7 +19,7 @@ from discovery.security.identity import Caller
 from discovery.security.policy import Grants
 from discovery.store import KeyValue
 from discovery.telemetry import Instruments
-from discovery.view import View
+from discovery.view import Record, View
 from discovery_pb.v1 import registry_pb2 as pb
 from discovery_pb.v1.registry_pb2_grpc import RegistryServicer as _Base
 from discovery_pb.v1.types_pb2 import Instance, Session
@@ -60,8 +60,10 @@ class RegistryServicer(_Base):
                 record = self._registry.prepare(request.instance, caller.identity)
                 guard.require_register(caller, grants, "Register", record.service, record.instance_id)
                 guard.charge_write(caller, grants, "Register", record.service)  # denied attempts cost too
-                existing = self._view.get(InstanceKey(self._region, record.service, record.instance_id))
-                self._admit(caller, grants, record, existing.instance if existing else None)
+                existing = self._owned_by(
+                    caller, grants, "Register", record.service, record.instance_id, what="replace"
+                )
+                guard.check_quota(caller, grants, "Register", record.service, 0 if existing is not None else 1)
                 guard.before_write()
             except DiscoveryError as exc:
                 labels["outcome"] = type(exc).__name__
@@ -86,19 +88,20 @@ class RegistryServicer(_Base):
             ttl_seconds=done.instance.ttl_seconds,
         )
 
-    def _admit(self, caller: Caller, grants: Grants, record: Instance, existing: Instance | None) -> None:
-        """Ownership and quotas against the record there now (``existing``)."""
+    def _owned_by(
+        self, caller: Caller, grants: Grants, method: str, service: str, instance_id: str, *, what: str
+    ) -> Record | None:
+        """The instance as the view has it, if the caller may ``what`` it (PERMISSION_DENIED
+        if it is another identity's and the caller no admin); None when there is none."""
+        existing = self._view.get(InstanceKey(self._region, service, instance_id))
         if existing is not None:
-            self._guard.require_owner(
-                caller,
-                grants,
-                "Register",
-                owner=existing.owner,
-                service=record.service,
-                instance=record.instance_id,
-                what="replace",
-            )
-        self._guard.check_quota(caller, grants, "Register", record.service, 0 if existing is not None else 1)
+            self._require_owner(caller, grants, method, existing.instance, what)
+        return existing
+
+    def _require_owner(self, caller: Caller, grants: Grants, method: str, record: Instance, what: str) -> None:
+        self._guard.require_owner(
+            caller, grants, method, owner=record.owner, service=record.service, instance=record.instance_id, what=what
+        )
 
     async def _put(
         self, caller: Caller, grants: Grants, record: Instance, expected: int, session: int = 0
@@ -114,7 +117,9 @@ class RegistryServicer(_Base):
             except Conflict as exc:
                 current = exc.current
                 found = Instance.FromString(current.value) if isinstance(current, KeyValue) else None
-                self._admit(caller, grants, record, found)
+                if found is not None:
+                    self._require_owner(caller, grants, "Register", found, "replace")
+                self._guard.check_quota(caller, grants, "Register", record.service, 0 if found is not None else 1)
                 expected = current.mod_revision if isinstance(current, KeyValue) else 0
         raise StoreUnavailable(
             f"instance {record.instance_id!r} of {record.service!r} kept changing while being registered: retry"
@@ -287,18 +292,10 @@ class RegistryServicer(_Base):
             guard.charge_write(caller, grants, "RegisterBatch")
             new: dict[str, int] = {}
             for record in records:
-                existing = self._view.get(InstanceKey(self._region, record.service, record.instance_id))
-                if existing is not None:
-                    guard.require_owner(
-                        caller,
-                        grants,
-                        "RegisterBatch",
-                        owner=existing.instance.owner,
-                        service=record.service,
-                        instance=record.instance_id,
-                        what="replace",
-                    )
-                else:
+                if (
+                    self._owned_by(caller, grants, "RegisterBatch", record.service, record.instance_id, what="replace")
+                    is None
+                ):
                     new[record.service] = new.get(record.service, 0) + 1
             for service, count in new.items():
                 guard.check_quota(caller, grants, "RegisterBatch", service, count)
@@ -342,17 +339,7 @@ class RegistryServicer(_Base):
             validate_service(request.service)
             validate_instance_id(request.instance_id)
             guard.require_register(caller, grants, "Deregister", request.service, request.instance_id)
-            existing = self._view.get(InstanceKey(self._region, request.service, request.instance_id))
-            if existing is not None:
-                guard.require_owner(
-                    caller,
-                    grants,
-                    "Deregister",
-                    owner=existing.instance.owner,
-                    service=request.service,
-                    instance=request.instance_id,
-                    what="deregister",
-                )
+            self._owned_by(caller, grants, "Deregister", request.service, request.instance_id, what="deregister")
             guard.charge_write(caller, grants, "Deregister", request.service)
             guard.before_write()
         except DiscoveryError as exc:
