@@ -57,10 +57,12 @@ EXIT_CODES_HELP = """exit codes:
   1  any other failure
   2  bad usage or input rejected by the server (INVALID_ARGUMENT)
   3  not found
-  4  server or its etcd unavailable, or the call timed out (also a refused TLS handshake)
-  5  not allowed: the certificate's identity is unknown (UNAUTHENTICATED) or lacks
-     the grant (PERMISSION_DENIED)
-  6  over a limit (RESOURCE_EXHAUSTED); the message names the limit and when to retry"""
+  4  server or its etcd unavailable, or the call timed out (also a refused TLS
+     handshake)
+  5  not allowed: the certificate's identity is unknown (UNAUTHENTICATED) or
+     lacks the grant (PERMISSION_DENIED)
+  6  over a limit (RESOURCE_EXHAUSTED); the message names the limit and when to
+     retry"""
 
 # The library restarts its streams every 10 minutes to move between servers; a command has
 # one server, and a restarted Watch would print an empty change. Follow one stream for a day.

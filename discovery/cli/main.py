@@ -16,14 +16,19 @@ from discovery_client import DiscoveryClientError
 DESCRIPTION = """Multi-region service discovery: regional gRPC servers on etcd.
 
 Examples (try them on this machine):
-  discovery dev                          # etcd + a server per region, in the foreground
+  discovery dev            # etcd and a server per region (mTLS), foreground
+  source STATE_DIR/env.sh  # another shell: the dev CA and admin certificate
   discovery register web 127.0.0.1:8080 --server 127.0.0.1:7400
   discovery resolve web --server 127.0.0.1:7400
   discovery status
-  discovery xds-bootstrap > bootstrap.json   # for stock gRPC clients: GRPC_XDS_BOOTSTRAP, xds:///web
-  discovery drill region-hang --cluster STATE_DIR/cluster.json   # a region-failure drill
+  discovery xds-bootstrap > bootstrap.json   # for stock gRPC clients
+  discovery drill region-hang --cluster STATE_DIR/cluster.json
+  discovery certs issue --ca-dir STATE_DIR/tls --out web \\
+      --id spiffe://discovery.local/svc/web
 
-Client commands take --server HOST:PORT (default $DISCOVERY_SERVER or 127.0.0.1:7400) and --json."""
+Client commands take --server HOST:PORT (default $DISCOVERY_SERVER or
+127.0.0.1:7400), --json, and TLS settings (--tls-ca, --tls-cert, --tls-key or
+$DISCOVERY_TLS_*; --insecure for a plaintext server). See docs/security.md."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="discovery",
         description=DESCRIPTION,
         epilog=EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,  # the examples are laid out by hand
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

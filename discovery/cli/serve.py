@@ -14,45 +14,54 @@ from discovery.config import load
 from discovery.server import Server
 
 SERVE_EXAMPLES = """examples:
-  discovery serve --region us-east --listen 127.0.0.1:7400 --etcd 127.0.0.1:2379 \
-      --tls-cert server.pem --tls-key server-key.pem --tls-client-ca ca.pem --policy policy.toml
-  discovery serve --region us-east --etcd 127.0.0.1:2379 --insecure   # development only: no TLS, no policy
-  discovery serve --config /etc/discovery/server.toml --listen 0.0.0.0:7400   # flags win over the file
+  # mTLS on every port, who may do what in policy.toml (docs/security.md):
+  discovery serve --region us-east --listen 127.0.0.1:7400 \\
+      --etcd 127.0.0.1:2379 --tls-cert server.pem --tls-key server-key.pem \\
+      --tls-client-ca ca.pem --policy policy.toml
+  # development only: plaintext, no identities, everyone may do everything:
+  discovery serve --region us-east --etcd 127.0.0.1:2379 --insecure
+  # a config file; flags win over it:
+  discovery serve --config /etc/discovery/server.toml --listen 0.0.0.0:7400
+  # other regions, nearest first:
   discovery serve --region us-east --etcd 127.0.0.1:2379 \\
-      --peer eu-west=10.1.0.1:7400,10.1.0.2:7400 --peer ap-south=10.2.0.1:7400   # nearest first
+      --peer eu-west=10.1.0.1:7400,10.1.0.2:7400 --peer ap-south=10.2.0.1:7400
 
-config file (TOML, top level or a [server] table):
+config file (TOML, top level or a [server] table; only region is required):
   region = "us-east"
   listen = "0.0.0.0:7400"
   etcd = ["10.0.0.1:2379", "10.0.0.2:2379", "10.0.0.3:2379"]
-  grace_seconds = 5.0            # in-flight calls get this long on SIGTERM
-  etcd_timeout_seconds = 3.0     # writes fail with UNAVAILABLE after this when etcd is down or hung
-  peers = ["eu-west=10.1.0.1:7400,10.1.0.2:7400", "ap-south=10.2.0.1:7400"]  # nearest first
-  advertise = "10.0.0.5:7400"    # how Status and peers name this server
-  stale_after_seconds = 3.0      # a peer region not heard from for this long is served marked stale
-  replication_heartbeat_seconds = 0.5  # our feed's heartbeat; peers' stale-after must be >= 3 of these
-  max_staleness_seconds = 0      # drop a peer's replicas once stale this long (0: serve stale forever)
-  resume_grace_seconds = 10.0    # deletions from a peer just back from silence wait this long
-  election_ttl_seconds = 3       # a dead replicator leader is replaced after about this long
-  max_pending_writes = 1024      # etcd writes in flight before writes are refused as "overload"
-  tls_cert = "/etc/discovery/tls/server.pem"       # mTLS on every port (docs/security.md)
+  # nearest first; FAILOVER follows this order:
+  peers = ["eu-west=10.1.0.1:7400,10.1.0.2:7400", "ap-south=10.2.0.1:7400"]
+  advertise = "10.0.0.5:7400"   # how Status and peers name this server
+  grace_seconds = 5.0           # in-flight calls get this long on SIGTERM
+  etcd_timeout_seconds = 3.0    # writes fail UNAVAILABLE after this (etcd down)
+  stale_after_seconds = 3.0     # a silent peer region's replicas: marked stale
+  replication_heartbeat_seconds = 0.5  # peers' stale-after: >= 3 of these
+  max_staleness_seconds = 0     # drop stale replicas after this (0: never)
+  resume_grace_seconds = 10.0   # a returning peer's deletions wait this long
+  election_ttl_seconds = 3      # a dead replicator leader is replaced after it
+  max_pending_writes = 1024     # etcd writes in flight before "overload"
+  history_bytes = 8388608       # changes kept for Watch resume, in bytes
+  tls_cert = "/etc/discovery/tls/server.pem"   # mTLS on every port
   tls_key = "/etc/discovery/tls/server-key.pem"
-  tls_client_ca = "/etc/discovery/tls/ca.pem"      # clients and peers must chain to this
-  trust_domain = "example.org"   # identities are spiffe://example.org/...
-  policy_file = "/etc/discovery/policy.toml"       # who may do what; default deny
-  audit_log = "/var/log/discovery/audit.jsonl"     # one JSON line per write and denial
-  health_listen = "0.0.0.0:7401" # plaintext, gRPC health only (probes without a certificate)
-  etcd_ca = "/etc/discovery/etcd/ca.pem"           # etcd over TLS, with client-certificate auth
+  tls_client_ca = "/etc/discovery/tls/ca.pem"  # clients and peers chain to it
+  trust_domain = "discovery.local"   # identities are spiffe://DOMAIN/...
+  policy_file = "/etc/discovery/policy.toml"   # who may do what; default deny
+  audit_log = "/var/log/discovery/audit.jsonl" # a JSON line per write, denial
+  audit_fail_open = false       # true: keep writing when the audit log fails
+  health_listen = "0.0.0.0:7401"   # plaintext, gRPC health only (probes)
+  etcd_ca = "/etc/discovery/etcd/ca.pem"   # etcd over TLS, client-cert auth
   etcd_cert = "/etc/discovery/etcd/us-east.pem"
   etcd_key = "/etc/discovery/etcd/us-east-key.pem"
 
-Certificates, the CA bundle and the policy are re-read when they change (checked every
-reload_poll_seconds, 5 by default) and on SIGHUP, which also reopens the audit log. A bad new
-file keeps the old one in use and says why in the log.
+Certificates, the CA bundle and the policy are read again when they change
+(checked every reload_poll_seconds, 5 by default) and on SIGHUP, which also
+reopens the audit log. A bad new file keeps the old one in use and says why.
 
-telemetry: OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER = otlp | console | none (default none);
-OTEL_EXPORTER_OTLP_ENDPOINT alone turns on OTLP for both.
-On SIGTERM: health turns NOT_SERVING, the port stops accepting, streams end, etcd closes, exit 0."""
+telemetry: OTEL_TRACES_EXPORTER / OTEL_METRICS_EXPORTER = otlp | console | none
+(default none); OTEL_EXPORTER_OTLP_ENDPOINT alone turns on OTLP for both.
+On SIGTERM: health turns NOT_SERVING, the port stops accepting, streams end,
+etcd closes, exit 0."""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

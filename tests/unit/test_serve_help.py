@@ -1,0 +1,38 @@
+"""`discovery serve --help` shows a config file: it must be one serve would accept, and the
+help must read in a terminal 80 columns wide."""
+
+from __future__ import annotations
+
+import contextlib
+import tomllib
+
+from discovery.cli.main import build_parser
+from discovery.cli.serve import SERVE_EXAMPLES
+from discovery.config import _build
+
+
+def test_the_config_file_in_serve_help_is_valid() -> None:
+    lines = SERVE_EXAMPLES.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("config file")) + 1
+    block = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        block.append(line)
+    values = tomllib.loads("\n".join(block))
+    assert len(values) > 20
+    values["peers"] = tuple(values["peers"])
+    values["etcd"] = tuple(values["etcd"])
+    # Certificates are read at start, not by validation: the example's paths need not exist.
+    assert _build(values).region == "us-east"
+
+
+def test_the_top_level_and_serve_help_fit_80_columns(capsys) -> None:  # type: ignore[no-untyped-def]
+    parser = build_parser()
+    for argv in (["--help"], ["serve", "--help"]):
+        with contextlib.suppress(SystemExit):
+            parser.parse_args(argv)
+        text = capsys.readouterr().out
+        assert text and all(len(line) <= 80 for line in text.splitlines()), [
+            line for line in text.splitlines() if len(line) > 80
+        ]
