@@ -163,9 +163,10 @@ def seconds(text: str) -> float:
     return value
 
 
-TLS_HELP = """mTLS with a client certificate (the servers require one), or
-plaintext with --insecure for a server started with --insecure. Each flag wins over its
-environment variable; `discovery dev` writes the variables to STATE_DIR/env.sh."""
+TLS_HELP = """mTLS with a client certificate (the servers require one), or plaintext with
+--insecure for a server started with --insecure. Each flag wins over its
+environment variable; `discovery dev` writes the variables to
+STATE_DIR/env.sh."""
 
 
 def add_tls_flags(parser: argparse.ArgumentParser) -> None:

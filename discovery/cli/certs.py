@@ -17,24 +17,30 @@ from discovery.security.certs import CA_CERT, CA_KEY, CertificateAuthority
 
 CERTS_EPILOG = """examples:
   discovery certs ca --dir ./tls
-  discovery certs issue --ca-dir ./tls --id spiffe://discovery.local/svc/web --out ./tls/web
-  discovery certs issue --ca-dir STATE_DIR/tls --id spiffe://discovery.local/discovery/server/eu-west \\
+  discovery certs issue --ca-dir ./tls \\
+      --id spiffe://discovery.local/svc/web --out ./tls/web
+  discovery certs issue --ca-dir STATE_DIR/tls \\
+      --id spiffe://discovery.local/discovery/server/eu-west \\
       --out ./tls/server-eu-west --dns localhost --ip 127.0.0.1
 
 For development and tests; in production use any SPIFFE-capable CA."""
 
 CA_EPILOG = """examples:
-  discovery certs ca --dir ./tls          # writes ./tls/ca.pem and ./tls/ca-key.pem (owner-only)
-  discovery certs ca --dir ./tls --force  # replaces it: certificates of the old CA stop being trusted"""
+  # writes ./tls/ca.pem and ./tls/ca-key.pem (owner-only)
+  discovery certs ca --dir ./tls
+  # replaces it: certificates of the old CA stop being trusted
+  discovery certs ca --dir ./tls --force"""
 
 ISSUE_EPILOG = """examples:
-  discovery certs issue --ca-dir ./tls --id spiffe://discovery.local/svc/web --out ./tls/web
-  discovery certs issue --ca-dir ./tls --id spiffe://discovery.local/discovery/server/eu-west \\
+  discovery certs issue --ca-dir ./tls \\
+      --id spiffe://discovery.local/svc/web --out ./tls/web
+  discovery certs issue --ca-dir ./tls \\
+      --id spiffe://discovery.local/discovery/server/eu-west \\
       --out ./tls/server --dns localhost --ip 127.0.0.1 --days 30
 
-Writes PREFIX.pem (the certificate) and PREFIX-key.pem (its key, readable by its owner only).
-The identity is the SPIFFE ID, as the certificate's URI SAN; a server certificate also needs
-the names clients dial (--dns, --ip)."""
+Writes PREFIX.pem (the certificate) and PREFIX-key.pem (its key, readable by
+its owner only). The identity is the SPIFFE ID, as the certificate's URI SAN;
+a server certificate also needs the names clients dial (--dns, --ip)."""
 
 # SPIFFE ID syntax (spiffe.io, "SPIFFE-ID"): lower-case trust domain, then a non-empty path of
 # segments of letters, digits, '.', '-' and '_', none of them '.' or '..'.

@@ -19,68 +19,87 @@ from discovery.devtools.process import StartAborted
 
 DEV_DESCRIPTION = """Run a whole local cluster in the foreground, like `consul agent -dev`.
 
-Each region gets its own etcd (1 or 3 members) and its discovery servers, all on 127.0.0.1.
-Every region is peered with all the others, nearest first in the order of --regions: that
-order is what FAILOVER follows. For trying and testing, never production.
+Each region gets its own etcd (1 or 3 members) and its discovery servers, all
+on 127.0.0.1. Every region is peered with all the others, nearest first in the
+order of --regions: that order is what FAILOVER follows. For trying and
+testing, never production.
 
-Every port serves mTLS from a development CA made in STATE_DIR/tls/ (a CA already there, left
-by a run with --keep, is used again, so certificates issued from it keep working). A region's
-servers present spiffe://TRUST_DOMAIN/discovery/server/REGION; clients, a certificate of the CA.
-STATE_DIR/env.sh exports the admin's certificate (spiffe://TRUST_DOMAIN/admin) and the first
-server for the CLI and the client library: `source STATE_DIR/env.sh`. STATE_DIR/policy.toml
-lets the admin do everything, spiffe://TRUST_DOMAIN/svc/NAME register NAME and NAME.* and read
-everything, and the servers replicate; the servers reload it when you edit it. Each server
-also serves plaintext gRPC health alone on a port of its own (role `health` in the table), for
-probes without a certificate. --insecure serves plaintext with no identities instead.
+Every port serves mTLS from a development CA made in STATE_DIR/tls/ (a CA
+already there, left by a run with --keep, is used again, so certificates
+issued from it keep working). A region's servers present
+spiffe://TRUST_DOMAIN/discovery/server/REGION; clients, a certificate of the
+CA. STATE_DIR/env.sh exports the admin's certificate
+(spiffe://TRUST_DOMAIN/admin) and the first server for the CLI and the client
+library: `source STATE_DIR/env.sh`. STATE_DIR/policy.toml lets the admin do
+everything, spiffe://TRUST_DOMAIN/svc/NAME register NAME and NAME.* and read
+everything, and the servers replicate; the servers reload it when you edit it.
+Each server also serves plaintext gRPC health alone on a port of its own (role
+`health` in the table), for probes without a certificate. --insecure serves
+plaintext with no identities instead.
 
-Servers reach the other regions through a userspace fault proxy, and a control endpoint takes
-faults from `discovery drill` (pause a region, kill a server or etcd member, partition or
-slow a link between regions), without root."""
+Servers reach the other regions through a userspace fault proxy, and a control
+endpoint takes faults from `discovery drill` (pause a region, kill a server or
+etcd member, partition or slow a link between regions), without root."""
 
 DEV_EXAMPLES = """examples:
-  discovery dev                                  # us-east, eu-west, ap-south; servers on 7400, 7401, 7402
-  source STATE_DIR/env.sh                        # (in another terminal) the admin's certificate...
-  discovery resolve web --server 127.0.0.1:7401  # ...then ask eu-west
-  discovery dev --insecure                       # plaintext, no certificates (env.sh: DISCOVERY_INSECURE=1)
-  discovery dev --trust-domain example.test      # identities spiffe://example.test/...
-  discovery dev --regions us-east,eu-west --servers-per-region 2 --etcd-members 3
-  discovery dev --base-port 0                    # free ports, to run beside another cluster
-  discovery dev --state-dir /tmp/dc --keep       # keep data, logs and cluster.json after exit
-  discovery dev --no-fault-proxy                 # servers dial the other regions directly
-  discovery dev --state-dir /tmp/dc --replace    # take over from a cluster still running there
+  # us-east, eu-west, ap-south; servers on 7400, 7401, 7402
+  discovery dev
+  # (in another terminal) the admin's certificate...
+  source STATE_DIR/env.sh
+  # ...then ask eu-west
+  discovery resolve web --server 127.0.0.1:7401
+  # plaintext, no certificates (env.sh: DISCOVERY_INSECURE=1)
+  discovery dev --insecure
+  # identities spiffe://example.test/...
+  discovery dev --trust-domain example.test
+  discovery dev --regions us-east,eu-west --servers-per-region 2 \\
+      --etcd-members 3
+  # free ports, to run beside another cluster
+  discovery dev --base-port 0
+  # keep data, logs and cluster.json after exit
+  discovery dev --state-dir /tmp/dc --keep
+  # servers dial the other regions directly
+  discovery dev --no-fault-proxy
+  # take over from a cluster still running there
+  discovery dev --state-dir /tmp/dc --replace
 
-It prints a line per process it starts, then `state dir: PATH`, a table of every endpoint
-(region, role, address, pid, log file in the state dir), the lines `mtls: ...` (or `insecure:
-...`), `clients: source STATE_DIR/env.sh` and `control: ADDRESS` (the control endpoint), then
-the line `ready`: from then on every server answers and every etcd is healthy. The same
-endpoints, as JSON, are in STATE_DIR/cluster.json (the line `cluster.json: PATH` just before
+It prints a line per process it starts, then `state dir: PATH`, a table of
+every endpoint (region, role, address, pid, log file in the state dir), the
+lines `mtls: ...` (or `insecure: ...`), `clients: source STATE_DIR/env.sh` and
+`control: ADDRESS` (the control endpoint), then the line `ready`: from then on
+every server answers and every etcd is healthy. The same endpoints, as JSON,
+are in STATE_DIR/cluster.json (the line `cluster.json: PATH` just before
 `ready` says where):
-  {"regions": {"us-east": {"servers": [{"address": "127.0.0.1:7400", "pid": 4242,
-                                        "health": "127.0.0.1:40215"}],
-                           "etcd": [{"address": "127.0.0.1:40213", "pid": 4240}]}, ...},
+  {"regions": {"us-east": {
+       "servers": [{"address": "127.0.0.1:7400", "pid": 4242,
+                    "health": "127.0.0.1:40215"}],
+       "etcd": [{"address": "127.0.0.1:40213", "pid": 4240}]}, ...},
    "state_dir": "...",
-   "tls": {"ca": ".../tls/ca.pem", "cert": ".../tls/admin.pem", "key": ".../tls/admin-key.pem",
+   "tls": {"ca": ".../tls/ca.pem", "cert": ".../tls/admin.pem",
+           "key": ".../tls/admin-key.pem",
            "trust_domain": "discovery.local"},
    "control": "127.0.0.1:39145",
    "routes": {"us-east": {"eu-west": ["127.0.0.1:41877"], ...}, ...}}
-Every pid is the process itself (etcd, the server's Python): a signal sent to it reaches it.
-`tls` holds the admin's files (what `discovery drill` presents) and `health` each server's
-plaintext health port; both are absent with --insecure. `routes` gives, per region and peer
-region, the proxy address its servers dial for each of that peer's servers (absent with
---no-fault-proxy).
+Every pid is the process itself (etcd, the server's Python): a signal sent to
+it reaches it. `tls` holds the admin's files (what `discovery drill` presents)
+and `health` each server's plaintext health port; both are absent with
+--insecure. `routes` gives, per region and peer region, the proxy address its
+servers dial for each of that peer's servers (absent with --no-fault-proxy).
 
-Ctrl-C, SIGTERM or SIGHUP (the terminal closed), also during startup, stops everything it
-started and exits 0. However it ends, even by SIGKILL, no etcd or server outlives it: the kernel
-kills them with it. If a process fails to start, the rest is stopped and the error names that
-process and its log file.
+Ctrl-C, SIGTERM or SIGHUP (the terminal closed), also during startup, stops
+everything it started and exits 0. However it ends, even by SIGKILL, no etcd
+or server outlives it: the kernel kills them with it. If a process fails to
+start, the rest is stopped and the error names that process and its log file.
 
-It will not start over an earlier cluster, and exits 2 naming what is in the way (pid and
-what it is, each checked in /proc to be that very etcd or server): a `discovery dev` still
-running with the same --state-dir; processes of an earlier one still running (left by a
-version without this protection); its files in --state-dir; or, with a fixed --base-port, a
-cluster of a default state dir whose servers hold the ports. --replace stops those processes
-(SIGTERM, then SIGKILL if they have not exited in time; an earlier `discovery dev` stops its
-own cluster), removes the earlier cluster's files from --state-dir, then starts."""
+It will not start over an earlier cluster, and exits 2 naming what is in the
+way (pid and what it is, each checked in /proc to be that very etcd or
+server): a `discovery dev` still running with the same --state-dir; processes
+of an earlier one still running (left by a version without this protection);
+its files in --state-dir; or, with a fixed --base-port, a cluster of a default
+state dir whose servers hold the ports. --replace stops those processes
+(SIGTERM, then SIGKILL if they have not exited in time; an earlier
+`discovery dev` stops its own cluster), removes the earlier cluster's files
+from --state-dir, then starts."""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

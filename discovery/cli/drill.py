@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import textwrap
 from pathlib import Path
 from typing import TextIO
 
@@ -30,44 +31,64 @@ INCONCLUSIVE = 7  # exit code: no guarantee broke, but latency (or availability)
 
 DESCRIPTION = """Prove, before a real outage, that one region's failure never blocks another.
 
-Drives a steady load in every region (registrations, deregistrations, resolves, leased
-instances with heartbeats, a watch per region), takes a baseline, injects the fault, holds it,
-heals it, keeps the load going, then reads every region's view and checks:
-  - the other regions kept their availability (--min-success) and latency (--max-slowdown);
+Drives a steady load in every region (registrations, deregistrations,
+resolves, leased instances with heartbeats, a watch per region), takes a
+baseline, injects the fault, holds it, heals it, keeps the load going, then
+reads every region's view and checks:
+  - the other regions kept their availability (--min-success) and latency
+    (--max-slowdown);
   - nothing acknowledged was lost, nothing deleted came back;
   - every region converged within --converge-within seconds of the heal.
-Every call is recorded as ok, failed or unknown (a timeout is unknown: it may have happened).
+Every call is recorded as ok, failed or unknown (a timeout is unknown: it may
+have happened).
 
-The verdict is passed, failed or inconclusive. Latency is judged at the percentile the number
-of calls supports (at least 5 calls above it: p92 of 66, p95 of 100, p99 from 500), on the
-calls made while the machine had CPU to spare: a slowdown seen only while this machine (or the
-drill itself) was saturated, or a baseline taken on a saturated machine, makes the latency
-verdict inconclusive, never failed. Lost, resurrected, availability and convergence are judged
-whatever the machine's load.
+The verdict is passed, failed or inconclusive. Latency is judged at the
+percentile the number of calls supports (at least 5 calls above it: p92 of 66,
+p95 of 100, p99 from 500), on the calls made while the machine had CPU to
+spare: a slowdown seen only while this machine (or the drill itself) was
+saturated, or a baseline taken on a saturated machine, makes the latency
+verdict inconclusive, never failed. Lost, resurrected, availability and
+convergence are judged whatever the machine's load.
 
 scenarios:
-""" + "\n".join(f"  {name:<25} {s.summary} (default hold {s.hold:g}s)" for name, s in SCENARIOS.items())
+""" + "\n".join(
+    textwrap.fill(
+        f"{s.summary} (default hold {s.hold:g}s)",
+        80,
+        initial_indent=f"  {name:<25} ",
+        subsequent_indent=" " * 28,
+        break_on_hyphens=False,
+    )
+    for name, s in SCENARIOS.items()
+)
 
 EPILOG = """examples:
-  discovery dev --state-dir /tmp/dc          # in one terminal (cluster.json goes there)
+  # in one terminal (cluster.json goes there)
+  discovery dev --state-dir /tmp/dc
   discovery drill region-hang --cluster /tmp/dc/cluster.json
-  discovery drill region-partition --cluster /tmp/dc/cluster.json --region eu-west --duration 30
-  discovery drill slow-link --cluster /tmp/dc/cluster.json --delay-ms 150 --jitter-ms 50 --loss 0.05
-  discovery drill server-kill --cluster /tmp/dc/cluster.json --json > report.json
+  discovery drill region-partition --cluster /tmp/dc/cluster.json \\
+      --region eu-west --duration 30
+  discovery drill slow-link --cluster /tmp/dc/cluster.json \\
+      --delay-ms 150 --jitter-ms 50 --loss 0.05
+  discovery drill server-kill --cluster /tmp/dc/cluster.json \\
+      --json > report.json
+  # a real deployment
   discovery drill region-partition --cluster prod.json --region ap-south \\
-      --inject './cut.sh ap-south' --heal './uncut.sh ap-south'   # a real deployment
+      --inject './cut.sh ap-south' --heal './uncut.sh ap-south'
 
-Against `discovery dev` the faults go through its control endpoint and fault proxy (no root
-needed); etcd-leader-kill needs `discovery dev --etcd-members 3`. Against any other cluster,
-write cluster.json by hand (docs/drills.md) and give the fault as --inject/--heal commands.
+Against `discovery dev` the faults go through its control endpoint and fault
+proxy (no root needed); etcd-leader-kill needs
+`discovery dev --etcd-members 3`. Against any other cluster, write
+cluster.json by hand (docs/drills.md) and give the fault as --inject/--heal
+commands.
 
 exit codes:
   0  passed: every guarantee held
   1  failed: a guarantee broke (the report says which)
   2  bad usage, or the scenario cannot run on this cluster
   4  the cluster did not answer, or the fault could not be injected or healed
-  7  inconclusive: no guarantee broke, but something could not be judged (the report says
-     why: this machine was saturated, or too few calls)"""
+  7  inconclusive: no guarantee broke, but something could not be judged
+     (the report says why: this machine was saturated, or too few calls)"""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -118,7 +139,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="after the heal; leave room for the servers' --resume-grace, 10 s (default: %(default)s)",
     )
     sat = p.add_argument_group(
-        "when this machine counts as saturated (calls that met it are left out of the latency judgement)"
+        "when this machine counts as saturated",
+        "Calls that met it are left out of the latency judgement.",
     )
     sat.add_argument(
         "--saturated-busy", type=_share, default=Thresholds.busy, metavar="SHARE",

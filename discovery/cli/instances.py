@@ -12,12 +12,14 @@ from discovery.cli._common import OK, UINT32, CommandError, add_client_flags, ad
 DRAIN_SECONDS = 5.0  # the client library's default drain
 
 REGISTER_EXAMPLES = """examples:
-  discovery register web 10.0.0.5:8080 --id web-1 --zone us-east-1a --tag canary --meta version=1.4
+  discovery register web 10.0.0.5:8080 --id web-1 --zone us-east-1a \\
+      --tag canary --meta version=1.4
       static: stays until `discovery deregister web web-1`
   discovery register web 10.0.0.5:8080 --ttl 10
-      leased: stays in the foreground sending heartbeats (on a session of TTL 10 s, or a lease
-      of its own with --no-session or on a server without sessions); Ctrl-C or SIGTERM marks
-      it DRAINING, waits --drain seconds (clients stop picking it), then deregisters
+      leased: stays in the foreground sending heartbeats (on a session of
+      TTL 10 s, or a lease of its own with --no-session or on a server
+      without sessions); Ctrl-C or SIGTERM marks it DRAINING, waits --drain
+      seconds (clients stop picking it), then deregisters
   discovery register web 10.0.0.5:8080 --ttl 10 --json
       prints {"service", "instance_id", "revision"} once registered"""
 
@@ -27,7 +29,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         sub,
         "register",
         help="register an endpoint (static, or leased and kept alive in the foreground)",
-        description="Register SERVICE at HOST:PORT in the server's region. Registering the same "
+        description="Register SERVICE at HOST:PORT in the server's region. Registering the same\n"
         "(service, id) again updates it.",
         epilog=REGISTER_EXAMPLES,
     )

@@ -40,15 +40,20 @@ WATCH_RETRY = RetryPolicy(attempts=31, deadline=24 * 3600.0, base_delay=0.2, max
 RESOLVE_EXAMPLES = """examples:
   discovery resolve web
   discovery resolve web --scope failover --json
-  discovery resolve web --scope failover --min-healthy 3   # add nearer regions until 3 serving
-  discovery resolve web --scope all         # every region, replicas marked stale when out of contact
-  discovery resolve web --tag canary --zone us-east-1a --status serving --status draining
-  discovery resolve web --min-revision 1234     # wait until the server has seen revision 1234"""
+  # add nearer regions until 3 serving
+  discovery resolve web --scope failover --min-healthy 3
+  # every region, replicas marked stale when out of contact
+  discovery resolve web --scope all
+  discovery resolve web --tag canary --zone us-east-1a \\
+      --status serving --status draining
+  # wait until the server has seen revision 1234
+  discovery resolve web --min-revision 1234"""
 
 WATCH_EXAMPLES = """examples:
-  discovery watch web            # '=' snapshot lines, then '+' put and '-' delete lines
-  discovery watch web --json     # one JSON object a line
-  discovery watch web --since 1234   # resume after revision 1234
+  # '=' snapshot lines, then '+' put and '-' delete lines
+  discovery watch web
+  discovery watch web --json        # one JSON object a line
+  discovery watch web --since 1234  # resume after revision 1234
 The watch reconnects by itself (resuming from the last revision) until Ctrl-C."""
 
 

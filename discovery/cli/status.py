@@ -14,6 +14,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         sub,
         "status",
         help="the server's region, revision, instances, etcd health and replication from each peer region",
+        description="The server's region, revision, instances, etcd health and replication\nfrom each peer region.",
         epilog="examples:\n  discovery status\n  discovery status --server 127.0.0.1:7401 --json",
     )
     add_client_flags(s)

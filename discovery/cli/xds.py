@@ -29,24 +29,29 @@ from discovery_client import ConfigError, TlsConfig
 
 BOOTSTRAP_EPILOG = """examples:
   discovery xds-bootstrap > /etc/xds-bootstrap.json
-  discovery xds-bootstrap --server 10.0.0.5:7400 --region eu-west > bootstrap.json
-  GRPC_XDS_BOOTSTRAP=bootstrap.json python my_client.py    # uses grpc.insecure_channel("xds:///web")
+  discovery xds-bootstrap --server 10.0.0.5:7400 --region eu-west \\
+      > bootstrap.json
+  # uses grpc.insecure_channel("xds:///web")
+  GRPC_XDS_BOOTSTRAP=bootstrap.json python my_client.py
 
-With TLS settings (flags or DISCOVERY_TLS_*) the clients reach the server with mTLS: the
-bootstrap names the CA, certificate and key files (absolute paths), which gRPC re-reads every
-60 s, so rotating them on disk needs no restart. With --insecure it is plaintext.
-("insecure_channel" above is the channel to the service's endpoints, not to the server.)
+With TLS settings (flags or DISCOVERY_TLS_*) the clients reach the server with
+mTLS: the bootstrap names the CA, certificate and key files (absolute paths),
+which gRPC re-reads every 60 s, so rotating them on disk needs no restart.
+With --insecure it is plaintext. ("insecure_channel" above is the channel to
+the service's endpoints, not to the server.)
 
---region puts that region's instances first (priority 0); without it the server's own
-region comes first. Then the server's peer regions follow in its proximity order."""
+--region puts that region's instances first (priority 0); without it the
+server's own region comes first. Then the server's peer regions follow in its
+proximity order."""
 
 CLIENTS_EPILOG = """examples:
   discovery xds-clients
   discovery xds-clients --server 127.0.0.1:7401 --json
 
-One row per resource per connected ADS stream. client: ACKED, NACKED, REQUESTED (nothing
-answered yet) or DOES_NOT_EXIST; sync: SYNCED (the client ACKed the latest version sent),
-STALE (it has not answered the latest yet), ERROR (it NACKed the latest) or NOT_SENT."""
+One row per resource per connected ADS stream. client: ACKED, NACKED,
+REQUESTED (nothing answered yet) or DOES_NOT_EXIST; sync: SYNCED (the client
+ACKed the latest version sent), STALE (it has not answered the latest yet),
+ERROR (it NACKed the latest) or NOT_SENT."""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -71,6 +76,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         sub,
         "xds-clients",
         help="what each connected xDS client was sent, ACKed and NACKed (from the server's CSDS)",
+        description="What each connected xDS client was sent, ACKed and NACKed\n(from the server's CSDS).",
         epilog=CLIENTS_EPILOG,
     )
     add_client_flags(c)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import tomllib
 
+import pytest
+
 from discovery.cli.main import build_parser
 from discovery.cli.serve import SERVE_EXAMPLES
 from discovery.config import _build
@@ -27,12 +29,42 @@ def test_the_config_file_in_serve_help_is_valid() -> None:
     assert _build(values).region == "us-east"
 
 
-def test_the_top_level_and_serve_help_fit_80_columns(capsys) -> None:  # type: ignore[no-untyped-def]
+VERBS = [
+    [],
+    ["serve"],
+    ["dev"],
+    ["register"],
+    ["deregister"],
+    ["resolve"],
+    ["watch"],
+    ["status"],
+    ["xds-bootstrap"],
+    ["xds-clients"],
+    ["drill"],
+    ["certs"],
+    ["certs", "issue"],
+    ["certs", "ca"],
+]
+
+
+@pytest.mark.parametrize("verb", VERBS, ids=lambda verb: " ".join(verb) or "top-level")
+def test_every_help_fits_80_columns(verb: list[str], capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("COLUMNS", "80")
     parser = build_parser()
-    for argv in (["--help"], ["serve", "--help"]):
+    with contextlib.suppress(SystemExit):
+        parser.parse_args([*verb, "--help"])
+    text = capsys.readouterr().out
+    assert text and all(len(line) <= 80 for line in text.splitlines()), [
+        line for line in text.splitlines() if len(line) > 80
+    ]
+
+
+def test_the_examples_continue_lines_with_one_backslash(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A line ending in a doubled backslash would not continue the command in a shell.
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = build_parser()
+    for verb in VERBS:
         with contextlib.suppress(SystemExit):
-            parser.parse_args(argv)
+            parser.parse_args([*verb, "--help"])
         text = capsys.readouterr().out
-        assert text and all(len(line) <= 80 for line in text.splitlines()), [
-            line for line in text.splitlines() if len(line) > 80
-        ]
+        assert not [line for line in text.splitlines() if line.endswith("\\\\")], verb
