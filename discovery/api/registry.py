@@ -155,13 +155,14 @@ class RegistryServicer(_Base):
             self.streams.discard(task)
             self._guard.event("stream_end", caller, "Heartbeat", leases=len(allowed))
 
+    def _session_in_view(self, session_id: int) -> Session | None:
+        data = self._view.meta(self._keys.session(self._region, session_id))
+        return Session.FromString(data) if data is not None else None
+
     async def _session(self, session_id: int) -> Session | None:
         """This region's session ``session_id``: from the view, else (opened a moment ago
         through another server) from etcd."""
-        data = self._view.meta(self._keys.session(self._region, session_id))
-        if data is not None:
-            return Session.FromString(data)
-        return await self._registry.session(session_id)
+        return self._session_in_view(session_id) or await self._registry.session(session_id)
 
     async def _require_session(self, caller: Caller, grants: Grants, method: str, session_id: int) -> Session:
         session = await self._session(session_id) if session_id > 0 else None
@@ -179,13 +180,17 @@ class RegistryServicer(_Base):
         replication failover."""
         if lease_id <= 0:
             return  # the registry says why
-        session = await self._session(lease_id)
+        # The view first (no etcd read for the common case, an instance's own lease); etcd
+        # only for what the view may not have yet: a session opened a moment ago elsewhere.
+        session = self._session_in_view(lease_id)
+        records = [] if session is not None else self._records_on(lease_id)
+        if session is None and not records:
+            session = await self._registry.session(lease_id)
         if session is not None:
             self._guard.require_owner(
                 caller, grants, "Heartbeat", owner=session.owner, service="", instance="", what="heartbeat session of"
             )
             return
-        records = self._records_on(lease_id)
         if not records:
             # Registered a moment ago through another server: let the view reach etcd's head.
             try:
@@ -202,19 +207,12 @@ class RegistryServicer(_Base):
                 f"lease {lease_id} holds no instance of region {self._region}: "
                 "Heartbeat keeps registrations alive (register again for a new lease)"
             )
-        for instance in records:
-            self._guard.require_owner(
-                caller,
-                grants,
-                "Heartbeat",
-                owner=instance.owner,
-                service=instance.service,
-                instance=instance.instance_id,
-                what="heartbeat",
-            )
+        for record in records:
+            if record.owner != caller.identity:  # decoded only when it may be refused
+                self._require_owner(caller, grants, "Heartbeat", record.instance, "heartbeat")
 
-    def _records_on(self, lease_id: int) -> list[Instance]:
-        return [r.instance for r in self._view.on_lease(lease_id) if r.instance.region == self._region]
+    def _records_on(self, lease_id: int) -> list[Record]:
+        return [r for r in self._view.on_lease(lease_id) if r.region == self._region]
 
     async def OpenSession(
         self, request: pb.OpenSessionRequest, context: grpc.aio.ServicerContext

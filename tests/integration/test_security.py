@@ -486,3 +486,10 @@ async def _failed_once(server: Server) -> bool:
 
 async def _serial_changed(server: Server, before: str) -> bool:
     return server.certificates is not None and server.certificates.current.serial != before
+
+
+async def test_a_bad_health_listen_address_is_refused_naming_the_setting(secure) -> None:
+    from discovery.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="health_listen"):
+        await secure(health_listen="not-an-address")

@@ -228,3 +228,27 @@ async def test_only_the_opener_or_an_admin_may_use_a_session(etcd, servers, pki)
     finally:
         for stubs in (web, other, admin):
             await stubs.channel.close()
+
+
+async def test_open_session_refuses_a_bad_ttl_and_an_identity_that_may_register_nothing(etcd, servers, pki) -> None:
+    only_reads = "spiffe://test.local/ops/reader"  # outside svc/*: no register grant at all
+    policy = pki.policy(
+        pki.policy().read_text() + f'\n[[grant]]\nidentity = "{only_reads}"\nread = ["*"]\n', name="r.toml"
+    )
+    server = await servers.start(etcd, **pki.settings("us-east", policy=policy))
+    address = f"127.0.0.1:{server.port}"
+    web = Stubs(pki.channel(address, pki.client(svc("web"))))
+    reader = Stubs(pki.channel(address, pki.client(only_reads)))
+    try:
+        for ttl in (0, 3601):
+            error = await _error(
+                web.registry.OpenSession(registry_pb2.OpenSessionRequest(ttl_seconds=ttl), timeout=CALL_TIMEOUT)
+            )
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "ttl_seconds" in error.details()
+        error = await _error(
+            reader.registry.OpenSession(registry_pb2.OpenSessionRequest(ttl_seconds=10), timeout=CALL_TIMEOUT)
+        )
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        for stubs in (web, reader):
+            await stubs.channel.close()
