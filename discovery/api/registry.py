@@ -100,7 +100,13 @@ class RegistryServicer(_Base):
 
     def _require_owner(self, caller: Caller, grants: Grants, method: str, record: Instance, what: str) -> None:
         self._guard.require_owner(
-            caller, grants, method, owner=record.owner, service=record.service, instance=record.instance_id, what=what
+            caller,
+            grants,
+            method,
+            owner=record.owner,
+            what=f"{what} instance {record.instance_id!r} of {record.service!r}",
+            service=record.service,
+            instance=record.instance_id,
         )
 
     async def _put(
@@ -168,9 +174,7 @@ class RegistryServicer(_Base):
         session = await self._session(session_id) if session_id > 0 else None
         if session is None:
             raise NotFound(f"session {session_id} has expired or was closed: open a new one (OpenSession)")
-        self._guard.require_owner(
-            caller, grants, method, owner=session.owner, service="", instance="", what=f"use session {session_id} of"
-        )
+        self._guard.require_owner(caller, grants, method, owner=session.owner, what=f"use session {session_id:x}")
         return session
 
     async def _authorize_lease(self, caller: Caller, grants: Grants, lease_id: int) -> None:
@@ -188,7 +192,7 @@ class RegistryServicer(_Base):
             session = await self._registry.session(lease_id)
         if session is not None:
             self._guard.require_owner(
-                caller, grants, "Heartbeat", owner=session.owner, service="", instance="", what="heartbeat session of"
+                caller, grants, "Heartbeat", owner=session.owner, what=f"heartbeat session {lease_id:x}"
             )
             return
         if not records:

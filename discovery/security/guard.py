@@ -160,18 +160,24 @@ class Guard:
             )
 
     def require_owner(
-        self, caller: Caller, grants: Grants, method: str, *, owner: str, service: str, instance: str, what: str
+        self,
+        caller: Caller,
+        grants: Grants,
+        method: str,
+        *,
+        owner: str,
+        what: str,
+        service: str = "",
+        instance: str = "",
     ) -> None:
-        """Another identity's record (``owner``) needs admin. A record with no owner was
-        written before servers knew identities: whoever may register the service may take it."""
+        """Another identity's record or session (``owner``) needs admin; ``what`` says what the
+        caller tried ("replace instance 'w1' of 'web'"). A record with no owner was written
+        before servers knew identities: whoever may register the service may take it."""
         if owner and owner != caller.identity and not grants.admin:
             self._deny(
                 caller,
                 method,
-                PermissionDenied(
-                    f"{caller.identity} may not {what} instance {instance!r} of {service!r}: "
-                    f"it belongs to {owner} (an admin may)"
-                ),
+                PermissionDenied(f"{caller.identity} may not {what}: it belongs to {owner} (an admin may)"),
                 service=service,
                 instance=instance,
             )
