@@ -91,6 +91,7 @@ from etcd3aio.kv import KVService
 from discovery.devtools.etcd import EtcdProcess
 from discovery.devtools.process import ServerProcess, free_port
 from discovery.keys import KeySchema
+from discovery_client.errors import is_lost_status
 from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, lookup_pb2, lookup_pb2_grpc, registry_pb2, registry_pb2_grpc
 from discovery_pb.v1.types_pb2 import Instance, Session, Status
 
@@ -615,7 +616,7 @@ async def register_section(lab: Lab, args: argparse.Namespace) -> dict[str, Any]
             log(f"profiling the server under Register load for {args.profile_seconds} s")
             profile = await profiled(
                 one.pid,
-                lab.tmp / "register.txt",
+                profile_path(lab, args, "register.txt"),
                 args,
                 lambda: closed_loop("register", register, meter, args, args.concurrency),
             )
@@ -667,6 +668,14 @@ def py_spy(pid: int, output: Path, seconds: float, native: bool = False) -> subp
     # --native (C frames too: grpc's Cython core, protobuf's upb) needs the process paused per sample.
     command.append("--native" if native else "--nonblocking")
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def profile_path(lab: Lab, args: argparse.Namespace, name: str) -> Path:
+    if not args.profile_dir:
+        return lab.tmp / name
+    folder = Path(args.profile_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
 
 
 async def profiled(
@@ -791,6 +800,10 @@ class SessionClient:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     self.tally.errors["heartbeat:NOT_FOUND (session lost)"] += 1
                     await self.establish()
+                elif is_lost_status(exc):
+                    # As the client library does: the status was lost in grpc.aio, not sent by
+                    # the server; a new stream hears it at once.
+                    self.tally.errors["heartbeat:INTERNAL (status lost by grpc.aio, stream reopened)"] += 1
                 else:
                     await self._backoff("heartbeat", exc)
             except (TimeoutError, RuntimeError):
@@ -1164,7 +1177,7 @@ async def heartbeat_section(lab: Lab, args: argparse.Namespace, hb: HeartbeatLab
             log(f"profiling the server under Heartbeat load for {args.profile_seconds} s")
             out["profile"] = await profiled(
                 hb.sessions_server.pid,
-                lab.tmp / "heartbeat.txt",
+                profile_path(lab, args, "heartbeat.txt"),
                 args,
                 lambda: closed_loop("heartbeat", heartbeat, hb.meter, args, args.concurrency),
             )
@@ -1354,6 +1367,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-native", action="store_true", help="py-spy --native: C frames (gRPC core, upb) too")
     p.add_argument("--profile-seconds", type=float, default=8.0, help="seconds per profile (default 8)")
     p.add_argument("--profile-top", type=int, default=12, help="frames listed per profile (default 12)")
+    p.add_argument(
+        "--profile-dir", metavar="DIR", help="keep py-spy's raw stacks here (default: a temporary folder, removed)"
+    )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--output", metavar="FILE", help="also write the JSON here")
     args = p.parse_args(argv)

@@ -56,6 +56,7 @@ from discovery.errors import (
     StoreForbidden,
     StoreUnavailable,
 )
+from discovery.groupcommit import GroupCommit, Retry
 from discovery.tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,13 @@ _PAGE = 1000
 _PAGE_BYTES = 2 << 20
 _PAGE_MIN, _PAGE_MAX = 100, 10_000
 _EVENT_DELETE = 1  # mvccpb.Event.DELETE
+_PUT_BATCH = 100  # puts per group-commit transaction: under etcd's --max-txn-ops (128 by default)
+_PUT_BATCH_BYTES = 512 * 1024  # ... and bytes: well under etcd's --max-request-bytes (1.5 MiB by default)
+# What etcd answers when one put of a transaction cannot be applied (an expired lease, a
+# request too large): the batch is split rather than failing every caller in it.
+_ONE_PUTS_FAULT = frozenset(
+    {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION}
+)
 _REQUIRE_LEADER = (("hasleader", "true"),)  # etcd ends the watch when its member loses the leader
 
 # Keys under ``<prefix>_probe/`` are the store's own: no key schema name starts with "_", and
@@ -177,6 +185,14 @@ class Write:
 
 
 @dataclass(frozen=True, slots=True)
+class _Put:
+    key: bytes
+    value: bytes
+    lease: int
+    expect: int | None  # the mod_revision the key must still have (0: absent), None: unconditional
+
+
+@dataclass(frozen=True, slots=True)
 class KeyValue:
     key: bytes
     value: bytes
@@ -277,6 +293,14 @@ class Store:
         # etcd's raft term, from the last response header that had one: a new term means a new
         # leader, and a new leader extends every lease (none expires because of the change).
         self.raft_term = 0
+        # Concurrent puts go to etcd together, a transaction per batch (docs/capacity.md).
+        self._puts: GroupCommit[_Put, tuple[int, KeyValue | None]] = GroupCommit(
+            self._send_puts,
+            key=lambda p: p.key,
+            weight=lambda p: len(p.key) + len(p.value),
+            max_batch=_PUT_BATCH,
+            max_weight=_PUT_BATCH_BYTES,
+        )
 
     async def __aenter__(self) -> Store:
         """Connect. Over TLS, unreadable or mismatched files raise ValueError or OSError here
@@ -297,6 +321,7 @@ class Store:
         return _Client(channel, material)
 
     async def close(self) -> None:
+        await self._puts.close()
         for client, task in list(self._retiring.items()):
             await stop_task(task)
             await client.close()
@@ -448,30 +473,66 @@ class Store:
         ``Conflict`` carries what is there: an authorization decided on a record must not apply
         to another one written meanwhile.
         """
-        async with self._call("a put", key=key) as client:
+        lease_id = lease
+        if ttl > 0 and not lease:
+            async with self._call("a lease grant", key=key) as client:
+                lease_id = (await client.lease.grant(ttl, timeout=self._op_timeout)).ID
+        try:
+            async with asyncio.timeout(self._op_timeout):
+                revision, previous = await self._puts.submit(_Put(key, value, lease_id, expect_mod_revision))
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"etcd at {','.join(self.endpoints)} did not answer a put within {self._op_timeout:g}s"
+            ) from None
+        except Conflict:
+            if lease_id and not lease:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.revoke(lease_id)
+            raise
+        return revision, lease_id, previous
+
+    async def _send_puts(self, puts: list[_Put]) -> list[tuple[int, KeyValue | None] | BaseException]:
+        """One transaction for the puts a ``GroupCommit`` gathered (distinct keys). Their
+        conditions are all its compares: when one fails nothing is written, the puts whose
+        condition held go again (``Retry``) and the others get ``Conflict`` with what is there."""
+        conditional = [p for p in puts if p.expect is not None]
+        async with self._call("a put", key=puts[0].key) as client:
             kv = client.kv
-            lease_id = lease or ((await client.lease.grant(ttl, timeout=self._op_timeout)).ID if ttl > 0 else 0)
-            if expect_mod_revision is None:
-                resp = await kv.put(key, value, lease=lease_id, prev_kv=True, timeout=self._op_timeout)
-                return resp.header.revision, lease_id, _kv(resp.prev_kv) if resp.HasField("prev_kv") else None
-            txn = await kv.txn(
-                [
-                    _rpc.Compare(
-                        result=_rpc.Compare.EQUAL, target=_rpc.Compare.MOD, key=key, mod_revision=expect_mod_revision
-                    )
-                ],
-                [kv.txn_op_put(key, value, lease=lease_id, prev_kv=True)],
-                [kv.txn_op_get(key)],
-                timeout=self._op_timeout,
-            )
+            try:
+                txn = await kv.txn(
+                    [
+                        _rpc.Compare(
+                            result=_rpc.Compare.EQUAL, target=_rpc.Compare.MOD, key=p.key, mod_revision=p.expect
+                        )
+                        for p in conditional
+                    ],
+                    [kv.txn_op_put(p.key, p.value, lease=p.lease, prev_kv=True) for p in puts],
+                    [kv.txn_op_get(p.key) for p in conditional],
+                    timeout=self._op_timeout,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if len(puts) == 1 or exc.code() not in _ONE_PUTS_FAULT:
+                    raise
+                txn = None
+        if txn is None:
+            # One put's own fault (its lease has expired, it is too large) fails the whole
+            # transaction: each goes alone, so only that one's caller hears of it.
+            alone = await asyncio.gather(*(self._send_puts([p]) for p in puts), return_exceptions=True)
+            return [r if isinstance(r, BaseException) else r[0] for r in alone]
         if txn.succeeded:
-            put = txn.responses[0].response_put
-            return int(txn.header.revision), lease_id, _kv(put.prev_kv) if put.HasField("prev_kv") else None
-        if lease_id and not lease:
-            with contextlib.suppress(StoreUnavailable):
-                await self.revoke(lease_id)
-        found = txn.responses[0].response_range.kvs
-        raise Conflict(_kv(found[0]) if found else None)
+            revision = int(txn.header.revision)
+            return [
+                (revision, _kv(r.response_put.prev_kv) if r.response_put.HasField("prev_kv") else None)
+                for r in txn.responses
+            ]
+        found = {p.key: r.response_range.kvs for p, r in zip(conditional, txn.responses, strict=True)}
+        results: list[tuple[int, KeyValue | None] | BaseException] = []
+        for p in puts:
+            kvs = found.get(p.key)
+            current = _kv(kvs[0]) if kvs else None
+            held = p.expect is None or (current.mod_revision if current else 0) == p.expect
+            results.append(Retry() if held else Conflict(current))
+        return results
 
     async def put_many(self, items: Sequence[tuple[bytes, bytes]], lease: int = 0) -> tuple[int, list[KeyValue | None]]:
         """Put every (key, value) on ``lease`` in one transaction (all or none); returns the

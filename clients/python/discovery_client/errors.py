@@ -192,3 +192,15 @@ def _connected(channel: Any) -> bool:
 
 def is_retryable(exc: Any) -> bool:
     return bool(exc.code() in RETRYABLE)
+
+
+_LOST_STATUS = "Internal error from Core"
+
+
+def is_lost_status(exc: Any) -> bool:
+    """A write on a stream met the server's end of it, and grpc.aio answered INTERNAL "Internal
+    error from Core" in place of the status the server sent (seen with grpcio up to 1.85 when a
+    server ends many streams at once, as after a freeze: docs/capacity.md). No server of ours
+    sends INTERNAL; what it did send is lost, so the stream is to be opened again, where the
+    server's answer is heard."""
+    return bool(exc.code() == grpc.StatusCode.INTERNAL and (exc.details() or "").startswith(_LOST_STATUS))

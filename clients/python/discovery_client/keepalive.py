@@ -12,7 +12,13 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from discovery_client.errors import DiscoveryClientError, ResourceExhausted, from_rpc_error, is_retryable
+from discovery_client.errors import (
+    DiscoveryClientError,
+    ResourceExhausted,
+    from_rpc_error,
+    is_lost_status,
+    is_retryable,
+)
 from discovery_client.servers import ServerPool
 from discovery_pb.v1 import registry_pb2 as pb
 
@@ -168,7 +174,7 @@ class LeaseKeeper:
             if lease == self._lease():
                 raise LeaseLost(lease) from None
             raise StreamBroken(f"{address}: an old lease ended the stream") from None  # replaced meanwhile
-        if is_retryable(exc) or code == grpc.StatusCode.OK:
+        if is_retryable(exc) or code == grpc.StatusCode.OK or is_lost_status(exc):
             raise StreamBroken(f"{address}: {code.name}: {exc.details()}") from None
         raise from_rpc_error(exc, address, tls=self._pool.config.tls) from None
 
