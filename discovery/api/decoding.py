@@ -29,6 +29,11 @@ class Undecodable(Exception):
 
 
 class DecodeRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self) -> None:
+        # Every call asks; the wrapping is made once per method (the server's handler for a
+        # method is one object), not once per call.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
@@ -37,7 +42,12 @@ class DecodeRequests(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        return _wrap(handler, details.method)
+        known = self._wrapped.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = _wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
 
 
 def _wrap(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
