@@ -109,7 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.kind == "empty":
         asyncio.run(serve_empty(args.listen))
     else:
-        asyncio.run(serve_discovery(args.listen, args.etcd, args.region, args.prefix, args.settings))
+        from discovery import eventloop
+
+        # The loop `discovery serve` would run (auto: uvloop where installed), unless the settings say.
+        loop = (args.settings or {}).get("event_loop", "auto")
+        eventloop.run(lambda: serve_discovery(args.listen, args.etcd, args.region, args.prefix, args.settings), loop)
     return 0
 
 

@@ -163,9 +163,10 @@ class CpuMeter:
 class Lab:
     """etcd and the servers of one run; everything is stopped when the ExitStack closes."""
 
-    def __init__(self, stack: contextlib.ExitStack, tmp: Path) -> None:
+    def __init__(self, stack: contextlib.ExitStack, tmp: Path, event_loop: str = "auto") -> None:
         self.stack = stack
         self.tmp = tmp
+        self.event_loop = event_loop
         self.etcd = EtcdProcess(tmp / "etcd")
         stack.callback(self.etcd.stop)
         self.etcd.start()
@@ -175,7 +176,7 @@ class Lab:
         self._count += 1
         address = f"127.0.0.1:{free_port()}"
         command = [sys.executable, str(RUNNER), "discovery", "--listen", address, "--etcd", self.etcd.endpoint]
-        command += ["--region", REGION, "--prefix", prefix]
+        command += ["--region", REGION, "--prefix", prefix, "--settings", json.dumps({"event_loop": self.event_loop})]
         child = ServerProcess(command, address, self.tmp / f"{name}-{self._count}.log", name=f"{name} server")
         self.stack.callback(child.stop, 10.0)
         if launch_only:
@@ -1286,7 +1287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"benchmark": "scale"}
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scale-bench-")))
-        lab = Lab(stack, tmp)
+        lab = Lab(stack, tmp, args.event_loop)
         log(f"etcd {lab.etcd.endpoint} (pid {lab.etcd.pid}); sections {','.join(args.sections)}")
         out |= asyncio.run(run_async(lab, args))
         out["etcd_at_end"] = etcd_metrics(lab.etcd.endpoint)
@@ -1369,6 +1370,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile-top", type=int, default=12, help="frames listed per profile (default 12)")
     p.add_argument(
         "--profile-dir", metavar="DIR", help="keep py-spy's raw stacks here (default: a temporary folder, removed)"
+    )
+    p.add_argument(
+        "--event-loop",
+        choices=("auto", "asyncio", "uvloop"),
+        default="auto",
+        help="the servers' event loop (default auto: uvloop where installed, as `discovery serve`)",
     )
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--output", metavar="FILE", help="also write the JSON here")

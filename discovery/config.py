@@ -59,6 +59,7 @@ class ServerConfig:
     etcd_cert: str = ""  # client certificate etcd maps to a user (its CN) under --client-cert-auth
     etcd_key: str = ""
     etcd_server_name: str = ""  # the name etcd's certificate is checked against (several members need it)
+    event_loop: str = "auto"  # auto (uvloop where installed), asyncio or uvloop: discovery/eventloop.py
 
     def validate(self) -> ServerConfig:
         if not self.region:
@@ -99,6 +100,7 @@ class ServerConfig:
         if self.health_listen:
             split_address(self.health_listen, "health_listen", allow_port_zero=True)
         self._validate_security()
+        self._validate_runtime()
         self.peer_map()  # validates
         return self
 
@@ -129,6 +131,10 @@ class ServerConfig:
             raise InvalidArgument("etcd_ca", "required for etcd over TLS")
         if self.reload_poll_seconds <= 0:
             raise InvalidArgument("reload_poll_seconds", "must be > 0")
+
+    def _validate_runtime(self) -> None:
+        if self.event_loop not in ("auto", "asyncio", "uvloop"):  # discovery/eventloop.py CHOICES
+            raise InvalidArgument("event_loop", f"{self.event_loop!r}: choose auto, asyncio or uvloop")
 
     @property
     def etcd_tls(self) -> bool:

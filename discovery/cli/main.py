@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 
+from discovery import eventloop
 from discovery.cli import certs, dev, drill, instances, lookup, serve, status, xds
 from discovery.cli._common import EXIT_CODES_HELP, FAILED, OK, CommandError, describe, exit_code
 from discovery.errors import DiscoveryError
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.log_level)
     try:
-        code: int = asyncio.run(args.func(args))
+        loop = args.event_loop_of(args) if hasattr(args, "event_loop_of") else "asyncio"
+        code: int = eventloop.run(lambda: args.func(args), loop)
         return code
     except (CommandError, DiscoveryClientError, DiscoveryError) as exc:
         print(f"discovery {args.command}: error: {describe(exc)}", file=sys.stderr)

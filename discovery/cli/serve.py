@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import logging
 import signal
+import tomllib
+from pathlib import Path
 
-from discovery import telemetry
+from discovery import eventloop, telemetry
 from discovery.cli._common import OK, add_verb
 from discovery.config import load
 from discovery.server import Server
@@ -120,6 +122,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="etcd writes in flight at once before writes are refused as overload, with a retry-after "
         "(default 1024; 0: no limit)",
     )
+    p.add_argument(
+        "--event-loop",
+        choices=eventloop.CHOICES,
+        help="auto (default): uvloop where installed, about a quarter less CPU per call; or asyncio",
+    )
     tls = p.add_argument_group("security (docs/security.md)")
     tls.add_argument(
         "--insecure",
@@ -152,7 +159,21 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     tls.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd (its CN is the etcd user)")
     tls.add_argument("--etcd-key", metavar="FILE", help="its private key")
     tls.add_argument("--etcd-server-name", metavar="NAME", help="the name etcd's certificate is checked against")
-    p.set_defaults(func=serve)
+    p.set_defaults(func=serve, event_loop_of=_event_loop_of)
+
+
+def _event_loop_of(args: argparse.Namespace) -> str:
+    """The loop to start before the configuration is read on it: the flag, else the file's
+    ``event_loop`` (anything wrong with the file is reported by ``load`` once running)."""
+    if args.event_loop:
+        return str(args.event_loop)
+    if args.config:
+        with contextlib.suppress(OSError, tomllib.TOMLDecodeError, AttributeError):
+            data = tomllib.loads(Path(args.config).read_text())
+            value = data.get("server", data).get("event_loop", "auto")
+            if value in eventloop.CHOICES:
+                return str(value)
+    return "auto"
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -170,6 +191,7 @@ async def serve(args: argparse.Namespace) -> int:
             "replication_heartbeat_seconds": args.replication_heartbeat_seconds,
             "resume_grace_seconds": args.resume_grace_seconds,
             "max_pending_writes": args.max_pending_writes,
+            "event_loop": args.event_loop,
             **{name: getattr(args, name) for name in _SECURITY_FLAGS},
         },
     )
@@ -179,6 +201,7 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     reload = asyncio.Event()  # SIGHUP before the server is up is kept for when it is
     loop.add_signal_handler(signal.SIGHUP, reload.set)
+    logging.getLogger("discovery").info("event loop: %s", type(loop).__module__.partition(".")[0])
     tracing = telemetry.setup("discovery", config.region)
     try:
         server = Server(config, tracing=tracing)

@@ -435,9 +435,10 @@ async def peer_uris(address: str, files: TlsFiles, *, timeout: float) -> tuple[s
                 ssl_object = writer.get_extra_info("ssl_object")
                 der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             finally:
-                writer.close()
-                with contextlib.suppress(OSError):  # ssl.SSLError too: the server's goodbye does not matter
-                    await writer.wait_closed()
+                # Aborted, not closed: only the certificate was wanted, and a graceful TLS close
+                # waits for the server's close_notify, which a gRPC server does not send
+                # (uvloop waits for it up to 30 s; asyncio's loop did not wait).
+                writer.transport.abort()
     except TimeoutError:
         raise TimeoutError(f"no TLS handshake with {address} within {timeout:g}s: is it up and reachable?") from None
     if not der:
