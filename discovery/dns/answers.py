@@ -96,18 +96,26 @@ class Answers:
 
     def answer(self, query: dns.message.Message) -> dns.message.Message:
         """The response to a parsed query with exactly one question."""
+        return self.respond(query)[0]
+
+    def respond(self, query: dns.message.Message) -> tuple[dns.message.Message, str]:
+        """The response, and the service it depends on ("" for none): the answer stays the
+        same while ``token(service)`` does."""
         response = dns.message.make_response(query, our_payload=MAX_UDP_PAYLOAD)
         question = query.question[0]
         qname, qtype = question.name, question.rdtype
         if question.rdclass not in (IN, dns.rdataclass.ANY) or not qname.is_subdomain(self.origin):
             response.set_rcode(dns.rcode.REFUSED)  # not an open resolver
-            return response
+            return response, ""
         response.flags |= dns.flags.AA
         labels = tuple(label.decode("ascii", "replace").lower() for label in qname.relativize(self.origin).labels)
         parsed = parse(labels)
+        service = ""
         if isinstance(parsed, ServiceName):
+            service = parsed.service
             self._service(response, qname, qtype, parsed)
         elif isinstance(parsed, InstanceName):
+            service = parsed.service
             self._instance(response, qname, qtype, parsed)
         elif parsed is Kind.APEX and qtype in (dns.rdatatype.SOA, dns.rdatatype.ANY):
             response.answer.append(self._soa())
@@ -115,7 +123,15 @@ class Answers:
             self._negative(response, dns.rcode.NXDOMAIN)
         else:
             self._negative(response, dns.rcode.NOERROR)
-        return response
+        return response, service
+
+    def token(self, service: str) -> tuple[object, ...]:
+        """Everything an answer about ``service`` depends on but the clock: its records (their
+        generation, across regions), which regions may be served (``--max-staleness``) and
+        whether the policy shows it."""
+        states = self._states
+        servable = tuple(states.servable(region) for region in states.peers)
+        return (self._view.service_generation(service), servable, bool(service) and self._visible(service))
 
     # --- names ----------------------------------------------------------------------------
 

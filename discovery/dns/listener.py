@@ -19,6 +19,7 @@ import contextlib
 import logging
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -34,6 +35,11 @@ from discovery.model import split_address
 log = logging.getLogger(__name__)
 
 HEADER = 12
+CACHE_ENTRIES = 10_000
+# Rendered answers are reused while nothing they depend on changed, and at most this long:
+# the SOA serial (the view's revision) in a negative answer may lag by this much.
+CACHE_SECONDS = 1.0
+_ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00"
 NO_EDNS_UDP = 512
 TCP_MAX = 65535
 _QR = 0x8000
@@ -52,7 +58,18 @@ class Counters:
     dropped: int = 0  # not a query, or failed
     failed: int = 0  # an answer raised: logged, never fatal
     tcp_refused: int = 0  # connections over max_connections
+    cached: int = 0  # answered from the cache of rendered answers
     by_rcode: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    wire: bytes
+    service: str
+    token: tuple[object, ...]
+    expires: float
+    rcode: str
+    truncated: bool
 
 
 class DnsListener:
@@ -78,6 +95,7 @@ class DnsListener:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._cache: dict[bytes, _Cached] = {}
 
     async def start(self) -> int:
         """Binds both; with port 0, a port free for both (a few tries). Raises OSError."""
@@ -126,6 +144,14 @@ class DnsListener:
         if flags & _QR:
             counters.dropped += 1  # a response: answering it could start a loop
             return None
+        key, question_end = _cache_key(data, udp)
+        if key is not None:
+            hit = self._cache.get(key)
+            if hit is not None and hit.expires > time.monotonic() and hit.token == self.answers.token(hit.service):
+                counters.cached += 1
+                self._count(hit.rcode, hit.truncated)
+                # The query's id, and its question as it spelled it (resolvers check the case).
+                return data[:2] + hit.wire[2:HEADER] + data[HEADER:question_end] + hit.wire[question_end:]
         try:
             query = dns.message.from_wire(data)
         except dns.exception.DNSException:
@@ -133,28 +159,42 @@ class DnsListener:
         except Exception:  # dnspython raising something unexpected on garbage
             log.debug("dns: unparsable packet", exc_info=True)
             return self._formerr(data)
+        if len(query.question) != 1:
+            return self._formerr(data)
         try:
-            if query.opcode() != dns.opcode.QUERY:
-                response = dns.message.make_response(query)
-                response.set_rcode(dns.rcode.NOTIMP)
-            elif len(query.question) != 1:
-                return self._formerr(data)
-            elif query.edns > 0:
-                response = dns.message.make_response(query, our_payload=MAX_UDP_PAYLOAD)
-                response.set_rcode(dns.rcode.BADVERS)
-            else:
-                response = self.answers.answer(query)
+            response, service = self._answer(query)
             wire = response.to_wire(max_size=udp_size(query) if udp else TCP_MAX, prefer_truncation=True)
         except Exception:
             counters.failed += 1
             log.exception("dns: answering %s failed", query.question[:1])
             return None
         rcode = dns.rcode.to_text(response.rcode())
-        counters.by_rcode[rcode] = counters.by_rcode.get(rcode, 0) + 1
-        counters.answered += 1
-        if wire[2] & (_TC >> 8):
-            counters.truncated += 1
+        truncated = bool(wire[2] & (_TC >> 8))
+        self._count(rcode, truncated)
+        if key is not None and service is not None:
+            if len(self._cache) >= CACHE_ENTRIES:
+                self._cache.clear()
+            token = self.answers.token(service)
+            self._cache[key] = _Cached(wire, service, token, time.monotonic() + CACHE_SECONDS, rcode, truncated)
         return wire
+
+    def _answer(self, query: dns.message.Message) -> tuple[dns.message.Message, str | None]:
+        """The response, and the service it depends on (None: not to be cached)."""
+        if query.opcode() != dns.opcode.QUERY:
+            response = dns.message.make_response(query)
+            response.set_rcode(dns.rcode.NOTIMP)
+            return response, None
+        if query.edns > 0:
+            response = dns.message.make_response(query, our_payload=MAX_UDP_PAYLOAD)
+            response.set_rcode(dns.rcode.BADVERS)
+            return response, None
+        return self.answers.respond(query)
+
+    def _count(self, rcode: str, truncated: bool) -> None:
+        counters = self.counters
+        counters.answered += 1
+        counters.by_rcode[rcode] = counters.by_rcode.get(rcode, 0) + 1
+        counters.truncated += truncated
 
     def _formerr(self, data: bytes) -> bytes:
         """FORMERR from the header alone: the id, and the opcode, nothing else echoed."""
@@ -241,6 +281,25 @@ class _Udp(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         log.debug("dns: UDP error: %s", exc)  # ICMP unreachable from a client gone: harmless
+
+
+def _cache_key(data: bytes, udp: bool) -> tuple[bytes | None, int]:
+    """The key of a plain query's rendered answer, and where its question ends; None for any
+    other packet (it takes the full path). The key is the transport, the opcode and RD bits,
+    the question with its name lowercased (DNS names ignore case), and whatever follows (the
+    EDNS record, which sets the size)."""
+    if data[4:10] != _ONE_QUESTION or data[10:12] not in (b"\x00\x00", b"\x00\x01"):
+        return None, 0
+    at, size = HEADER, len(data)
+    while at < size and 0 < data[at] < 64:
+        at += data[at] + 1
+    if at >= size or data[at] != 0:
+        return None, 0  # a compression pointer, or cut short
+    end = at + 5  # the root label, type and class
+    if end > size:
+        return None, 0
+    flags = (data[2] & 0x79).to_bytes(1, "big")  # opcode and RD
+    return (b"U" if udp else b"T") + flags + data[HEADER:at].lower() + data[at:], end
 
 
 def udp_size(query: dns.message.Message) -> int:

@@ -11,7 +11,17 @@ import dns.rdatatype
 import pytest
 
 from discovery.config import ServerConfig
-from discovery.dns import Answers, InstanceName, Kind, ResponseRateLimit, ServiceName, Verdict, instance_label, parse
+from discovery.dns import (
+    Answers,
+    DnsListener,
+    InstanceName,
+    Kind,
+    ResponseRateLimit,
+    ServiceName,
+    Verdict,
+    instance_label,
+    parse,
+)
 from discovery.dns.names import target_labels
 from discovery.errors import InvalidArgument
 from discovery.model import MAX_INSTANCE_ID_LEN
@@ -237,3 +247,27 @@ def test_answers_leave_out_what_has_no_dns_form_and_never_give_a_wrong_one() -> 
     assert [rd.to_text() for rd in reply.answer[0]] == ["10.0.0.2"] and reply.answer[0].ttl == 0
     assert _ask(other, "web.service.discovery.").rcode() == dns.rcode.REFUSED
     assert _ask(answers, "web.service.discovery.", "ANY").answer[0].rdtype == dns.rdatatype.A
+
+
+def test_rendered_answers_are_reused_with_the_query_id_and_spelling_until_the_records_change() -> None:
+    records = [_record("web", "10.0.0.1:80", instance_id="w1")]
+    view = _View(records)
+    answers = Answers(view, _States(), domain="discovery.", ttl=5, visible=lambda s: True)
+    listener = DnsListener(answers, "127.0.0.1:0", rate_limit=ResponseRateLimit(0))
+
+    def ask(name: str) -> dns.message.Message:
+        query = dns.message.make_query(name, "A", use_edns=0)
+        wire = listener.respond(query.to_wire(), udp=True)
+        assert wire is not None
+        reply = dns.message.from_wire(wire)
+        assert reply.id == query.id and reply.question[0].name.to_text() == name
+        return reply
+
+    first = ask("web.service.discovery.")
+    again = ask("WeB.SERVICE.discovery.")
+    assert listener.counters.cached == 1
+    assert [rd.to_text() for rd in again.answer[0]] == [rd.to_text() for rd in first.answer[0]] == ["10.0.0.1"]
+    assert again.answer[0].name.to_text() == "WeB.SERVICE.discovery."
+    records.append(_record("web", "10.0.0.2:80", instance_id="w2"))  # a new generation
+    assert {rd.to_text() for rd in ask("web.service.discovery.").answer[0]} == {"10.0.0.1", "10.0.0.2"}
+    assert listener.counters.cached == 1
