@@ -238,3 +238,29 @@ def test_the_sources_in_this_file_need_loopback_aliases() -> None:
     """127.0.0.2 is a second source address on Linux's loopback (all of 127/8 is local)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.2", 0))
+
+
+async def test_tcp_connections_are_bounded_and_idle_ones_closed(servers: Servers, etcd: EtcdProcess) -> None:
+    server, stubs = await dns_server(servers, etcd)
+    await register(stubs, "web", "10.0.0.1:80")
+    listener = server.dns
+    assert listener is not None
+    listener.max_connections, listener.idle_seconds = 3, 0.5
+    held = [await asyncio.open_connection("127.0.0.1", server.dns_port) for _ in range(3)]
+    # Each held connection is served (one query each), so all three are counted before the fourth.
+    for reader, writer in held:
+        wire = query().to_wire()
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        length = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 5), "big")
+        assert dnsq.addresses(dns.message.from_wire(await reader.readexactly(length))) == {"10.0.0.1"}
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.dns_port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # over the bound: closed at once
+    writer.close()
+    assert listener.counters.tcp_refused == 1
+    # Idle connections are closed by the server after idle_seconds: the slots come back.
+    for reader, writer in held:
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+    assert dnsq.addresses(await dnsq.tcp(server.dns_port, "web.service.discovery.")) == {"10.0.0.1"}
+    assert len((await resolve(stubs, "web")).endpoints) == 1
+    await stubs.channel.close()
