@@ -60,6 +60,11 @@ class ServerConfig:
     etcd_key: str = ""
     etcd_server_name: str = ""  # the name etcd's certificate is checked against (several members need it)
     event_loop: str = "auto"  # auto (uvloop where installed), asyncio or uvloop: discovery/eventloop.py
+    # DNS (docs/dns.md): off unless dns_listen is set; UDP and TCP on that port.
+    dns_listen: str = ""
+    dns_domain: str = "discovery."  # names are <service>.service.<dns_domain>
+    dns_ttl_seconds: int = 5  # on every record, and for negative caching (the SOA minimum)
+    dns_rate_limit: float = 1000.0  # UDP responses per second per source address (0: no limit)
 
     def validate(self) -> ServerConfig:
         if not self.region:
@@ -99,10 +104,25 @@ class ServerConfig:
             split_address(self.advertise, "advertise")
         if self.health_listen:
             split_address(self.health_listen, "health_listen", allow_port_zero=True)
+        self._validate_dns()
         self._validate_security()
         self._validate_runtime()
         self.peer_map()  # validates
         return self
+
+    def _validate_dns(self) -> None:
+        if self.dns_listen:
+            split_address(self.dns_listen, "dns_listen", allow_port_zero=True)
+        domain = self.dns_domain.lower().rstrip(".")
+        if not _DNS_DOMAIN.fullmatch(domain) or len(domain) > 200:
+            raise InvalidArgument(
+                "dns_domain",
+                f"{self.dns_domain[:80]!r} must be DNS labels (a-z, 0-9, '-') joined by dots, e.g. discovery.",
+            )
+        if not 0 <= self.dns_ttl_seconds <= 86400:
+            raise InvalidArgument("dns_ttl_seconds", "must be from 0 to 86400")
+        if self.dns_rate_limit < 0:
+            raise InvalidArgument("dns_rate_limit", "must be >= 0 (0 turns it off)")
 
     def _validate_security(self) -> None:
         tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_client_ca": self.tls_client_ca}
@@ -167,6 +187,8 @@ class ServerConfig:
 
 
 _TRUST_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?")
+_DNS_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_DNS_DOMAIN = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 
 
 def _is_ipv4(host: str) -> bool:

@@ -25,6 +25,7 @@ from discovery.api import (
 from discovery.api.admission import Admission
 from discovery.api.decoding import DecodeRequests
 from discovery.config import ServerConfig
+from discovery.dns import DnsListener, dns_listener
 from discovery.errors import InvalidArgument, PermissionDenied, StoreUnavailable
 from discovery.keys import KeySchema
 from discovery.registry import Registry
@@ -85,7 +86,8 @@ class Server:
     ``async with Server(config) as server`` returns once the view is loaded and the port
     listens (``server.port``). Leaving the block stops it, in this order:
 
-    1. health turns NOT_SERVING, so balancers stop sending new calls;
+    1. the DNS port (docs/dns.md) closes; health turns NOT_SERVING, so balancers stop sending
+       new calls;
     2. Watch, Replication and ADS streams end at once (UNAVAILABLE, so clients resume elsewhere),
        as do reads waiting for a revision; the port stops accepting; unary calls get
        ``grace_seconds``;
@@ -148,6 +150,8 @@ class Server:
         self.guard: Guard | None = None
         self._etcd_reload = asyncio.Event()
         self.admission = Admission(config.max_pending_writes)
+        self.dns: DnsListener | None = None  # docs/dns.md: only with dns_listen
+        self.dns_port = 0
 
     async def __aenter__(self) -> Server:
         try:
@@ -256,10 +260,37 @@ class Server:
             health_pb2_grpc.add_HealthServicer_to_server(self._health, self._health_grpc)
             self.health_port = _listen(self._health_grpc, self.config.health_listen, "health_listen", None)
             await self._health_grpc.start()
+        if self.config.dns_listen:
+            await self._start_dns()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._start_replicators()
         log.info("region %s serving on %s (etcd %s)", self.config.region, self.address, ",".join(self.config.etcd))
+
+    async def _start_dns(self) -> None:
+        config, guard = self.config, self.guard
+        assert guard is not None  # _load_security ran
+        self.dns = dns_listener(
+            self.view,
+            self.states,
+            listen=config.dns_listen,
+            domain=config.dns_domain,
+            ttl=config.dns_ttl_seconds,
+            rate_limit=config.dns_rate_limit,
+            visible=guard.dns_visible,
+        )
+        try:
+            self.dns_port = await self.dns.start()
+        except OSError as exc:
+            raise InvalidArgument(
+                "dns_listen", f"cannot listen on {config.dns_listen} ({exc}): is it in use?"
+            ) from None
+        log.info("region %s serving DNS for %s on UDP and TCP port %d", config.region, config.dns_domain, self.dns_port)
+
+    async def _stop_dns(self) -> None:
+        if self.dns is not None:
+            await self.dns.stop()
+            self.dns = None
 
     def _start_replicators(self) -> None:
         peers = self.config.peer_map()
@@ -400,6 +431,7 @@ class Server:
     async def stop(self) -> None:
         """Shut down in the documented order; safe to call twice."""
         steps = (
+            self._stop_dns,  # 1: a DNS answer needs nothing else of the server
             self._stop_serving,  # 1, 2
             self._replicating.stop,  # 3
             self.session.close,

@@ -35,7 +35,9 @@ everything, spiffe://TRUST_DOMAIN/svc/NAME register NAME and NAME.* and read
 everything, and the servers replicate; the servers reload it when you edit it.
 Each server also serves plaintext gRPC health alone on a port of its own (role
 `health` in the table), for probes without a certificate. --insecure serves
-plaintext with no identities instead.
+plaintext with no identities instead. Each server serves DNS too (role `dns`;
+dig @127.0.0.1 -p PORT web.service.discovery.), every service visible
+(docs/dns.md).
 
 Servers reach the other regions through a userspace fault proxy, and a control
 endpoint takes faults from `discovery drill` (pause a region, kill a server or
@@ -72,7 +74,8 @@ are in STATE_DIR/cluster.json (the line `cluster.json: PATH` just before
 `ready` says where):
   {"regions": {"us-east": {
        "servers": [{"address": "127.0.0.1:7400", "pid": 4242,
-                    "health": "127.0.0.1:40215"}],
+                    "health": "127.0.0.1:40215",
+                    "dns": "127.0.0.1:40216"}],
        "etcd": [{"address": "127.0.0.1:40213", "pid": 4240}]}, ...},
    "state_dir": "...",
    "tls": {"ca": ".../tls/ca.pem", "cert": ".../tls/admin.pem",
@@ -185,6 +188,7 @@ async def dev(args: argparse.Namespace) -> int:
         replace=args.replace,
         mtls=not args.insecure,
         trust_domain=args.trust_domain,
+        dns=True,
     )
     try:
         cluster.validate()

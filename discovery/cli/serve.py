@@ -55,6 +55,10 @@ config file (TOML, top level or a [server] table; only region is required):
   etcd_ca = "/etc/discovery/etcd/ca.pem"   # etcd over TLS, client-cert auth
   etcd_cert = "/etc/discovery/etcd/us-east.pem"
   etcd_key = "/etc/discovery/etcd/us-east-key.pem"
+  dns_listen = "127.0.0.1:8600"  # DNS, UDP and TCP (docs/dns.md); off if unset
+  dns_domain = "discovery."     # names are SERVICE.service.discovery.
+  dns_ttl_seconds = 5           # TTL of every answer, and of NXDOMAIN/NODATA
+  dns_rate_limit = 1000         # UDP responses/s per source address (0: off)
 
 Certificates, the CA bundle and the policy are read again when they change
 (checked every reload_poll_seconds, 5 by default) and on SIGHUP, which also
@@ -159,6 +163,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     tls.add_argument("--etcd-cert", metavar="FILE", help="client certificate for etcd (its CN is the etcd user)")
     tls.add_argument("--etcd-key", metavar="FILE", help="its private key")
     tls.add_argument("--etcd-server-name", metavar="NAME", help="the name etcd's certificate is checked against")
+    dns = p.add_argument_group("DNS (docs/dns.md; off unless --dns is given)")
+    dns.add_argument("--dns", dest="dns_listen", metavar="HOST:PORT", help="serve DNS here, UDP and TCP")
+    dns.add_argument("--dns-domain", metavar="DOMAIN", help="the domain answered (default discovery.)")
+    dns.add_argument("--dns-ttl", type=int, dest="dns_ttl_seconds", metavar="SECONDS", help="answer TTL (default 5)")
+    dns.add_argument(
+        "--dns-rate-limit",
+        type=float,
+        metavar="N",
+        help="UDP responses per second per source address (default 1000; 0: no limit)",
+    )
     p.set_defaults(func=serve, event_loop_of=_event_loop_of)
 
 
@@ -192,6 +206,7 @@ async def serve(args: argparse.Namespace) -> int:
             "resume_grace_seconds": args.resume_grace_seconds,
             "max_pending_writes": args.max_pending_writes,
             "event_loop": args.event_loop,
+            **{name: getattr(args, name) for name in _DNS_FLAGS},
             **{name: getattr(args, name) for name in _SECURITY_FLAGS},
         },
     )
@@ -244,6 +259,9 @@ _SECURITY_FLAGS = (
     "etcd_key",
     "etcd_server_name",
 )
+
+
+_DNS_FLAGS = ("dns_listen", "dns_domain", "dns_ttl_seconds", "dns_rate_limit")
 
 
 async def _reload_on_signal(server: Server, reload: asyncio.Event) -> None:

@@ -88,6 +88,7 @@ class DevServer(ServerProcess):
         super().__init__(args, address, log_path, name=name, health_address=health_address)
         self.region = region
         self.index = index
+        self.dns_address: str | None = None  # its DNS port (UDP and TCP), with DevCluster(dns=True)
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,10 @@ instances = 100000
 identity = "spiffe://{trust_domain}/svc/*"
 register = ["{{name}}", "{{name}}.*"]
 read = ["*"]
-{servers}"""
+{servers}
+[dns]  # DNS names no caller: whoever reaches a DNS port sees these (docs/dns.md)
+visible = ["*"]
+"""
 
 
 @dataclass
@@ -225,6 +229,7 @@ class DevCluster:
     replace: bool = False
     mtls: bool = False
     trust_domain: str = DEFAULT_TRUST_DOMAIN
+    dns: bool = False  # every server also serves DNS (docs/dns.md) on a port of its own
     running: list[Region] = field(default_factory=list, init=False)
     proxy: FaultProxy | None = field(default=None, init=False)
     control_address: str | None = field(default=None, init=False)
@@ -304,8 +309,10 @@ class DevCluster:
         per_region = 2 * self.etcd_members
         etcd_count = per_region * len(self.regions)
         health_count = len(self.regions) * self.servers_per_region if self.mtls else 0
-        ports, others = self._ports(etcd_count + health_count)
-        etcd_ports, health_ports = others[:etcd_count], others[etcd_count:]
+        dns_count = len(self.regions) * self.servers_per_region if self.dns else 0
+        ports, others = self._ports(etcd_count + health_count + dns_count)
+        etcd_ports, health_ports = others[:etcd_count], others[etcd_count : etcd_count + health_count]
+        dns_ports = others[etcd_count + health_count :]
         addresses = {
             name: [f"127.0.0.1:{ports.pop(0)}" for _ in range(self.servers_per_region)] for name in self.regions
         }
@@ -318,8 +325,12 @@ class DevCluster:
             for i, address in enumerate(addresses[region.name]):
                 health = f"127.0.0.1:{health_ports.pop(0)}" if health_ports else None
                 args = self._server_command(region, i, address, addresses, health)
+                dns = f"127.0.0.1:{dns_ports.pop(0)}" if dns_ports else None
+                if dns is not None:
+                    args += ["--dns", dns]
                 log_path = self.state_dir / region.name / f"server-{i}.log"
                 region.servers.append(DevServer(region.name, i, address, args, log_path, health_address=health))
+                region.servers[-1].dns_address = dns
         self._write_env(addresses[self.regions[0]][0])
 
     def _make_tls(self, state_dir: Path) -> DevTls:
@@ -700,6 +711,8 @@ class DevCluster:
                 rows.append((r.name, "server", s.address, str(s.pid), self._relative(s.log_path)))
                 if s.health_address is not None:
                     rows.append((r.name, "health", s.health_address, str(s.pid), "plaintext, gRPC health only"))
+                if s.dns_address is not None:
+                    rows.append((r.name, "dns", s.dns_address, str(s.pid), "DNS, UDP and TCP (docs/dns.md)"))
             rows += [(r.name, "etcd", m.endpoint, str(m.pid), self._relative(m.log_path)) for m in r.etcd.members]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
@@ -774,6 +787,8 @@ def _server_entry(server: DevServer) -> dict[str, Any]:
     entry: dict[str, Any] = {"address": server.address, "pid": server.pid}
     if server.health_address is not None:
         entry["health"] = server.health_address
+    if server.dns_address is not None:
+        entry["dns"] = server.dns_address
     return entry
 
 

@@ -131,6 +131,10 @@ class Guard:
     def may_read(self, grants: Grants, service: str) -> bool:
         return grants.may_read(service)
 
+    def dns_visible(self, service: str) -> bool:
+        """DNS names no caller: it may show only what the policy makes visible to anyone."""
+        return self.policy.dns_visible(service)
+
     def require_admin(self, caller: Caller, grants: Grants, method: str) -> None:
         if not grants.admin:
             self._deny(

@@ -8,6 +8,9 @@ names the file, the table and the key)::
     [region]
     max_instances = 100000         # the region's total instance cap (0: none)
 
+    [dns]                          # the DNS port (docs/dns.md) carries no identity:
+    visible = ["web", "pay.*"]     # services it answers for, to anyone (default: none)
+
     [limits]                       # defaults for every identity (0: no limit)
     writes_per_second = 50.0       # token bucket refill, per identity and per server
     write_burst = 100              # token bucket size (below 1 counts as 1)
@@ -43,6 +46,12 @@ limit comes from the most specific matching grant that sets it (an exact identit
 pattern, a longer pattern over a shorter), else from ``[limits]``, else from the built-in
 defaults above. Two grants with the same identity setting one limit to different values is an
 error. An identity that no grant matches, or that ``deny`` lists, may do nothing.
+
+DNS visibility: a DNS query names no caller, so the DNS port is read-only and answers only
+for the services ``[dns] visible`` lists (service patterns as above); others are NXDOMAIN, as
+if they did not exist. Whoever can reach the DNS port may read those services' addresses: list
+only what every such host may see (docs/security.md, docs/dns.md). ``--insecure`` shows every
+service.
 
 Reload: PolicyFile polls the file (stat) and rereads it on SIGHUP; a bad new file keeps the
 policy in force and says so (log WARNING, and the ``policy_rejected`` event for audit/metrics).
@@ -283,6 +292,7 @@ class Policy:
         source: str = "",
         *,
         allow_everything: bool = False,
+        dns_visible: tuple[str, ...] = (),
     ) -> None:
         self._rules = rules
         self._deny = deny
@@ -290,6 +300,8 @@ class Policy:
         self.region_max_instances = region_max_instances
         self.source = source
         self.allows_everything = allow_everything
+        self.dns_patterns = dns_visible
+        self._dns = _Services((ANY,) if allow_everything else dns_visible)
         self._cache: dict[str, Grants | None] = {}
 
     @classmethod
@@ -309,6 +321,10 @@ class Policy:
         except (OSError, UnicodeDecodeError) as e:
             raise PolicyError(f"{path}: cannot read the policy: {getattr(e, 'strerror', None) or e}") from e
         return _parse(text, str(path))
+
+    def dns_visible(self, service: str) -> bool:
+        """Whether the DNS port may answer for ``service`` (``[dns] visible``)."""
+        return self._dns.match(service)
 
     def denied(self, identity: str) -> bool:
         return any(p.match(identity) is not None for p in self._deny)
@@ -365,8 +381,9 @@ def denial_message(identity: str, action: str, service: str, grants: Grants | No
 
 # --- parsing --------------------------------------------------------------------------------
 
-_TOP_KEYS = ("deny", "region", "limits", "grant")
+_TOP_KEYS = ("deny", "region", "limits", "grant", "dns")
 _REGION_KEYS = ("max_instances",)
+_DNS_KEYS = ("visible",)
 _GRANT_KEYS = ("identity", "register", "read", "replicate", "admin", "limits")
 
 
@@ -388,7 +405,18 @@ def _parse(text: str, source: str) -> Policy:
     for i, raw in enumerate(grants, 1):
         rules.append(_grant(raw, source, i))
     _check_limit_conflicts(rules, source)
-    return Policy(tuple(rules), deny, defaults, max_instances, source)
+    return Policy(tuple(rules), deny, defaults, max_instances, source, dns_visible=_dns(doc.get("dns", {}), source))
+
+
+def _dns(value: Any, source: str) -> tuple[str, ...]:
+    table = _table(value, source, "[dns]")
+    _known(table, _DNS_KEYS, source, "[dns]")
+    patterns = _strings(table.get("visible", []), source, "[dns] key 'visible'")
+    for p in patterns:
+        problem = check_service_pattern(p)
+        if problem is not None:
+            raise PolicyError(f"{source}: [dns] key 'visible': {problem}")
+    return tuple(patterns)
 
 
 def _grant(raw: Any, source: str, index: int) -> _Rule:

@@ -32,6 +32,7 @@ from discovery.devtools.process import free_ports
 from discovery.security.certs import server_id
 from discovery.security.policy import Policy
 from discovery_pb.v1 import admin_pb2, admin_pb2_grpc, registry_pb2, registry_pb2_grpc
+from tests.support import dnsq
 from tests.support.helpers import CALL_TIMEOUT, eventually, instance
 
 # Whole `discovery dev` clusters of processes, about 30 s together: not in `make test-fast`.
@@ -222,14 +223,20 @@ async def test_dev_default_regions_cluster_json_pids_peers_then_sigterm_leaves_n
         for entry in region["servers"] + region["etcd"]:
             assert ADDRESS.fullmatch(entry["address"]) and isinstance(entry["pid"], int), entry
         (server,), (member,) = region["servers"], region["etcd"]
-        assert set(server) == {"address", "pid", "health"} and set(member) == {"address", "pid"}
+        assert set(server) == {"address", "pid", "health", "dns"} and set(member) == {"address", "pid"}
         assert is_server(server["pid"], name, server["address"]), cmdline(server["pid"])
         assert is_etcd(member["pid"], member["address"]), cmdline(member["pid"])
         assert peer_flags(server["pid"]) == expected_peers(cluster, name)
         assert _flag(cmdline(server["pid"]), "--etcd") == member["address"]
         assert await status_region(cluster, server["address"]) == name
     health = {s["health"] for r in cluster["regions"].values() for s in r["servers"]}
-    assert len({e["address"] for e in _entries(cluster)} | health) == 9, "every listener has a port of its own"
+    dns_ports = {s["dns"] for r in cluster["regions"].values() for s in r["servers"]}
+    listeners = {e["address"] for e in _entries(cluster)} | health | dns_ports
+    assert len(listeners) == 12, "every listener has a port of its own"
+    for address in dns_ports:  # DNS answers on every server, UDP and TCP (docs/dns.md)
+        for transport in ("+notcp", "+tcp"):
+            soa = await dnsq.dig(int(address.rpartition(":")[2]), transport, "+short", "discovery.", "SOA")
+            assert soa.startswith("ns.discovery. hostmaster.discovery. "), soa
     routes = [a for targets in cluster["routes"].values() for addresses in targets.values() for a in addresses]
     assert len(routes) == 6 and not set(routes) & {e["address"] for e in _entries(cluster)}
 
@@ -239,7 +246,7 @@ async def test_dev_default_regions_cluster_json_pids_peers_then_sigterm_leaves_n
     assert f"cluster.json: {state_dir.resolve() / 'cluster.json'}" in lines
     first = lines.index(f"state dir: {state_dir.resolve()}")
     table = "\n".join(lines[first + 1 : next(i for i, line in enumerate(lines) if line.startswith("mtls:"))])
-    assert all(str(pid) in table for pid in pids) and all(a in table for a in health)
+    assert all(str(pid) in table for pid in pids) and all(a in table for a in health | dns_ports)
     assert all(e["address"] in table for e in _entries(cluster))
     assert max(len(line) for line in table.splitlines()) <= 80, table
 
@@ -360,7 +367,7 @@ async def test_dev_insecure_serves_plaintext_as_before(
     for name, region in cluster["regions"].items():
         (server,) = region["servers"]
         argv = cmdline(server["pid"])
-        assert set(server) == {"address", "pid"} and "--insecure" in argv
+        assert set(server) == {"address", "pid", "dns"} and "--insecure" in argv
         assert not [flag for flag in SECURITY_FLAGS if flag in argv]
         assert await status_region(cluster, server["address"]) == name
     env = (state_dir / "env.sh").read_text()
