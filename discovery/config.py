@@ -59,6 +59,10 @@ class ServerConfig:
     etcd_cert: str = ""  # client certificate etcd maps to a user (its CN) under --client-cert-auth
     etcd_key: str = ""
     etcd_server_name: str = ""  # the name etcd's certificate is checked against (several members need it)
+    # HTTP (docs/http.md): the JSON API, events, /metrics and the dashboard; off unless set.
+    http_listen: str = ""  # HOST:PORT; HTTPS with client certificates unless insecure
+    metrics_listen: str = ""  # optional plaintext HOST:PORT for /metrics, /healthz and /readyz alone
+    http_max_streams: int = 1000  # open /v1/events streams on this server, everyone's together
 
     def validate(self) -> ServerConfig:
         if not self.region:
@@ -98,9 +102,17 @@ class ServerConfig:
             split_address(self.advertise, "advertise")
         if self.health_listen:
             split_address(self.health_listen, "health_listen", allow_port_zero=True)
+        self._validate_http()
         self._validate_security()
         self.peer_map()  # validates
         return self
+
+    def _validate_http(self) -> None:
+        for name in ("http_listen", "metrics_listen"):
+            if getattr(self, name):
+                split_address(getattr(self, name), name, allow_port_zero=True)
+        if self.http_max_streams <= 0:
+            raise InvalidArgument("http_max_streams", "must be > 0")
 
     def _validate_security(self) -> None:
         tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_client_ca": self.tls_client_ca}

@@ -1,0 +1,141 @@
+"""``GET /v1/events``: the view's changes as Server-Sent Events, read through the same feed
+the Watch RPC reads (discovery/view/feed.py), with the same resume rule.
+
+Each event is one Watch message in ``discovery watch --json``'s form (discovery/answers.py):
+``event: snapshot`` (``more`` true until the last chunk), ``event: changes``, and
+``event: keepalive`` when nothing changed for a while. Its ``id`` is the view revision it
+brings the reader to, so a reconnecting ``EventSource`` (which sends ``Last-Event-ID``), or
+a script passing ``?since=REVISION``, gets the changes after it from the history; an id older
+than the history gets a snapshot first, as Watch does. Snapshot chunks but the last carry no
+id: a reader cut off mid-snapshot resumes from before it.
+
+A slow reader costs bounded memory (its subscription keeps the latest change per instance)
+and never holds up anyone else; one that takes no bytes for ``WRITE_TIMEOUT`` is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+from aiohttp import web
+
+from discovery.answers import watch_dict
+from discovery.errors import DiscoveryError, InvalidArgument, ResourceExhausted, ShuttingDown
+from discovery.http.api import MAX_REVISION, only
+from discovery.http.auth import RequestContext
+from discovery.http.errors import from_error
+from discovery.http.sources import Sources
+from discovery.model import validate_service
+from discovery.view import SNAPSHOT_CHUNK, Snapshot, updates
+from discovery_pb.v1 import lookup_pb2 as pb
+
+WRITE_TIMEOUT = 30.0
+MAX_KEEPALIVE = 2.0  # the dashboard refreshes region freshness on every event
+RETRY_MS = 1000
+
+
+class Events:
+    def __init__(self, sources: Sources, max_streams: int) -> None:
+        self._s = sources
+        self._max = max_streams
+        self._open: set[asyncio.Task[Any]] = set()
+        self.closing = False
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        s = self._s
+        try:
+            only(request, ("service", "since"))
+            service = request.query.get("service", "")
+            if service:
+                validate_service(service)
+            since = _since(request)
+            caller, grants = s.guard.caller(RequestContext(request), "Events")
+            s.guard.require_read(caller, grants, "Events", service)
+            if self.closing or s.view.closing:
+                raise ShuttingDown("the server is shutting down; reconnect to another server with Last-Event-ID")
+            if len(self._open) >= self._max:
+                raise ResourceExhausted(
+                    "http_max_streams",
+                    f"this server has {self._max} event streams open, its limit: retry later or use another server",
+                    retry_after=1.0,
+                )
+            slot = s.guard.open_stream(caller, grants, "Events", service)
+            if since > s.view.revision:
+                await s.view.wait_for(since, s.lookup.max_wait)
+        except DiscoveryError as exc:
+            return from_error(exc)
+        task = asyncio.current_task()
+        assert task is not None
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
+        self._open.add(task)
+        try:
+            with slot:
+                await response.prepare(request)
+                await self._write(response, f"retry: {RETRY_MS}\n\n")
+                idle = min(s.config.watch_keepalive_seconds, MAX_KEEPALIVE)
+                feed = updates(s.view, service, since=since, idle=idle, chunk=SNAPSHOT_CHUNK)
+                async with contextlib.aclosing(feed):
+                    async for batch in feed:
+                        if isinstance(batch, Snapshot):
+                            last = len(batch.chunks) - 1
+                            for i, chunk in enumerate(batch.chunks):
+                                message = pb.WatchResponse(
+                                    kind=pb.WatchResponse.SNAPSHOT,
+                                    revision=batch.revision,
+                                    instances=chunk,
+                                    stale=batch.stale,
+                                    more=i < last,
+                                )
+                                await self._send(response, "snapshot", message, with_id=i == last)
+                        elif batch.closing or self.closing:
+                            break
+                        else:
+                            kind = pb.WatchResponse.CHANGES if batch.changes else pb.WatchResponse.KEEPALIVE
+                            message = pb.WatchResponse(
+                                kind=kind, revision=batch.revision, changes=batch.changes, stale=batch.stale
+                            )
+                            await self._send(response, "changes" if batch.changes else "keepalive", message)
+        except (ConnectionError, TimeoutError):
+            pass  # the reader left or stalled; it resumes with its last id
+        finally:
+            self._open.discard(task)
+        return response
+
+    async def _send(
+        self, response: web.StreamResponse, event: str, message: pb.WatchResponse, *, with_id: bool = True
+    ) -> None:
+        data = json.dumps(watch_dict(message), separators=(",", ":"))
+        head = f"id: {message.revision}\n" if with_id else ""
+        await self._write(response, f"{head}event: {event}\ndata: {data}\n\n")
+
+    async def _write(self, response: web.StreamResponse, text: str) -> None:
+        async with asyncio.timeout(WRITE_TIMEOUT):
+            await response.write(text.encode())
+
+    def close(self) -> None:
+        """No new streams; the open ones end with the view's subscriptions (shutdown), and
+        their readers reconnect elsewhere with their last id."""
+        self.closing = True
+
+
+def _since(request: web.Request) -> int:
+    """``?since=N`` or the ``Last-Event-ID`` header (an EventSource reconnecting); 0: snapshot."""
+    for name, raw in (("since", request.query.get("since")), ("Last-Event-ID", request.headers.get("Last-Event-ID"))):
+        if raw is None or raw == "":
+            continue
+        try:
+            value = int(raw, 10)
+        except ValueError:
+            raise InvalidArgument(name, f"{raw[:40]!r} is not a revision (a whole number)") from None
+        if not 0 <= value <= MAX_REVISION:
+            raise InvalidArgument(name, "must be a revision >= 0")
+        return value
+    return 0
