@@ -39,6 +39,7 @@ STATIC = {
     "index.html": "text/html",
     "app.js": "text/javascript",
     "app.css": "text/css",
+    "favicon.svg": "image/svg+xml",
 }
 DEADLINE_SLACK = 5.0  # beyond the longest min_revision wait
 

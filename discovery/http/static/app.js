@@ -114,7 +114,7 @@ function renderRegions() {
         rows.push(["lag", seconds(o.lag_seconds) + " / " + o.lag_revisions + " rev"]);
         rows.push(["last contact", o.last_contact_seconds || o.connected ? seconds(o.last_contact_seconds) + " ago" : "never"]);
         rows.push(["replicas", String(o.replicas)]);
-        rows.push(["leader", o.leader || "none"]);
+        rows.push(["pulled by", o.leader || "no server yet"]);
         if (o.warning) { cls += r.stale ? "" : " warn"; rows.push(["warning", o.warning.slice(0, 80)]); }
       }
     }
@@ -177,18 +177,20 @@ function renderService(name, answer) {
     return;
   }
   const resolved = answer.body;
+  const cell = (label, attrs, children) => el("td", Object.assign({ "data-label": label }, attrs), children);
+  const none = () => el("span", { class: "muted", text: "–" });
   const rows = resolved.endpoints.map((e) => el("tr", { "data-instance": e.instance_id }, [
-    el("td", { class: "id", text: e.instance_id }),
-    el("td", { class: "mono", text: e.address }),
-    el("td", { text: e.region }),
-    el("td", { text: e.zone || "–" }),
-    el("td", {}, [statusBadge(e.status)]),
-    el("td", { class: "num", text: String(e.weight) }),
-    el("td", {}, e.tags.length ? e.tags.map((t) => el("span", { class: "tag", text: t })) : [el("span", { class: "muted", text: "–" })]),
-    el("td", { class: "kv" }, Object.keys(e.metadata).length
-      ? Object.entries(e.metadata).sort().map(([k, v]) => el("div", { text: k + "=" + v }))
-      : [el("span", { class: "muted", text: "–" })]),
-    el("td", {}, [e.stale ? badge("bad", "stale " + seconds(e.age_seconds || 0)) : badge("ok", "fresh")]),
+    cell("Instance", { class: "id", text: e.instance_id }),
+    cell("Address", { class: "mono", text: e.address }),
+    cell("Region", { text: e.region }),
+    cell("Zone", { text: e.zone || "–" }),
+    cell("Status", {}, [statusBadge(e.status)]),
+    cell("Weight", { class: "num", text: String(e.weight) }),
+    cell("Tags", {}, [e.tags.length ? el("span", {}, e.tags.map((t) => el("span", { class: "tag", text: t }))) : none()]),
+    cell("Metadata", { class: "kv" }, [Object.keys(e.metadata).length
+      ? el("span", {}, Object.entries(e.metadata).sort().map(([k, v]) => el("div", { text: k + "=" + v })))
+      : none()]),
+    cell("Freshness", {}, [e.stale ? badge("bad", "stale " + seconds(e.age_seconds || 0)) : badge("ok", "fresh")]),
   ]));
   body.replaceChildren(...rows);
   $("instances-empty").classList.toggle("hidden", rows.length > 0);
