@@ -18,23 +18,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
-from discovery.answers import watch_dict
+from discovery.answers import change_dict, watch_dict
 from discovery.errors import DiscoveryError, InvalidArgument, ResourceExhausted, ShuttingDown
 from discovery.http.api import MAX_REVISION, only
 from discovery.http.auth import RequestContext
 from discovery.http.errors import from_error
 from discovery.http.sources import Sources
 from discovery.model import validate_service
-from discovery.view import SNAPSHOT_CHUNK, Snapshot, updates
+from discovery.view import SNAPSHOT_CHUNK, Changes, Snapshot, updates
 from discovery_pb.v1 import lookup_pb2 as pb
+from discovery_pb.v1.types_pb2 import Change
 
 WRITE_TIMEOUT = 30.0
 MAX_KEEPALIVE = 2.0  # the dashboard refreshes region freshness on every event
 RETRY_MS = 1000
+_ENCODED_CHANGES = 4096
+_PLACEHOLDER = "\x00changes"
+_PLACEHOLDER_JSON = json.dumps(_PLACEHOLDER)
 
 
 class Events:
@@ -42,6 +47,7 @@ class Events:
         self._s = sources
         self._max = max_streams
         self._open: set[asyncio.Task[Any]] = set()
+        self._changes: dict[tuple[int, str, str, str, int], str] = {}  # encoded changes, see _send
         self.closing = False
 
     def __len__(self) -> int:
@@ -98,11 +104,7 @@ class Events:
                         elif batch.closing or self.closing:
                             break
                         else:
-                            kind = pb.WatchResponse.CHANGES if batch.changes else pb.WatchResponse.KEEPALIVE
-                            message = pb.WatchResponse(
-                                kind=kind, revision=batch.revision, changes=batch.changes, stale=batch.stale
-                            )
-                            await self._send(response, "changes" if batch.changes else "keepalive", message)
+                            await self._send_changes(response, batch)
         except (ConnectionError, TimeoutError):
             pass  # the reader left or stalled; it resumes with its last id
         finally:
@@ -115,6 +117,32 @@ class Events:
         data = json.dumps(watch_dict(message), separators=(",", ":"))
         head = f"id: {message.revision}\n" if with_id else ""
         await self._write(response, f"{head}event: {event}\ndata: {data}\n\n")
+
+    async def _send_changes(self, response: web.StreamResponse, batch: Changes) -> None:
+        """A batch as ``changes`` (``keepalive`` when empty). Each change is encoded once for
+        every stream it goes to (a change to a watched service reaches them all), and the
+        batch's messages are not copied into a WatchResponse: per stream, a join and a write."""
+        if not batch.changes:
+            message = pb.WatchResponse(kind=pb.WatchResponse.KEEPALIVE, revision=batch.revision, stale=batch.stale)
+            await self._send(response, "keepalive", message)
+            return
+        shell = watch_dict(pb.WatchResponse(kind=pb.WatchResponse.CHANGES, revision=batch.revision, stale=batch.stale))
+        text = json.dumps({**shell, "changes": _PLACEHOLDER}, separators=(",", ":"))
+        data = text.replace(_PLACEHOLDER_JSON, self._encoded(batch.changes), 1)
+        await self._write(response, f"id: {batch.revision}\nevent: changes\ndata: {data}\n\n")
+
+    def _encoded(self, changes: Iterable[Change]) -> str:
+        cache = self._changes
+        parts = []
+        for change in changes:
+            key = (change.revision, change.region, change.service, change.instance_id, change.kind)
+            text = cache.get(key)
+            if text is None:
+                if len(cache) >= _ENCODED_CHANGES:
+                    cache.clear()
+                text = cache[key] = json.dumps(change_dict(change), separators=(",", ":"))
+            parts.append(text)
+        return "[" + ",".join(parts) + "]"
 
     async def _write(self, response: web.StreamResponse, text: str) -> None:
         async with asyncio.timeout(WRITE_TIMEOUT):

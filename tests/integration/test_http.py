@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from discovery.answers import resolve_dict, status_dict
+from discovery.answers import resolve_dict, status_dict, watch_dict
 from discovery.devtools.etcd import EtcdProcess
 from discovery_pb.v1 import admin_pb2, lookup_pb2
 from discovery_pb.v1.types_pb2 import DRAINING, SERVING
@@ -206,6 +206,13 @@ async def test_events_resume_from_last_event_id_without_a_gap(
     assert [c["revision"] for c in changes] == missed
     assert not any(e.event == "snapshot" for e in resumed.events)
     resumed.response.close()
+    # The same resume over gRPC's Watch carries the same message, field for field.
+    call = stubs.lookup.Watch(lookup_pb2.WatchRequest(service="web", since_revision=int(last_id)), timeout=10)
+    async for message in call:
+        if message.kind == lookup_pb2.WatchResponse.CHANGES:
+            assert watch_dict(message) == resumed.events[0].data
+            break
+    call.cancel()
     # ?since= works the same for scripts.
     by_query = await _open_events(session, f"{url}&since={missed[0]}")
     assert [c["instance_id"] for c in await by_query.changes_until(3)] == ["w3", "w4", "w5"]
