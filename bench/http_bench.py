@@ -14,8 +14,10 @@ order rotated every repeat so drift on a shared machine hits every phase alike:
 
 * ``grpc_resolve@http``      Lookup/Resolve over gRPC on the HTTP server (Prometheus reader on);
 * ``http_resolve@http``      GET /v1/services/NAME on the same server (aiohttp client, keep-alive);
-* ``grpc_resolve_sse@http``  as the first, with ``--streams`` (100) /v1/events streams open on it,
-                             each receiving a change per ``--sse-change-interval`` seconds;
+* ``grpc_resolve_sse_idle@http``  as the first, with ``--streams`` (100) /v1/events streams open
+                             on it, idle (a keep-alive event every 2 s each);
+* ``grpc_resolve_sse@http``  the same streams, each receiving a change per ``--sse-change-interval``
+                             seconds (0.1: 1,000 events/s written in all);
 * ``grpc_resolve@plain``     Resolve on the server without the reader;
 * ``register@http`` / ``register@plain``  Registry/Register re-registering a pool of ids.
 
@@ -25,7 +27,7 @@ and Resolve with the reader / without. Progress goes to stderr. Every process st
 stopped, also on Ctrl-C or error.
 
 Examples:
-    python bench/http_bench.py                               # 3 repeats x 3 s x 6 phases, ~1.5 min
+    python bench/http_bench.py                               # 3 repeats x 3 s x 7 phases, ~2 min
     python bench/http_bench.py --repeats 1 --duration 2      # quick look
 """
 
@@ -254,8 +256,10 @@ async def measure(servers: Servers, args: argparse.Namespace) -> list[Phase]:
                 assert response.status == 200, response.status
                 return body
 
-        async def with_streams(name: str) -> Phase:
+        async def with_streams(name: str, changing: bool) -> Phase:
             stop = asyncio.Event()
+            if not changing:
+                stop.set()
             async with Streams(servers.http_base, args.streams) as streams:
                 writer = asyncio.create_task(trickle(registries["http"], args.sse_change_interval, stop))
                 try:
@@ -269,7 +273,8 @@ async def measure(servers: Servers, args: argparse.Namespace) -> list[Phase]:
         plan: list[tuple[str, Callable[[], Awaitable[Phase]]]] = [
             ("grpc_resolve@http", lambda: run_phase("grpc_resolve@http", "http", resolve("http"), args, servers.pids)),
             ("http_resolve@http", lambda: run_phase("http_resolve@http", "http", http_resolve, args, servers.pids)),
-            ("grpc_resolve_sse@http", lambda: with_streams("grpc_resolve_sse@http")),
+            ("grpc_resolve_sse_idle@http", lambda: with_streams("grpc_resolve_sse_idle@http", changing=False)),
+            ("grpc_resolve_sse@http", lambda: with_streams("grpc_resolve_sse@http", changing=True)),
             (
                 "grpc_resolve@plain",
                 lambda: run_phase("grpc_resolve@plain", "plain", resolve("plain"), args, servers.pids),
@@ -348,6 +353,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "phases": summary,
         "ratios": {
             "http_over_grpc_resolve": ratio(summary, "http_resolve@http", "grpc_resolve@http"),
+            "resolve_with_idle_streams_over_without": ratio(summary, "grpc_resolve_sse_idle@http", "grpc_resolve@http"),
+            "resolve_p99_with_idle_streams_over_without": ratio(
+                summary, "grpc_resolve_sse_idle@http", "grpc_resolve@http", "p99_ms"
+            ),
             "resolve_with_streams_over_without": ratio(summary, "grpc_resolve_sse@http", "grpc_resolve@http"),
             "resolve_p99_with_streams_over_without": ratio(
                 summary, "grpc_resolve_sse@http", "grpc_resolve@http", "p99_ms"

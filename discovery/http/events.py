@@ -65,6 +65,8 @@ class Events:
             s.guard.require_read(caller, grants, "Events", service)
             if self.closing or s.view.closing:
                 raise ShuttingDown("the server is shutting down; reconnect to another server with Last-Event-ID")
+            if since > s.view.revision:  # before the slots: a failed wait must not hold one
+                await s.view.wait_for(since, s.lookup.max_wait)
             if len(self._open) >= self._max:
                 raise ResourceExhausted(
                     "http_max_streams",
@@ -72,14 +74,17 @@ class Events:
                     retry_after=1.0,
                 )
             slot = s.guard.open_stream(caller, grants, "Events", service)
-            if since > s.view.revision:
-                await s.view.wait_for(since, s.lookup.max_wait)
         except DiscoveryError as exc:
             return from_error(exc)
         task = asyncio.current_task()
         assert task is not None
         response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-store",
+                "X-Accel-Buffering": "no",  # proxies pass events on at once
+                "X-Content-Type-Options": "nosniff",
+            }
         )
         self._open.add(task)
         try:
