@@ -212,6 +212,7 @@ function renderChanges() {
     ]),
     el("span", { class: "rev muted mono", text: "@" + c.revision }),
   ])));
+  list.classList.toggle("hidden", state.changes.length === 0);
   $("changes-empty").classList.toggle("hidden", state.changes.length > 0);
 }
 
