@@ -267,7 +267,7 @@ def _security_lines(cluster: DevCluster) -> list[str]:
         env,
     ]
     password = ADMIN_P12_PASSWORD.decode()
-    lines.append(f"browser: import {ADMIN_P12} (password {password}) from the state dir, open https://HTTP/ui/")
+    lines.append(f"browser: import {ADMIN_P12} (password {password}), open https://HTTP/ui/")
     if importlib.util.find_spec("discovery.cli.certs") is not None:
         lines.append(
             f"a service's certificate: discovery certs issue --ca-dir {tls.dir} "

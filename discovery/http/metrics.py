@@ -28,7 +28,8 @@ class PrometheusExport:
 
     def __init__(self, region: str) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        reader = PrometheusMetricReader(registry=self.registry)
+        # Without the otel_scope_* labels: one meter, so they would only repeat "discovery".
+        reader = PrometheusMetricReader(registry=self.registry, scope_info_enabled=False)
         self._provider = MeterProvider(
             resource=Resource.create({"service.name": "discovery", "cloud.region": region}),
             metric_readers=[reader, *telemetry.exporting_readers()],
