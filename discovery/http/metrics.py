@@ -10,8 +10,6 @@ none of them.
 
 from __future__ import annotations
 
-from typing import Any
-
 from opentelemetry import metrics
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
@@ -44,11 +42,3 @@ class PrometheusExport:
 
     def shutdown(self) -> None:
         self._provider.shutdown()
-
-
-def parse_family_names(text: str) -> list[str]:
-    """The metric family names of an exposition (tests, the benchmark)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families: Any = text_string_to_metric_families(text)
-    return [f.name for f in families]
