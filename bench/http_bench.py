@@ -22,6 +22,7 @@ order rotated every repeat so drift on a shared machine hits every phase alike:
 * ``register@http`` / ``register@plain``  Registry/Register re-registering a pool of ids.
 
 Prints one JSON object: per phase calls/s (median of repeats), p50/p99 ms, server CPU per call;
+what one Resolve's instruments cost with the reader and without (a loop in this process);
 and the ratios http/grpc Resolve, Resolve with streams / without (target >= 0.9), and Register
 and Resolve with the reader / without. Progress goes to stderr. Every process started is
 stopped, also on Ctrl-C or error.
@@ -323,6 +324,31 @@ def ratio(summary: dict[str, Any], a: str, b: str, key: str = "calls_per_second"
     return round(summary[a][key] / summary[b][key], 3)
 
 
+def instrument_cost(calls: int = 50_000) -> dict[str, float]:
+    """One Resolve's instruments (a counter and a histogram, ``Instruments.timed``) in this
+    process, microseconds per call: on OpenTelemetry's no-op meter and on a meter with the
+    Prometheus reader. A figure the machine's load barely moves, unlike the phases' rates."""
+    from discovery import telemetry
+    from discovery.http.metrics import PrometheusExport
+
+    def per_call(instruments: telemetry.Instruments) -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            with instruments.timed(instruments.lookups, instruments.resolve_duration):
+                pass
+        return (time.perf_counter() - start) / calls * 1e6
+
+    export = PrometheusExport("bench")
+    try:
+        off, on = telemetry.Instruments(), telemetry.Instruments(export.meter)
+        return {
+            "reader_off_us": round(min(per_call(off) for _ in range(3)), 2),
+            "reader_on_us": round(min(per_call(on) for _ in range(3)), 2),
+        }
+    finally:
+        export.shutdown()
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="http-bench-") as tmp, contextlib.ExitStack() as stack:
         directory = Path(tmp)
@@ -347,6 +373,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await channel.close()
     summary = summarize(phases)
     return {
+        "instruments_per_resolve": instrument_cost(),
         "benchmark": "http_bench",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "settings": {k: v for k, v in vars(args).items() if k != "output"},
