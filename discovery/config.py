@@ -65,6 +65,10 @@ class ServerConfig:
     dns_domain: str = "discovery."  # names are <service>.service.<dns_domain>
     dns_ttl_seconds: int = 5  # on every record, and for negative caching (the SOA minimum)
     dns_rate_limit: float = 1000.0  # UDP responses per second per source address (0: no limit)
+    # HTTP (docs/http.md): the JSON API, events, /metrics and the dashboard; off unless set.
+    http_listen: str = ""  # HOST:PORT; HTTPS with client certificates unless insecure
+    metrics_listen: str = ""  # optional plaintext HOST:PORT for /metrics, /healthz and /readyz alone
+    http_max_streams: int = 1000  # open /v1/events streams on this server, everyone's together
 
     def validate(self) -> ServerConfig:
         if not self.region:
@@ -105,6 +109,7 @@ class ServerConfig:
         if self.health_listen:
             split_address(self.health_listen, "health_listen", allow_port_zero=True)
         self._validate_dns()
+        self._validate_http()
         self._validate_security()
         self._validate_runtime()
         self.peer_map()  # validates
@@ -123,6 +128,13 @@ class ServerConfig:
             raise InvalidArgument("dns_ttl_seconds", "must be from 0 to 86400")
         if self.dns_rate_limit < 0:
             raise InvalidArgument("dns_rate_limit", "must be >= 0 (0 turns it off)")
+
+    def _validate_http(self) -> None:
+        for name in ("http_listen", "metrics_listen"):
+            if getattr(self, name):
+                split_address(getattr(self, name), name, allow_port_zero=True)
+        if self.http_max_streams <= 0:
+            raise InvalidArgument("http_max_streams", "must be > 0")
 
     def _validate_security(self) -> None:
         tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_client_ca": self.tls_client_ca}

@@ -27,6 +27,7 @@ from discovery.api.decoding import DecodeRequests
 from discovery.config import ServerConfig
 from discovery.dns import DnsListener, dns_listener
 from discovery.errors import InvalidArgument, PermissionDenied, StoreUnavailable
+from discovery.http import HttpDoor, PrometheusExport, Sources
 from discovery.keys import KeySchema
 from discovery.registry import Registry
 from discovery.replication import Election, RegionStates, ReplicationSettings, Replicator, Session, StallMonitor
@@ -152,6 +153,10 @@ class Server:
         self.admission = Admission(config.max_pending_writes)
         self.dns: DnsListener | None = None  # docs/dns.md: only with dns_listen
         self.dns_port = 0
+        # HTTP (docs/http.md): its own meter provider, so /metrics shows this server's figures.
+        self.metrics_export = PrometheusExport(config.region) if config.http_listen or config.metrics_listen else None
+        self.http: HttpDoor | None = None
+        self._admin: AdminServicer | None = None
 
     async def __aenter__(self) -> Server:
         try:
@@ -262,6 +267,9 @@ class Server:
             await self._health_grpc.start()
         if self.config.dns_listen:
             await self._start_dns()
+        if self.metrics_export is not None:
+            self.http = HttpDoor(self._http_sources(), self.metrics_export)
+            await self.http.start()
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._start_replicators()
@@ -347,9 +355,13 @@ class Server:
                 ("grpc.http2.max_pings_without_data", 0),
             ],
         )
-        instruments = telemetry.Instruments()
+        meter = self.metrics_export.meter if self.metrics_export is not None else None
+        instruments = self.instruments = telemetry.Instruments(meter) if meter else telemetry.Instruments()
         instruments.observe_replication(self.states.origins)
         instruments.observe_certificates(self._certificate_expiry, self._certificate_failures)
+        instruments.observe_server(
+            lambda: self.view.revision, self.view.stale_seconds, lambda: self.etcd_health.healthy, self._open_streams
+        )
         guard = self.guard
         assert guard is not None  # _load_security ran
         self._registry_api = RegistryServicer(
@@ -371,12 +383,10 @@ class Server:
             watch_keepalive=self.config.watch_keepalive_seconds,
         )
         add_lookup_to_server(self._lookup, server)
-        admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(
-                self.view, self.states, list(self.config.etcd), lambda: self.etcd_health, VERSION, guard=guard
-            ),
-            server,
+        self._admin = AdminServicer(
+            self.view, self.states, list(self.config.etcd), lambda: self.etcd_health, VERSION, guard=guard
         )
+        admin_pb2_grpc.add_AdminServicer_to_server(self._admin, server)
         self._replication = ReplicationServicer(
             self.view,
             self.config.region,
@@ -392,6 +402,26 @@ class Server:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         return server
+
+    def _open_streams(self) -> dict[str, int]:
+        return {
+            "ads": len(self._ads.streams) if self._ads is not None else 0,
+            "events": len(self.http.events) if self.http is not None else 0,
+        }
+
+    def _http_sources(self) -> Sources:
+        assert self._lookup is not None and self._admin is not None and self.guard is not None
+        return Sources(
+            config=self.config,
+            view=self.view,
+            states=self.states,
+            lookup=self._lookup,
+            admin=self._admin,
+            guard=self.guard,
+            instruments=self.instruments,
+            etcd_health=lambda: self.etcd_health,
+            certificates=self.certificates,
+        )
 
     async def _check_etcd_access(self) -> None:
         """Wait for etcd as the view would (it may come up after us), but stop at once when it
@@ -438,6 +468,7 @@ class Server:
             self._background.stop,
             self._resources.aclose,  # 4
             self._close_audit,
+            self._close_metrics,
         )
         failure: BaseException | None = None
         for step in steps:
@@ -451,6 +482,11 @@ class Server:
         if failure is not None:
             raise failure
 
+    async def _close_metrics(self) -> None:
+        if self.metrics_export is not None:
+            self.metrics_export.shutdown()
+            self.metrics_export = None
+
     async def _close_audit(self) -> None:
         self.audit.close()
 
@@ -458,10 +494,15 @@ class Server:
         if self._grpc is None:
             return
         await self._health.enter_graceful_shutdown()
+        if self.http is not None:
+            self.http.drain()
         for api in (self._lookup, self._registry_api, self._replication, self._ads):
             if api is not None:
                 await api.streams.end_all()
         self.view.end_subscriptions()  # reads waiting for a revision end now
+        if self.http is not None:  # its event streams ended with the subscriptions
+            await self.http.stop()
+            self.http = None
         await self._grpc.stop(self.config.grace_seconds)
         self._grpc = None
         if self._health_grpc is not None:

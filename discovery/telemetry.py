@@ -52,20 +52,29 @@ def setup(service_name: str, region: str) -> bool:
         _SDK_PROVIDERS.append(tracer_provider)
     if meters != "none":
         from opentelemetry.sdk.metrics import MeterProvider
-        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
 
-        if meters == "console":
-            metric_exporter: Any = ConsoleMetricExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
-
-            metric_exporter = OTLPMetricExporter()
-        meter_provider = MeterProvider(
-            resource=resource, metric_readers=[PeriodicExportingMetricReader(metric_exporter)]
-        )
+        meter_provider = MeterProvider(resource=resource, metric_readers=exporting_readers())
         metrics.set_meter_provider(meter_provider)
         _SDK_PROVIDERS.append(meter_provider)
     return traces != "none"
+
+
+def exporting_readers() -> list[Any]:
+    """New readers for the metrics exporter the environment configures (none: []); a server
+    with its own meter provider (the Prometheus reader, discovery/http/metrics.py) adds them
+    so its instruments still reach OTLP or the console."""
+    meters = _exporter("METRICS")
+    if meters == "none":
+        return []
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+
+    if meters == "console":
+        metric_exporter: Any = ConsoleMetricExporter()
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+
+        metric_exporter = OTLPMetricExporter()
+    return [PeriodicExportingMetricReader(metric_exporter)]
 
 
 def shutdown() -> None:
@@ -117,6 +126,33 @@ class Instruments:
             lambda o: o.last_contact_seconds,
         )
         gauge("discovery.replication.connected", "1", "1 while in contact with the origin", _connected)
+
+    def observe_server(
+        self,
+        revision: Callable[[], int],
+        stale_seconds: Callable[[], float],
+        etcd_healthy: Callable[[], bool],
+        streams: Callable[[], dict[str, int]],
+    ) -> None:
+        """The view's revision and staleness (0 while in contact with etcd), etcd's health as
+        last probed, and the open streams by kind (``streams()``: {"ads": 3, "events": 1})."""
+
+        def gauge(name: str, unit: str, description: str, value: Callable[[], float]) -> None:
+            def observe(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+                return [metrics.Observation(value())]
+
+            self.meter.create_observable_gauge(name, [observe], unit=unit, description=description)
+
+        gauge("discovery.view.revision", "{revision}", "the view's etcd revision", lambda: float(revision()))
+        gauge("discovery.view.stale", "s", "seconds the view has been out of contact with etcd", stale_seconds)
+        gauge("discovery.etcd.healthy", "1", "1 while the region's etcd answers", lambda: float(etcd_healthy()))
+
+        def open_streams(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            return [metrics.Observation(n, {"kind": kind}) for kind, n in streams().items()]
+
+        self.meter.create_observable_up_down_counter(
+            "discovery.streams", [open_streams], description="open ADS and HTTP event streams, by kind"
+        )
 
     def observe_certificates(self, expiry: Callable[[], float | None], reload_failures: Callable[[], int]) -> None:
         """The serving certificate's remaining validity (``expiry()``: seconds, None without

@@ -43,6 +43,10 @@ class AdminServicer(_Base):
             self._guard.require_admin(caller, grants, "Status")
         except DiscoveryError as exc:
             await abort(context, exc)
+        return self.status()
+
+    def status(self) -> pb.StatusResponse:
+        """The answer to an authorized Status, whichever door asked."""
         view, health = self._view, self._health()
         contact = time.monotonic() - view.last_contact if view.last_contact else 0.0
         return pb.StatusResponse(

@@ -19,6 +19,8 @@ from discovery.model import SERVING_STATUSES, validate_service
 from discovery.query import Query, select
 from discovery.replication.state import Freshness, RegionStates
 from discovery.security.guard import Guard
+from discovery.security.identity import Caller
+from discovery.security.policy import Grants
 from discovery.telemetry import Instruments
 from discovery.view import SNAPSHOT_CHUNK, Changes, Snapshot, View, updates
 from discovery_pb.v1 import lookup_pb2 as pb
@@ -51,6 +53,10 @@ class LookupServicer(_Base):
         self._cache: dict[str, tuple[int, bytes]] = {}
         self.streams = OpenStreams(_SHUTTING_DOWN)
 
+    @property
+    def max_wait(self) -> float:
+        return self._max_wait
+
     def _wait_budget(self, context: grpc.aio.ServicerContext) -> float:
         remaining = context.time_remaining()
         return self._max_wait if remaining is None else max(0.0, min(self._max_wait, remaining - 0.05))
@@ -61,19 +67,29 @@ class LookupServicer(_Base):
         with self._m.timed(self._m.lookups, self._m.resolve_duration) as labels:
             try:
                 caller, grants = self._guard.caller(context, "Resolve")
-                query = _query(request)
-                self._guard.require_read(caller, grants, "Resolve", query.service)
-                if request.min_revision:
-                    await self._view.wait_for(request.min_revision, self._wait_budget(context))
+                query = await self.admit(request, caller, grants, self._wait_budget(context))
             except DiscoveryError as exc:
                 labels["outcome"] = type(exc).__name__
                 await abort(context, exc)
-            view = self._view
-            stale = view.stale
-            header = pb.ResolveResponse(
-                service=request.service, revision=view.revision, stale=stale, stale_seconds=view.stale_seconds()
-            ).SerializeToString()
-            return header + self._endpoints(query, stale)
+            return self.answer(query)
+
+    async def admit(self, request: pb.ResolveRequest, caller: Caller, grants: Grants, wait: float) -> Query:
+        """What every door does before it answers a Resolve: validate, authorize, and wait
+        (at most ``wait`` seconds) for ``min_revision``; raises the DiscoveryError to send."""
+        query = _query(request)
+        self._guard.require_read(caller, grants, "Resolve", query.service)
+        if request.min_revision:
+            await self._view.wait_for(request.min_revision, wait)
+        return query
+
+    def answer(self, query: Query) -> bytes:
+        """The serialized ResolveResponse to an admitted ``query``."""
+        view = self._view
+        stale = view.stale
+        header = pb.ResolveResponse(
+            service=query.service, revision=view.revision, stale=stale, stale_seconds=view.stale_seconds()
+        ).SerializeToString()
+        return header + self._endpoints(query, stale)
 
     def _endpoints(self, query: Query, stale: bool) -> bytes:
         """The ``endpoints`` and ``regions`` fields of a ResolveResponse, serialized.

@@ -24,6 +24,9 @@ class OpenStreams:
         self._streams: dict[asyncio.Task[Any], grpc.aio.ServicerContext] = {}
         self._aborts: set[asyncio.Task[None]] = set()
 
+    def __len__(self) -> int:
+        return len(self._streams)
+
     def add(self, context: grpc.aio.ServicerContext) -> asyncio.Task[Any]:
         task = asyncio.current_task()
         assert task is not None

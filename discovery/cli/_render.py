@@ -1,45 +1,11 @@
-"""Instances, endpoints and changes as JSON-ready dicts and table rows."""
+"""Instances, endpoints and changes as table rows and lines (their JSON form: discovery/answers.py)."""
 
 from __future__ import annotations
 
-from typing import Any
-
+from discovery.answers import change_dict, endpoint_dict, instance_dict, origin_dict, region_dict, watch_dict
 from discovery_pb.v1.admin_pb2 import OriginStatus
 from discovery_pb.v1.lookup_pb2 import RegionState, WatchResponse
-from discovery_pb.v1.types_pb2 import Change, Endpoint, Instance, Status
-
-
-def instance_dict(inst: Instance, stale: bool = False) -> dict[str, Any]:
-    return {
-        "instance_id": inst.instance_id,
-        "address": inst.address,
-        "region": inst.region,
-        "zone": inst.zone,
-        "status": Status.Name(inst.status),
-        "weight": inst.weight,
-        "tags": list(inst.tags),
-        "metadata": dict(inst.metadata),
-        "stale": stale,
-        "ttl_seconds": inst.ttl_seconds,
-        "version": inst.version,
-    }
-
-
-def endpoint_dict(ep: Endpoint) -> dict[str, Any]:
-    out = instance_dict(ep.instance, ep.stale)
-    if ep.stale:
-        out["age_seconds"] = round(ep.age_seconds, 1)
-    return out
-
-
-def region_dict(r: RegionState) -> dict[str, Any]:
-    return {
-        "region": r.region,
-        "local": r.local,
-        "endpoints": r.endpoints,
-        "stale": r.stale,
-        "stale_seconds": round(r.stale_seconds, 1),
-    }
+from discovery_pb.v1.types_pb2 import Change, Instance, Status
 
 
 def region_line(r: RegionState) -> str:
@@ -51,23 +17,6 @@ def region_line(r: RegionState) -> str:
     else:
         freshness = f"STALE for {r.stale_seconds:.1f}s"
     return f"{r.region}: {r.endpoints} endpoints ({where}, {freshness})"
-
-
-def origin_dict(o: OriginStatus) -> dict[str, Any]:
-    return {
-        "origin": o.origin,
-        "connected": o.connected,
-        "leader": o.leader,
-        "source": o.source,
-        "checkpoint_revision": o.checkpoint_revision,
-        "head_revision": o.head_revision,
-        "lag_revisions": o.lag_revisions,
-        "lag_seconds": round(o.lag_seconds, 3),
-        "last_contact_seconds": round(o.last_contact_seconds, 3),
-        "replicas": o.replicas,
-        "heartbeat_seconds": round(o.heartbeat_seconds, 3),
-        "warning": o.warning,
-    }
 
 
 ORIGIN_HEADER = ["ORIGIN", "STATE", "LEADER", "SOURCE", "CHECKPOINT", "LAG", "LAST CONTACT", "REPLICAS"]
@@ -103,29 +52,6 @@ def instance_row(inst: Instance, stale: bool = False) -> list[str]:
 INSTANCE_HEADER = ["ID", "ADDRESS", "REGION", "ZONE", "STATUS", "WEIGHT", "TAGS", "METADATA", ""]
 
 
-def change_dict(change: Change) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "kind": Change.Kind.Name(change.kind),
-        "revision": change.revision,
-        "service": change.service,
-        "region": change.region,
-        "instance_id": change.instance_id,
-    }
-    if change.kind == Change.PUT:
-        out["instance"] = instance_dict(change.instance)
-    return out
-
-
-def watch_dict(msg: WatchResponse) -> dict[str, Any]:
-    out: dict[str, Any] = {"kind": WatchResponse.Kind.Name(msg.kind), "revision": msg.revision, "stale": msg.stale}
-    if msg.kind == WatchResponse.SNAPSHOT:
-        out["instances"] = [instance_dict(i, msg.stale) for i in msg.instances]
-        out["more"] = msg.more
-    elif msg.kind == WatchResponse.CHANGES:
-        out["changes"] = [change_dict(c) for c in msg.changes]
-    return out
-
-
 def watch_lines(msg: WatchResponse) -> list[str]:
     """Human lines for one Watch message: one per instance or change."""
     stale = " (stale)" if msg.stale else ""
@@ -140,3 +66,19 @@ def watch_lines(msg: WatchResponse) -> list[str]:
         else:
             lines.append(f"- {c.service} {c.instance_id} @{c.revision}")
     return lines
+
+
+__all__ = [
+    "INSTANCE_HEADER",
+    "ORIGIN_HEADER",
+    "change_dict",
+    "endpoint_dict",
+    "instance_dict",
+    "instance_row",
+    "origin_dict",
+    "origin_row",
+    "region_dict",
+    "region_line",
+    "watch_dict",
+    "watch_lines",
+]

@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import TextIO
 
 from discovery.cli._common import OK, USAGE, CommandError, add_verb, bounded_int
-from discovery.devtools.cluster import DEFAULT_REGIONS, DEFAULT_TRUST_DOMAIN, DevCluster, EarlierCluster
+from discovery.devtools.cluster import (
+    ADMIN_P12,
+    ADMIN_P12_PASSWORD,
+    DEFAULT_REGIONS,
+    DEFAULT_TRUST_DOMAIN,
+    DevCluster,
+    EarlierCluster,
+)
 from discovery.devtools.process import StartAborted
 
 DEV_DESCRIPTION = """Run a whole local cluster in the foreground, like `consul agent -dev`.
@@ -38,6 +45,12 @@ Each server also serves plaintext gRPC health alone on a port of its own (role
 plaintext with no identities instead. Each server serves DNS too (role `dns`;
 dig @127.0.0.1 -p PORT web.service.discovery.), every service visible
 (docs/dns.md).
+
+Each server also serves HTTP (role `http`): the JSON API, events, /metrics and
+the dashboard at /ui/ (docs/http.md), HTTPS needing a client certificate under
+mTLS. For a browser, STATE_DIR/admin.p12 holds the admin's identity as PKCS#12
+(password: discovery): import it, then open https://ADDRESS/ui/. --metrics
+adds a plaintext /metrics, /healthz, /readyz port per server (role `metrics`).
 
 Servers reach the other regions through a userspace fault proxy, and a control
 endpoint takes faults from `discovery drill` (pause a region, kill a server or
@@ -75,7 +88,8 @@ are in STATE_DIR/cluster.json (the line `cluster.json: PATH` just before
   {"regions": {"us-east": {
        "servers": [{"address": "127.0.0.1:7400", "pid": 4242,
                     "health": "127.0.0.1:40215",
-                    "dns": "127.0.0.1:40216"}],
+                    "dns": "127.0.0.1:40216",
+                    "http": "127.0.0.1:40217"}],
        "etcd": [{"address": "127.0.0.1:40213", "pid": 4240}]}, ...},
    "state_dir": "...",
    "tls": {"ca": ".../tls/ca.pem", "cert": ".../tls/admin.pem",
@@ -86,8 +100,10 @@ are in STATE_DIR/cluster.json (the line `cluster.json: PATH` just before
 Every pid is the process itself (etcd, the server's Python): a signal sent to
 it reaches it. `tls` holds the admin's files (what `discovery drill` presents)
 and `health` each server's plaintext health port; both are absent with
---insecure. `routes` gives, per region and peer region, the proxy address its
-servers dial for each of that peer's servers (absent with --no-fault-proxy).
+--insecure. `http` is each server's HTTP address (https under mTLS, http with
+--insecure); `metrics` its plaintext metrics port, with --metrics only.
+`routes` gives, per region and peer region, the proxy address its servers
+dial for each of that peer's servers (absent with --no-fault-proxy).
 
 Ctrl-C, SIGTERM or SIGHUP (the terminal closed), also during startup, stops
 everything it started and exits 0. However it ends, even by SIGKILL, no etcd
@@ -172,6 +188,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="inter-region traffic goes through a userspace fault proxy so `discovery drill` can partition or "
         "slow links without root; this flag connects regions directly",
     )
+    p.add_argument(
+        "--metrics",
+        action="store_true",
+        help="also give each server a plaintext /metrics, /healthz, /readyz port (role `metrics`)",
+    )
     p.set_defaults(func=dev)
 
 
@@ -189,6 +210,8 @@ async def dev(args: argparse.Namespace) -> int:
         mtls=not args.insecure,
         trust_domain=args.trust_domain,
         dns=True,
+        http=True,
+        metrics=args.metrics,
     )
     try:
         cluster.validate()
@@ -247,6 +270,8 @@ def _security_lines(cluster: DevCluster) -> list[str]:
         f"admin {tls.admin} (tls/admin.pem), policy {tls.policy.name}",
         env,
     ]
+    password = ADMIN_P12_PASSWORD.decode()
+    lines.append(f"browser: import {ADMIN_P12} (password {password}), open https://HTTP/ui/")
     if importlib.util.find_spec("discovery.cli.certs") is not None:
         lines.append(
             f"a service's certificate: discovery certs issue --ca-dir {tls.dir} "

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import sys
 
+from discovery.answers import resolve_dict
 from discovery.cli._common import (
     OK,
     REVISION,
@@ -21,9 +22,7 @@ from discovery.cli._common import (
 )
 from discovery.cli._render import (
     INSTANCE_HEADER,
-    endpoint_dict,
     instance_row,
-    region_dict,
     region_line,
     watch_dict,
     watch_lines,
@@ -105,15 +104,7 @@ async def resolve(args: argparse.Namespace) -> int:
             min_revision=args.min_revision,
         )
     if args.json:
-        print_json(
-            {
-                "service": resp.service,
-                "revision": resp.revision,
-                "stale": resp.stale,
-                "endpoints": [endpoint_dict(ep) for ep in resp.endpoints],
-                "regions": [region_dict(r) for r in resp.regions],
-            }
-        )
+        print_json(resolve_dict(resp))
         return OK
     print_table(INSTANCE_HEADER, [instance_row(ep.instance, ep.stale) for ep in resp.endpoints])
     note = f", stale for {resp.stale_seconds:.1f}s" if resp.stale else ""

@@ -52,6 +52,8 @@ config file (TOML, top level or a [server] table; only region is required):
   audit_log = "/var/log/discovery/audit.jsonl" # a JSON line per write, denial
   audit_fail_open = false       # true: keep writing when the audit log fails
   health_listen = "0.0.0.0:7401"   # plaintext, gRPC health only (probes)
+  http_listen = "0.0.0.0:8400"     # JSON API, events, dashboard (docs/http.md)
+  metrics_listen = "0.0.0.0:9400"  # plaintext /metrics, /healthz, /readyz
   etcd_ca = "/etc/discovery/etcd/ca.pem"   # etcd over TLS, client-cert auth
   etcd_cert = "/etc/discovery/etcd/us-east.pem"
   etcd_key = "/etc/discovery/etcd/us-east-key.pem"
@@ -131,6 +133,19 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         choices=eventloop.CHOICES,
         help="auto (default): uvloop where installed, about a quarter less CPU per call; or asyncio",
     )
+    web = p.add_argument_group("HTTP (docs/http.md)")
+    web.add_argument(
+        "--http",
+        dest="http_listen",
+        metavar="HOST:PORT",
+        help="serve the JSON API, events, metrics and the dashboard (/ui/) here; HTTPS with --tls-cert",
+    )
+    web.add_argument(
+        "--metrics",
+        dest="metrics_listen",
+        metavar="HOST:PORT",
+        help="serve /metrics, /healthz and /readyz alone, plaintext, here (for scrapers and probes)",
+    )
     tls = p.add_argument_group("security (docs/security.md)")
     tls.add_argument(
         "--insecure",
@@ -207,6 +222,8 @@ async def serve(args: argparse.Namespace) -> int:
             "max_pending_writes": args.max_pending_writes,
             "event_loop": args.event_loop,
             **{name: getattr(args, name) for name in _DNS_FLAGS},
+            "http_listen": args.http_listen,
+            "metrics_listen": args.metrics_listen,
             **{name: getattr(args, name) for name in _SECURITY_FLAGS},
         },
     )

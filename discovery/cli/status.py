@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import textwrap
 
+from discovery.answers import status_dict
 from discovery.cli._common import OK, add_client_flags, add_verb, client, print_json, print_table
-from discovery.cli._render import ORIGIN_HEADER, origin_dict, origin_row
+from discovery.cli._render import ORIGIN_HEADER, origin_row
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,26 +25,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 async def status(args: argparse.Namespace) -> int:
     async with client(args) as api:
         resp = await api.status()
-    etcd = {
-        "endpoints": list(resp.etcd.endpoints),
-        "healthy": resp.etcd.healthy,
-        "error": resp.etcd.error,
-        "last_contact_seconds": round(resp.etcd.last_contact_seconds, 3),
-    }
     if args.json:
-        print_json(
-            {
-                "region": resp.region,
-                "revision": resp.revision,
-                "instance_count": resp.instance_count,
-                "service_count": resp.service_count,
-                "stale": resp.stale,
-                "etcd": etcd,
-                "server_version": resp.server_version,
-                "uptime_seconds": round(resp.uptime_seconds, 1),
-                "origins": [origin_dict(o) for o in resp.origins],
-            }
-        )
+        print_json(status_dict(resp))
         return OK
     print(f"region     {resp.region}")
     print(f"revision   {resp.revision}{'  (stale)' if resp.stale else ''}")

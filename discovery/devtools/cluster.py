@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from discovery.devtools import lifeline
 from discovery.devtools.control import ControlServer
@@ -55,6 +56,8 @@ from discovery.security.certs import CA_CERT, CA_KEY, CertificateAuthority, serv
 
 DEFAULT_REGIONS = ("us-east", "eu-west", "ap-south")
 STATE_FILE = "cluster.json"
+ADMIN_P12 = "admin.p12"  # the admin's identity for a browser (docs/http.md)
+ADMIN_P12_PASSWORD = b"discovery"  # a development CA's throwaway identity: the password is documented
 TEMP_PREFIX = "discovery-dev-"  # the default state dirs, in the temp dir
 TLS_DIR = "tls"  # the development CA and every certificate, in the state dir
 POLICY_FILE = "policy.toml"
@@ -79,16 +82,28 @@ _STOP_OR_REPLACE = (
 
 class DevServer(ServerProcess):
     """One ``discovery serve`` of the cluster: the launcher, and where the server sits.
-    ``health_address``: its plaintext health listener (mTLS clusters only)."""
+    ``health_address``: its plaintext health listener (mTLS clusters only); ``http_address``
+    and ``metrics_address``: its HTTP door and plain metrics listener, when on (docs/http.md)."""
 
     def __init__(
-        self, region: str, index: int, address: str, args: list[str], log_path: Path, *, health_address: str | None
+        self,
+        region: str,
+        index: int,
+        address: str,
+        args: list[str],
+        log_path: Path,
+        *,
+        health_address: str | None,
+        http_address: str | None = None,
+        metrics_address: str | None = None,
     ) -> None:
         name = f"{region} server-{index} at {address}"
         super().__init__(args, address, log_path, name=name, health_address=health_address)
         self.region = region
         self.index = index
         self.dns_address: str | None = None  # its DNS port (UDP and TCP), with DevCluster(dns=True)
+        self.http_address = http_address
+        self.metrics_address = metrics_address
 
 
 @dataclass(frozen=True)
@@ -230,6 +245,8 @@ class DevCluster:
     mtls: bool = False
     trust_domain: str = DEFAULT_TRUST_DOMAIN
     dns: bool = False  # every server also serves DNS (docs/dns.md) on a port of its own
+    http: bool = False  # every server serves the HTTP door (--http), HTTPS under mtls
+    metrics: bool = False  # ... and a plain metrics listener (--metrics)
     running: list[Region] = field(default_factory=list, init=False)
     proxy: FaultProxy | None = field(default=None, init=False)
     control_address: str | None = field(default=None, init=False)
@@ -308,11 +325,14 @@ class DevCluster:
             self.tls = self._make_tls(self.state_dir)
         per_region = 2 * self.etcd_members
         etcd_count = per_region * len(self.regions)
-        health_count = len(self.regions) * self.servers_per_region if self.mtls else 0
-        dns_count = len(self.regions) * self.servers_per_region if self.dns else 0
-        ports, others = self._ports(etcd_count + health_count + dns_count)
+        server_count = len(self.regions) * self.servers_per_region
+        health_count = server_count if self.mtls else 0
+        dns_count = server_count if self.dns else 0
+        http_count = server_count * (int(self.http) + int(self.metrics))
+        ports, others = self._ports(etcd_count + health_count + dns_count + http_count)
         etcd_ports, health_ports = others[:etcd_count], others[etcd_count : etcd_count + health_count]
-        dns_ports = others[etcd_count + health_count :]
+        dns_ports = others[etcd_count + health_count : etcd_count + health_count + dns_count]
+        http_ports = others[etcd_count + health_count + dns_count :]
         addresses = {
             name: [f"127.0.0.1:{ports.pop(0)}" for _ in range(self.servers_per_region)] for name in self.regions
         }
@@ -324,12 +344,26 @@ class DevCluster:
         for region in self.running:
             for i, address in enumerate(addresses[region.name]):
                 health = f"127.0.0.1:{health_ports.pop(0)}" if health_ports else None
+                http = f"127.0.0.1:{http_ports.pop(0)}" if self.http else None
+                metrics = f"127.0.0.1:{http_ports.pop(0)}" if self.metrics else None
                 args = self._server_command(region, i, address, addresses, health)
                 dns = f"127.0.0.1:{dns_ports.pop(0)}" if dns_ports else None
                 if dns is not None:
                     args += ["--dns", dns]
+                args += [*(["--http", http] if http else []), *(["--metrics", metrics] if metrics else [])]
                 log_path = self.state_dir / region.name / f"server-{i}.log"
-                region.servers.append(DevServer(region.name, i, address, args, log_path, health_address=health))
+                region.servers.append(
+                    DevServer(
+                        region.name,
+                        i,
+                        address,
+                        args,
+                        log_path,
+                        health_address=health,
+                        http_address=http,
+                        metrics_address=metrics,
+                    )
+                )
                 region.servers[-1].dns_address = dns
         self._write_env(addresses[self.regions[0]][0])
 
@@ -357,7 +391,11 @@ class DevCluster:
                 ips=("127.0.0.1",),
                 out=tls_dir / f"server-{region}",
             )
-        ca.issue(spiffe_id=tls.admin, out=tls_dir / "admin")
+        admin = ca.issue(spiffe_id=tls.admin, out=tls_dir / "admin")
+        # The admin again as PKCS#12, for a browser to present to the dashboard (docs/http.md).
+        p12 = state_dir / ADMIN_P12
+        self._created.append(p12)
+        _write_atomic_bytes(p12, admin_pkcs12(admin.cert, admin.key, ca.pem, ADMIN_P12_PASSWORD))
         self._created.append(tls.policy)
         _write_atomic(tls.policy, dev_policy(self.trust_domain, self.regions))
         return tls
@@ -713,6 +751,11 @@ class DevCluster:
                     rows.append((r.name, "health", s.health_address, str(s.pid), "plaintext, gRPC health only"))
                 if s.dns_address is not None:
                     rows.append((r.name, "dns", s.dns_address, str(s.pid), "DNS, UDP and TCP (docs/dns.md)"))
+                if s.http_address is not None:
+                    scheme = "https" if self.tls is not None else "http"
+                    rows.append((r.name, "http", s.http_address, str(s.pid), f"{scheme}, dashboard at /ui/"))
+                if s.metrics_address is not None:
+                    rows.append((r.name, "metrics", s.metrics_address, str(s.pid), "plaintext /metrics, /readyz"))
             rows += [(r.name, "etcd", m.endpoint, str(m.pid), self._relative(m.log_path)) for m in r.etcd.members]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
@@ -789,7 +832,42 @@ def _server_entry(server: DevServer) -> dict[str, Any]:
         entry["health"] = server.health_address
     if server.dns_address is not None:
         entry["dns"] = server.dns_address
+    if server.http_address is not None:
+        entry["http"] = server.http_address
+    if server.metrics_address is not None:
+        entry["metrics"] = server.metrics_address
     return entry
+
+
+def admin_pkcs12(cert: bytes, key: bytes, ca: bytes, password: bytes) -> bytes:
+    """A certificate, its key and the CA as PKCS#12, encrypted the legacy way (3DES, SHA-1
+    MAC) that every browser and OS keychain imports; it holds a development identity only."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    encryption = (
+        serialization.PrivateFormat.PKCS12.encryption_builder()
+        .kdf_rounds(50_000)
+        .key_cert_algorithm(pkcs12.PBES.PBESv1SHA1And3KeyTripleDESCBC)
+        .hmac_hash(hashes.SHA1())
+        .build(password)
+    )
+    private_key = serialization.load_pem_private_key(key, password=None)
+    return pkcs12.serialize_key_and_certificates(
+        b"discovery dev admin",
+        private_key,  # type: ignore[arg-type]
+        x509.load_pem_x509_certificate(cert),
+        [x509.load_pem_x509_certificate(ca)],
+        encryption,
+    )
+
+
+def _write_atomic_bytes(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".tmp")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    partial.replace(path)
 
 
 def _reusable_ca(tls_dir: Path) -> CertificateAuthority:

@@ -9,6 +9,7 @@ the same code path, so a development cluster exercises what production runs.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import NoReturn, Protocol
 
 import grpc.aio
@@ -35,6 +36,15 @@ _DENIAL_CODES: dict[type[DiscoveryError], str] = {
     PermissionDenied: "PERMISSION_DENIED",
     ResourceExhausted: "RESOURCE_EXHAUSTED",
 }
+
+
+class CallContext(Protocol):
+    """What the guard reads of a call: a gRPC ServicerContext, or the HTTP listener's view of
+    its request (discovery/http/), so both doors decide by the same code."""
+
+    def peer(self) -> str: ...
+
+    def auth_context(self) -> Mapping[str, Sequence[bytes]]: ...
 
 
 class PolicySource(Protocol):
@@ -83,7 +93,7 @@ class Guard:
 
     # --- who ------------------------------------------------------------------------------
 
-    def caller(self, context: grpc.aio.ServicerContext, method: str) -> tuple[Caller, Grants]:
+    def caller(self, context: CallContext | grpc.aio.ServicerContext, method: str) -> tuple[Caller, Grants]:
         """The caller and its grants; UNAUTHENTICATED (audited) when the certificate names no
         identity the policy knows, or one on its deny list."""
         peer = context.peer() or ""

@@ -113,6 +113,9 @@ class Index:
     def region_count(self, region: str) -> int:
         return self._region_counts.get(region, 0)
 
+    def service_names(self) -> list[str]:
+        return list(self._by_service)
+
     def service(self, name: str) -> Iterable[Record]:
         return self._by_service.get(name, {}).values()
 

@@ -147,6 +147,10 @@ class View:
     def owned(self, region: str, owner: str, service: str = "") -> int:
         return self._index.owned(region, owner, service)
 
+    def service_names(self) -> list[str]:
+        """Every service with an instance in the view (the HTTP API's list)."""
+        return self._index.service_names()
+
     def service(self, name: str) -> Iterable[Record]:
         return self._index.service(name)
 

@@ -14,16 +14,19 @@ import re
 import shlex
 import signal
 import socket
+import ssl
 import sys
 import tty
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import grpc.aio
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from discovery.devtools.cluster import DevCluster
@@ -223,7 +226,7 @@ async def test_dev_default_regions_cluster_json_pids_peers_then_sigterm_leaves_n
         for entry in region["servers"] + region["etcd"]:
             assert ADDRESS.fullmatch(entry["address"]) and isinstance(entry["pid"], int), entry
         (server,), (member,) = region["servers"], region["etcd"]
-        assert set(server) == {"address", "pid", "health", "dns"} and set(member) == {"address", "pid"}
+        assert set(server) == {"address", "pid", "health", "dns", "http"} and set(member) == {"address", "pid"}
         assert is_server(server["pid"], name, server["address"]), cmdline(server["pid"])
         assert is_etcd(member["pid"], member["address"]), cmdline(member["pid"])
         assert peer_flags(server["pid"]) == expected_peers(cluster, name)
@@ -232,11 +235,12 @@ async def test_dev_default_regions_cluster_json_pids_peers_then_sigterm_leaves_n
     health = {s["health"] for r in cluster["regions"].values() for s in r["servers"]}
     dns_ports = {s["dns"] for r in cluster["regions"].values() for s in r["servers"]}
     listeners = {e["address"] for e in _entries(cluster)} | health | dns_ports
-    assert len(listeners) == 12, "every listener has a port of its own"
     for address in dns_ports:  # DNS answers on every server, UDP and TCP (docs/dns.md)
         for transport in ("+notcp", "+tcp"):
             soa = await dnsq.dig(int(address.rpartition(":")[2]), transport, "+short", "discovery.", "SOA")
             assert soa.startswith("ns.discovery. hostmaster.discovery. "), soa
+    http = {s["http"] for r in cluster["regions"].values() for s in r["servers"]}
+    assert len(listeners | http) == 15, "every listener has a port of its own"
     routes = [a for targets in cluster["routes"].values() for addresses in targets.values() for a in addresses]
     assert len(routes) == 6 and not set(routes) & {e["address"] for e in _entries(cluster)}
 
@@ -246,7 +250,7 @@ async def test_dev_default_regions_cluster_json_pids_peers_then_sigterm_leaves_n
     assert f"cluster.json: {state_dir.resolve() / 'cluster.json'}" in lines
     first = lines.index(f"state dir: {state_dir.resolve()}")
     table = "\n".join(lines[first + 1 : next(i for i, line in enumerate(lines) if line.startswith("mtls:"))])
-    assert all(str(pid) in table for pid in pids) and all(a in table for a in health | dns_ports)
+    assert all(str(pid) in table for pid in pids) and all(a in table for a in health | dns_ports | http)
     assert all(e["address"] in table for e in _entries(cluster))
     assert max(len(line) for line in table.splitlines()) <= 80, table
 
@@ -300,6 +304,19 @@ async def _secure_by_default(state_dir: Path, cluster: dict[str, Any], lines: li
         assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
         assert await plaintext_health(server["health"]) == health_pb2.HealthCheckResponse.SERVING
         await refused_without_certificate(cluster, server["address"])
+        assert _flag(argv, "--http") == server["http"]
+        assert await https_status_region(tls_dir, server["http"]) == name
+
+    # The admin as PKCS#12 for a browser: the same identity, under the documented password.
+    from cryptography.hazmat.primitives.serialization import pkcs12
+
+    bundle = pkcs12.load_pkcs12((state_dir / "admin.p12").read_bytes(), b"discovery")
+    assert bundle.cert is not None and bundle.key is not None
+    assert bundle.cert.certificate.public_bytes(serialization.Encoding.PEM) == (tls_dir / "admin.pem").read_bytes()
+    assert [c.certificate.subject for c in bundle.additional_certs] == [
+        x509.load_pem_x509_certificate((tls_dir / "ca.pem").read_bytes()).subject
+    ]
+    assert any(line.startswith("browser: import admin.p12 (password discovery)") for line in lines)
 
     policy = Policy.load(state_dir / "policy.toml")
     admin = policy.grants_for("spiffe://discovery.local/admin")
@@ -332,6 +349,18 @@ async def _secure_by_default(state_dir: Path, cluster: dict[str, Any], lines: li
     assert code == 4 and "certificate" in err, err
     code, _, err = await cli(["status", "--server", us_east], clean_env())
     assert code != 0 and "env.sh" in err, err
+
+
+async def https_status_region(tls_dir: Path, address: str) -> str:
+    """GET /v1/status over HTTPS as the admin; the region it names."""
+    ctx = ssl.create_default_context(cafile=str(tls_dir / "ca.pem"))
+    ctx.load_cert_chain(tls_dir / "admin.pem", tls_dir / "admin-key.pem")
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as session,
+        session.get(f"https://{address}/v1/status", timeout=aiohttp.ClientTimeout(total=10)) as response,
+    ):
+        assert response.status == 200, await response.text()
+        return str((await response.json())["region"])
 
 
 async def cli(args: list[str], env: dict[str, str]) -> tuple[int | None, str, str]:
@@ -367,7 +396,12 @@ async def test_dev_insecure_serves_plaintext_as_before(
     for name, region in cluster["regions"].items():
         (server,) = region["servers"]
         argv = cmdline(server["pid"])
-        assert set(server) == {"address", "pid", "dns"} and "--insecure" in argv
+        assert set(server) == {"address", "pid", "dns", "http"} and "--insecure" in argv
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{server['http']}/v1/services", timeout=aiohttp.ClientTimeout(total=10)) as response,
+        ):
+            assert response.status == 200 and (await response.json())["region"] == name
         assert not [flag for flag in SECURITY_FLAGS if flag in argv]
         assert await status_region(cluster, server["address"]) == name
     env = (state_dir / "env.sh").read_text()
