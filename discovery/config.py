@@ -60,6 +60,13 @@ class ServerConfig:
     etcd_key: str = ""
     etcd_server_name: str = ""  # the name etcd's certificate is checked against (several members need it)
 
+    # Active health checks (docs/health-checks.md).
+    health_checks: bool = True  # this server runs its share of the region's checks
+    health_min_interval_seconds: float = 1.0  # the shortest interval a check may ask (tests: lower)
+    health_mass_share: float = 0.5  # more than this share of a checker's targets failing at once...
+    health_mass_min_targets: int = 10  # ...of at least this many: held, another server re-checks
+    health_hold_intervals: int = 3  # alone in the region: held this many intervals, then applied
+
     def validate(self) -> ServerConfig:
         if not self.region:
             raise InvalidArgument("region", "required (--region or `region` in the config file)")
@@ -98,9 +105,19 @@ class ServerConfig:
             split_address(self.advertise, "advertise")
         if self.health_listen:
             split_address(self.health_listen, "health_listen", allow_port_zero=True)
+        self._validate_health_checks()
         self._validate_security()
         self.peer_map()  # validates
         return self
+
+    def _validate_health_checks(self) -> None:
+        if not 0.05 <= self.health_min_interval_seconds <= 3600:
+            raise InvalidArgument("health_min_interval_seconds", "must be from 0.05 to 3600")
+        if not 0 < self.health_mass_share < 1:
+            raise InvalidArgument("health_mass_share", "must be between 0 and 1 (0.5: more than half)")
+        for name in ("health_mass_min_targets", "health_hold_intervals"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(name, "must be >= 1")
 
     def _validate_security(self) -> None:
         tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_client_ca": self.tls_client_ca}

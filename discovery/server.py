@@ -24,8 +24,10 @@ from discovery.api import (
 )
 from discovery.api.admission import Admission
 from discovery.api.decoding import DecodeRequests
+from discovery.api.health_checks import HealthChecksServicer
 from discovery.config import ServerConfig
 from discovery.errors import InvalidArgument, PermissionDenied, StoreUnavailable
+from discovery.health import HealthChecks, PeerCredentials, ProtectionSettings
 from discovery.keys import KeySchema
 from discovery.registry import Registry
 from discovery.replication import Election, RegionStates, ReplicationSettings, Replicator, Session, StallMonitor
@@ -42,6 +44,8 @@ from discovery.xds import AdsServicer, CsdsServicer, XdsHub, add_ads_to_server, 
 from discovery_pb.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    health_checks_pb2,
+    health_checks_pb2_grpc,
     lookup_pb2,
     registry_pb2,
     registry_pb2_grpc,
@@ -66,6 +70,7 @@ SERVICE_NAMES = (
     lookup_pb2.DESCRIPTOR.services_by_name["Lookup"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name,
+    health_checks_pb2.DESCRIPTOR.services_by_name["HealthChecks"].full_name,
     *XDS_SERVICE_NAMES,
 )
 HEALTH_PROBE_SECONDS = 2.0
@@ -114,6 +119,8 @@ class Server:
         )
         self.view = View(self.store, self.keys, history=config.history, history_bytes=config.history_bytes)
         self.registry = Registry(self.store, self.keys, config.region)
+        self.registry.min_check_interval_ms = round(config.health_min_interval_seconds * 1000)
+        self.health: HealthChecks | None = None  # built in start(): it needs the bound address
         self.states = RegionStates(
             self.view,
             self.keys,
@@ -259,6 +266,9 @@ class Server:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._start_replicators()
+        if self.health is not None:
+            self.health.membership.set_identity(self.config.advertise or self.address)
+            self._replicating.start("health checks", self.health.run())
         log.info("region %s serving on %s (etcd %s)", self.config.region, self.address, ",".join(self.config.etcd))
 
     def _start_replicators(self) -> None:
@@ -358,6 +368,11 @@ class Server:
         self._ads = AdsServicer(self.xds, guard)
         add_ads_to_server(self._ads, server)
         add_csds_to_server(CsdsServicer(self.xds, guard), server)
+        if self.config.health_checks:
+            self.health = self._health_checks(instruments)
+            health_checks_pb2_grpc.add_HealthChecksServicer_to_server(
+                HealthChecksServicer(self.health.checker, guard), server
+            )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         return server
@@ -403,6 +418,7 @@ class Server:
             self._stop_serving,  # 1, 2
             self._replicating.stop,  # 3
             self.session.close,
+            self._leave_health_checks,
             self._background.stop,
             self._resources.aclose,  # 4
             self._close_audit,
@@ -418,6 +434,34 @@ class Server:
                 failure = failure or exc
         if failure is not None:
             raise failure
+
+    def _health_checks(self, instruments: telemetry.Instruments) -> HealthChecks:
+        """This server's share of the region's health checks (docs/health-checks.md); its
+        identity, which other servers call for a re-check, is its advertised address."""
+        config = self.config
+        peer_tls = None
+        if not config.insecure:
+            files = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+            peer_tls = PeerCredentials(files, config.trust_domain, config.region)
+        return HealthChecks(
+            self.view,
+            self.store,
+            self.keys,
+            region=config.region,
+            identity=config.advertise or self.address,
+            instruments=instruments,
+            member_ttl=config.election_ttl_seconds,
+            protection=ProtectionSettings(
+                share=config.health_mass_share,
+                min_targets=config.health_mass_min_targets,
+                hold_intervals=config.health_hold_intervals,
+            ),
+            peer_tls=peer_tls,
+        )
+
+    async def _leave_health_checks(self) -> None:
+        if self.health is not None:
+            await self.health.close()
 
     async def _close_audit(self) -> None:
         self.audit.close()

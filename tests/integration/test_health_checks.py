@@ -1,0 +1,320 @@
+"""Active health checks against real backends on 127.0.0.1 and a real etcd
+(docs/health-checks.md). Intervals are 0.2 s (the servers allow it: health_min_interval_seconds)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from discovery.errors import Conflict, Fenced
+from discovery.health import Outcome, members_prefix
+from discovery.keys import InstanceKey
+from discovery_pb.v1 import lookup_pb2, registry_pb2, types_pb2
+from discovery_pb.v1.types_pb2 import CheckResult, HealthCheck
+from tests.support.backends import GrpcBackend, TcpBackend
+from tests.support.helpers import ALL_STATUSES, CALL_TIMEOUT, eventually
+
+INTERVAL_MS, TIMEOUT_MS, FAILURES, SUCCESSES = 200, 100, 3, 2
+HEALTH = {"health_min_interval_seconds": 0.1, "election_ttl_seconds": 2}
+# Killed -> NOT_SERVING within interval x failures, plus one interval, plus the probe timeout
+# and room for a loaded machine (2 shared cores): asserted as a bound, measured in the bench.
+DETECT = INTERVAL_MS / 1000 * (FAILURES + 1) + TIMEOUT_MS / 1000
+
+
+def check(kind: int = HealthCheck.TCP, **fields: Any) -> HealthCheck:
+    return HealthCheck(kind=kind, interval_ms=INTERVAL_MS, timeout_ms=TIMEOUT_MS, **fields)  # type: ignore[arg-type]
+
+
+async def register(stubs: Any, address: str, instance_id: str, spec: HealthCheck, **fields: Any) -> int:
+    resp = await stubs.registry.Register(
+        registry_pb2.RegisterRequest(
+            instance=types_pb2.Instance(service="db", instance_id=instance_id, address=address, check=spec, **fields)
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    return int(resp.revision)
+
+
+async def endpoints(stubs: Any, *, scope: int = lookup_pb2.LOCAL, statuses: tuple[int, ...] = ()) -> dict[str, Any]:
+    resp = await stubs.lookup.Resolve(
+        lookup_pb2.ResolveRequest(service="db", scope=scope, statuses=statuses), timeout=CALL_TIMEOUT
+    )
+    return {e.instance.instance_id: e.instance for e in resp.endpoints}
+
+
+async def state_of(stubs: Any, instance_id: str, **kw: Any) -> tuple[int, int]:
+    found = (await endpoints(stubs, statuses=ALL_STATUSES, **kw)).get(instance_id)
+    return (found.status, found.check_result.state) if found is not None else (0, 0)
+
+
+async def until_state(stubs: Any, instance_id: str, status: int, timeout: float, **kw: Any) -> float:
+    start = time.monotonic()
+
+    async def reached() -> bool:
+        return (await state_of(stubs, instance_id, **kw))[0] == status
+
+    await eventually(reached, timeout=timeout, interval=0.02)
+    return time.monotonic() - start
+
+
+async def test_killed_backend_stops_serving_and_comes_back(servers, etcd, connect) -> None:
+    server = await servers.start(etcd, **HEALTH)
+    stubs = connect(server)
+    backend = await TcpBackend().start()
+    await register(stubs, backend.address, "db-1", check())
+    await eventually(lambda: _passing(stubs, "db-1"), timeout=5)
+    assert "db-1" in await endpoints(stubs)
+
+    await backend.stop()
+    took = await until_state(stubs, "db-1", types_pb2.NOT_SERVING, timeout=DETECT * 4)
+    assert took <= DETECT * 4
+    found = (await endpoints(stubs, statuses=ALL_STATUSES))["db-1"]
+    assert found.check_result.state == CheckResult.CRITICAL
+    assert found.check_result.reason == "tcp connect refused, 3 consecutive failures"
+    assert found.check_result.checker == server.address
+    assert "db-1" not in await endpoints(stubs)  # default Resolve: SERVING only
+    cla = server.xds.builder.load_assignment("db", "")
+    statuses = [lb.health_status for group in cla.endpoints for lb in group.lb_endpoints]  # type: ignore[attr-defined]
+    assert statuses and all(s == 2 for s in statuses)  # envoy HealthStatus.UNHEALTHY
+    stored = types_pb2.Instance.FromString(
+        (await server.store.get(server.keys.instance("us-east", "db", "db-1"))).value
+    )
+    assert stored.status == types_pb2.SERVING  # the owner's status is the owner's
+
+    await backend.start()  # the same port
+    await until_state(stubs, "db-1", types_pb2.SERVING, timeout=DETECT * 4)
+    found = (await endpoints(stubs))["db-1"]
+    assert found.check_result.reason == "tcp connect ok, 2 consecutive successes"
+    await backend.stop()
+
+
+async def _passing(stubs: Any, instance_id: str) -> bool:
+    return (await state_of(stubs, instance_id))[1] == CheckResult.PASSING
+
+
+async def test_hung_http_backend_fails_by_timeout_and_redirects_pass(servers, etcd, connect) -> None:
+    server = await servers.start(etcd, **HEALTH)
+    stubs = connect(server)
+    hung = await TcpBackend(hang=True).start()
+    redirect = await TcpBackend(http_status=302).start()
+    failing = await TcpBackend(http_status=503).start()
+    await register(stubs, hung.address, "hung", check(HealthCheck.HTTP, http_path="/healthz"))
+    await register(stubs, redirect.address, "redirect", check(HealthCheck.HTTP, http_path="/healthz"))
+    await register(stubs, failing.address, "failing", check(HealthCheck.HTTP, http_path="/healthz"))
+    await until_state(stubs, "hung", types_pb2.NOT_SERVING, timeout=DETECT * 4)
+    await until_state(stubs, "failing", types_pb2.NOT_SERVING, timeout=DETECT * 4)
+    await eventually(lambda: _passing(stubs, "redirect"), timeout=5)
+    answer = await endpoints(stubs, statuses=ALL_STATUSES)
+    assert answer["hung"].check_result.reason == "http timed out after 0.1s, 3 consecutive failures"
+    assert answer["failing"].check_result.reason.startswith("http 503, ")
+    for backend in (hung, redirect, failing):
+        await backend.stop()
+
+
+async def test_grpc_health_not_serving_is_honoured(servers, etcd, connect) -> None:
+    server = await servers.start(etcd, **HEALTH)
+    stubs = connect(server)
+    backend = await GrpcBackend().start()
+    await backend.set("shop.Cart", True)
+    await register(stubs, backend.address, "cart", check(HealthCheck.GRPC, grpc_service="shop.Cart"))
+    await eventually(lambda: _passing(stubs, "cart"), timeout=5)
+    await backend.set("shop.Cart", False)
+    await until_state(stubs, "cart", types_pb2.NOT_SERVING, timeout=DETECT * 4)
+    assert (await endpoints(stubs, statuses=ALL_STATUSES))["cart"].check_result.reason.startswith("grpc NOT_SERVING")
+    await backend.set("shop.Cart", True)
+    await until_state(stubs, "cart", types_pb2.SERVING, timeout=DETECT * 4)
+    await backend.stop()
+
+
+async def test_draining_wins_and_reregistration_keeps_the_verdict(servers, etcd, connect) -> None:
+    server = await servers.start(etcd, **HEALTH)
+    stubs = connect(server)
+    backend = await TcpBackend().start()
+    await register(stubs, backend.address, "db-1", check())
+    await eventually(lambda: _passing(stubs, "db-1"), timeout=5)
+    await backend.stop()
+    await until_state(stubs, "db-1", types_pb2.NOT_SERVING, timeout=DETECT * 4)
+    # The operator re-registers it (same check): the verdict stays, it does not come back.
+    await register(stubs, backend.address, "db-1", check())
+    status, state = await state_of(stubs, "db-1")
+    assert (status, state) == (types_pb2.NOT_SERVING, CheckResult.CRITICAL)
+    # DRAINING from the operator wins over the check, and the checker never overwrites it.
+    await register(stubs, backend.address, "db-1", check(), status=types_pb2.DRAINING)
+    await backend.start()
+    await eventually(lambda: _passing(stubs, "db-1"), timeout=DETECT * 4)
+    assert (await state_of(stubs, "db-1"))[0] == types_pb2.DRAINING
+    stored = types_pb2.Instance.FromString(
+        (await server.store.get(server.keys.instance("us-east", "db", "db-1"))).value
+    )
+    assert stored.status == types_pb2.DRAINING
+    await backend.stop()
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (HealthCheck(kind=HealthCheck.HTTP, http_path="healthz"), "http_path", "must start with '/'"),
+        (HealthCheck(kind=HealthCheck.TCP, interval_ms=50), "interval_ms", "must be from 100"),
+        (HealthCheck(kind=HealthCheck.TCP, interval_ms=1000, timeout_ms=1000), "timeout_ms", "less than the interval"),
+        (HealthCheck(kind=HealthCheck.TCP, timeout_ms=120_000), "timeout_ms", "must be from"),
+        (HealthCheck(kind=HealthCheck.TCP, failures_before_critical=1000), "failures_before_critical", "from 1 to 100"),
+        (HealthCheck(), "kind", "TCP, GRPC or HTTP"),
+        (HealthCheck(kind=HealthCheck.GRPC, tls=True), "tls_ca_pem", "needs the CA"),
+        (HealthCheck(kind=HealthCheck.TCP, tls=True), "tls", "only connects"),
+    ],
+)
+async def test_bad_checks_are_refused(servers, etcd, connect, case: tuple[HealthCheck, str, str]) -> None:
+    spec, field, words = case
+    server = await servers.start(etcd, **HEALTH)
+    stubs = connect(server)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await register(stubs, "127.0.0.1:1", "bad", spec)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"instance.check.{field}" in (err.value.details() or "") and words in (err.value.details() or "")
+
+
+async def test_owner_cannot_write_a_verdict(servers, etcd, connect) -> None:
+    server = await servers.start(etcd, **HEALTH, health_checks=False)
+    stubs = connect(server)
+    await register(
+        stubs, "127.0.0.1:1", "db-1", check(), check_result=CheckResult(state=CheckResult.CRITICAL, reason="mine")
+    )
+    found = (await endpoints(stubs))["db-1"]
+    assert not found.HasField("check_result") and found.status == types_pb2.SERVING
+
+
+async def test_checks_spread_over_servers_and_move_when_one_stops(servers, etcd, connect) -> None:
+    a = await servers.start(etcd, **HEALTH)
+    b = await servers.start(etcd, **HEALTH)
+    stubs = connect(a)
+    backends = [await TcpBackend().start() for _ in range(12)]
+    for i, backend in enumerate(backends):
+        await register(stubs, backend.address, f"db-{i}", check())
+
+    async def spread() -> bool:
+        ma, mb = a.health.checker.mine, b.health.checker.mine
+        return len(ma) + len(mb) == 12 and not ma & mb and bool(ma) and bool(mb)
+
+    await eventually(spread, timeout=10)
+    await eventually(lambda: _all_passing(stubs, 12), timeout=10)
+    moved = set(b.health.checker.mine)
+    await servers.stop(b)  # its lease is revoked: a takes its checks at once
+    await eventually(lambda: _owns_all(a, 12), timeout=5)
+    # The moved checks keep running: a backend of b's share dies and a marks it.
+    victim = sorted(moved)[0].instance_id
+    await backends[int(victim.split("-")[1])].stop()
+    await until_state(stubs, victim, types_pb2.NOT_SERVING, timeout=DETECT * 4)
+    for backend in backends:
+        await backend.stop()
+
+
+async def _owns_all(server: Any, n: int) -> bool:
+    return len(server.health.checker.mine) == n
+
+
+async def _all_passing(stubs: Any, n: int) -> bool:
+    answer = await endpoints(stubs, statuses=ALL_STATUSES)
+    return len(answer) == n and all(i.check_result.state == CheckResult.PASSING for i in answer.values())
+
+
+async def test_verdicts_are_fenced_on_the_membership(servers, etcd, connect) -> None:
+    a = await servers.start(etcd, **HEALTH)
+    stubs = connect(a)
+    await register(stubs, "127.0.0.1:9", "db-1", check())
+    membership = a.health.membership
+    await eventually(lambda: _joined(membership), timeout=5)
+    record = a.view.get(InstanceKey("us-east", "db", "db-1"))
+    assert record is not None and membership.fence is not None
+    key = a.keys.instance("us-east", "db", "db-1")
+    stale_view = (membership.prefix, membership.listed_at)
+    # A server joins after this checker listed the members: its write is refused.
+    b = await servers.start(etcd, **HEALTH)
+    await eventually(lambda: _joined(b.health.membership), timeout=5)
+    with pytest.raises(Fenced):
+        await a.store.put_fenced(
+            key,
+            record.value,
+            lease=record.lease,
+            mod_revision=record.mod_revision,
+            fence=membership.fence,
+            members=stale_view,
+        )
+    # A checker whose membership key is gone (lease lost, deposed) is refused too.
+    with pytest.raises(Fenced):
+        await a.store.put_fenced(
+            key,
+            record.value,
+            lease=record.lease,
+            mod_revision=record.mod_revision,
+            fence=(members_prefix(a.keys, "us-east") + b"gone:1", 7),
+            members=(membership.prefix, 10**12),
+        )
+    # A record changed since it was read is a conflict, never overwritten.
+    await register(stubs, "127.0.0.1:9", "db-1", check(), zone="z1")
+    with pytest.raises(Conflict):
+        await a.store.put_fenced(
+            key,
+            record.value,
+            lease=record.lease,
+            mod_revision=record.mod_revision,
+            fence=membership.fence,
+            members=(membership.prefix, 10**12),
+        )
+
+
+async def _joined(membership: Any) -> bool:
+    return bool(membership.joined)
+
+
+async def test_self_protection_marks_nothing_when_another_server_sees_them_healthy(servers, etcd, connect) -> None:
+    settings = {**HEALTH, "health_mass_min_targets": 4}
+    a = await servers.start(etcd, **settings)
+    b = await servers.start(etcd, **settings)
+    stubs = connect(a)
+    backends = [await TcpBackend().start() for _ in range(20)]
+    for i, backend in enumerate(backends):
+        await register(stubs, backend.address, f"db-{i}", check())
+    await eventually(lambda: _all_passing(stubs, 20), timeout=10)
+    cut = a.health.checker
+    assert len(cut.mine) >= 4, "rendezvous gave the cut server too few targets to test"
+    cut.seam = lambda key, address: Outcome(False, "tcp connect timed out (cut by the test)")
+    await eventually(lambda: _refused(cut), timeout=10)
+    # Long past interval x failures: still nothing marked anywhere.
+    await asyncio.sleep(INTERVAL_MS / 1000 * FAILURES * 2)
+    assert await _all_passing(stubs, 20)
+    assert cut.stats.held >= 4
+    # Alone in the region, the same checker applies them after its hold (health_hold_intervals).
+    await servers.stop(b)
+    await eventually(lambda: _owns_all(a, 20), timeout=5)
+    await eventually(lambda: _none_serving(stubs), timeout=DETECT * 10)
+    for backend in backends:
+        await backend.stop()
+
+
+async def _refused(checker: Any) -> bool:
+    return checker.stats.refused >= 1
+
+
+async def _none_serving(stubs: Any) -> bool:
+    return not await endpoints(stubs)
+
+
+async def test_checks_run_only_in_their_own_region_and_verdicts_replicate(regions, region_etcds, connect) -> None:
+    await regions.start({r: region_etcds[r] for r in "ab"}, **HEALTH)
+    a, b = regions["a"][0], regions["b"][0]
+    backend = await TcpBackend().start()
+    stubs_a, stubs_b = connect(a), connect(b)
+    await register(stubs_a, backend.address, "db-1", check())
+    await eventually(lambda: _passing(stubs_a, "db-1"), timeout=5)
+    await backend.stop()
+    took = await until_state(stubs_b, "db-1", types_pb2.NOT_SERVING, timeout=DETECT * 6, scope=lookup_pb2.ALL)
+    assert took > 0
+    assert not b.health.checker.targets  # a's instance is never a target in b
+    assert b.health.checker.stats.runs == 0
+    await backend.start()
+    await until_state(stubs_b, "db-1", types_pb2.SERVING, timeout=DETECT * 6, scope=lookup_pb2.ALL)
+    await backend.stop()
