@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 from discovery_pb.v1.admin_pb2 import OriginStatus
 from discovery_pb.v1.lookup_pb2 import RegionState, WatchResponse
-from discovery_pb.v1.types_pb2 import Change, Endpoint, Instance, Status
+from discovery_pb.v1.types_pb2 import Change, CheckResult, Endpoint, Instance, Status
 
 
 def instance_dict(inst: Instance, stale: bool = False) -> dict[str, Any]:
@@ -22,7 +23,27 @@ def instance_dict(inst: Instance, stale: bool = False) -> dict[str, Any]:
         "stale": stale,
         "ttl_seconds": inst.ttl_seconds,
         "version": inst.version,
+        **({"check": check_dict(inst)} if inst.HasField("check_result") else {}),
     }
+
+
+def check_dict(inst: Instance) -> dict[str, Any]:
+    """The health check's verdict (docs/health-checks.md)."""
+    result = inst.check_result
+    return {
+        "state": CheckResult.State.Name(result.state).lower(),
+        "since_ms": result.since_ms,
+        "reason": result.reason,
+        "checker": result.checker,
+    }
+
+
+def check_line(inst: Instance) -> str:
+    """``db-1: check critical since 2026-11-30T23:01:02Z: tcp connect refused, ...``."""
+    result = inst.check_result
+    since = datetime.datetime.fromtimestamp(result.since_ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    state = CheckResult.State.Name(result.state).lower()
+    return f"{inst.instance_id}: check {state} since {since}: {result.reason}"
 
 
 def endpoint_dict(ep: Endpoint) -> dict[str, Any]:
