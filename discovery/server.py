@@ -352,7 +352,13 @@ class Server:
         add_lookup_to_server(self._lookup, server)
         admin_pb2_grpc.add_AdminServicer_to_server(
             AdminServicer(
-                self.view, self.states, list(self.config.etcd), lambda: self.etcd_health, VERSION, guard=guard
+                self.view,
+                self.states,
+                list(self.config.etcd),
+                lambda: self.etcd_health,
+                VERSION,
+                guard=guard,
+                health_checks=lambda: self.health.status() if self.health is not None else None,
             ),
             server,
         )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from discovery_pb.v1.admin_pb2 import OriginStatus
+from discovery_pb.v1.admin_pb2 import HealthCheckerStatus, OriginStatus
 from discovery_pb.v1.lookup_pb2 import RegionState, WatchResponse
 from discovery_pb.v1.types_pb2 import Change, CheckResult, Endpoint, Instance, Status
 
@@ -44,6 +44,30 @@ def check_line(inst: Instance) -> str:
     since = datetime.datetime.fromtimestamp(result.since_ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     state = CheckResult.State.Name(result.state).lower()
     return f"{inst.instance_id}: check {state} since {since}: {result.reason}"
+
+
+def checks_dict(h: HealthCheckerStatus) -> dict[str, Any]:
+    return {
+        "checkers": list(h.checkers),
+        "checks": h.checks,
+        "checks_here": h.checks_here,
+        "probes": h.probes,
+        "failures": h.failures,
+        "transitions": h.transitions,
+        "held": h.held,
+        "refused": h.refused,
+        "lateness_p50_ms": round(h.lateness_p50_ms, 2),
+        "lateness_p99_ms": round(h.lateness_p99_ms, 2),
+    }
+
+
+def checks_line(h: HealthCheckerStatus) -> str:
+    return (
+        f"{h.checks_here} of the region's {h.checks} run here ({len(h.checkers)} checkers); "
+        f"{h.probes} probes, {h.failures} failed, {h.transitions} verdicts written, {h.held} held "
+        f"({h.refused} refused by a peer); probes late p50 {h.lateness_p50_ms:.1f} ms, "
+        f"p99 {h.lateness_p99_ms:.1f} ms"
+    )
 
 
 def endpoint_dict(ep: Endpoint) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import argparse
 import textwrap
 
 from discovery.cli._common import OK, add_client_flags, add_verb, client, print_json, print_table
-from discovery.cli._render import ORIGIN_HEADER, origin_dict, origin_row
+from discovery.cli._render import ORIGIN_HEADER, checks_dict, checks_line, origin_dict, origin_row
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -42,6 +42,7 @@ async def status(args: argparse.Namespace) -> int:
                 "server_version": resp.server_version,
                 "uptime_seconds": round(resp.uptime_seconds, 1),
                 "origins": [origin_dict(o) for o in resp.origins],
+                **({"health_checks": checks_dict(resp.health_checks)} if resp.HasField("health_checks") else {}),
             }
         )
         return OK
@@ -51,6 +52,8 @@ async def status(args: argparse.Namespace) -> int:
     health = "healthy" if resp.etcd.healthy else f"UNHEALTHY: {resp.etcd.error}"
     print(f"etcd       {','.join(resp.etcd.endpoints)}  {health}")
     print(f"server     {resp.server_version}, up {resp.uptime_seconds:.0f}s")
+    if resp.HasField("health_checks"):
+        print(textwrap.fill(f"checks     {checks_line(resp.health_checks)}", width=80, subsequent_indent="           "))
     if resp.origins:
         print()
         print_table(ORIGIN_HEADER, [origin_row(o) for o in resp.origins])

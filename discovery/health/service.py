@@ -15,6 +15,7 @@ from discovery.keys import KeySchema
 from discovery.store import Store
 from discovery.telemetry import Instruments
 from discovery.view import View
+from discovery_pb.v1.admin_pb2 import HealthCheckerStatus
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,27 @@ class HealthChecks:
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self.membership.run(), name="health membership")
             tasks.create_task(self.checker.run(), name="health checker")
+
+    def status(self) -> HealthCheckerStatus:
+        """For Admin Status: the region's checkers, this server's share, and its counts."""
+        stats = self.checker.stats
+        recent = sorted(list(stats.lateness)[-10_000:])
+
+        def quantile(q: float) -> float:
+            return recent[min(len(recent) - 1, int(q * len(recent)))] * 1000 if recent else 0.0
+
+        return HealthCheckerStatus(
+            checkers=list(self.membership.members),
+            checks=len(self.checker.targets),
+            checks_here=len(self.checker.mine),
+            probes=stats.runs,
+            failures=stats.failures,
+            transitions=stats.transitions,
+            held=stats.held,
+            refused=stats.refused,
+            lateness_p50_ms=quantile(0.5),
+            lateness_p99_ms=quantile(0.99),
+        )
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -12,7 +12,7 @@ import pytest
 from discovery.errors import Conflict, Fenced
 from discovery.health import Outcome, members_prefix
 from discovery.keys import InstanceKey
-from discovery_pb.v1 import lookup_pb2, types_pb2
+from discovery_pb.v1 import admin_pb2, lookup_pb2, types_pb2
 from discovery_pb.v1.types_pb2 import CheckResult, HealthCheck
 from tests.support.backends import GrpcBackend, TcpBackend
 from tests.support.health import (
@@ -26,7 +26,7 @@ from tests.support.health import (
     state_of,
     until_state,
 )
-from tests.support.helpers import ALL_STATUSES, eventually
+from tests.support.helpers import ALL_STATUSES, CALL_TIMEOUT, eventually
 
 
 async def test_killed_backend_stops_serving_and_comes_back(servers, etcd, connect) -> None:
@@ -57,6 +57,10 @@ async def test_killed_backend_stops_serving_and_comes_back(servers, etcd, connec
     await until_state(stubs, "db-1", types_pb2.SERVING, timeout=DETECT * 4)
     found = (await endpoints(stubs))["db-1"]
     assert found.check_result.reason == "tcp connect ok, 2 consecutive successes"
+    status = (await stubs.admin.Status(admin_pb2.StatusRequest(), timeout=CALL_TIMEOUT)).health_checks
+    assert list(status.checkers) == [server.address] and (status.checks, status.checks_here) == (1, 1)
+    assert status.transitions == 3 and status.failures >= FAILURES and status.probes > status.failures
+    assert status.held == 0 and status.lateness_p99_ms >= status.lateness_p50_ms >= 0
     await backend.stop()
 
 

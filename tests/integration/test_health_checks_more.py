@@ -102,6 +102,9 @@ async def test_command_line_registers_a_check_and_shows_its_verdict(servers, etc
     assert found["status"] == "NOT_SERVING" and found["check"]["reason"].startswith("tcp connect refused")
     code, out, _ = await run("resolve", "db", "--status", "serving", "--status", "not_serving", *s)
     assert "# db-1: check critical since " in out and "tcp connect refused, 3 consecutive failures" in out
+    code, out, _ = await run("status", *s)
+    assert code == 0 and "checks     1 of the region's 1 run here (1 checkers)" in out
+    assert all(len(line) <= 80 for line in out.splitlines())
 
     code, _, err = await run("register", "db", backend.address, "--check", "udp", *s)
     assert code == 2 and "tcp, grpc[:SERVICE]" in err
