@@ -269,6 +269,13 @@ class Server:
         if self.health is not None:
             self.health.membership.set_identity(self.config.advertise or self.address)
             self._replicating.start("health checks", self.health.run())
+            # Joined before start() returns: the region's checkers (and etcd's revision) are
+            # settled for whoever started this server; checks are not worth failing a start.
+            try:
+                async with asyncio.timeout(min(self._startup_timeout, 10.0)):
+                    await self.health.membership.ready.wait()
+            except TimeoutError:
+                log.warning("region %s: not yet among the region's health checkers", self.config.region)
         log.info("region %s serving on %s (etcd %s)", self.config.region, self.address, ",".join(self.config.etcd))
 
     def _start_replicators(self) -> None:

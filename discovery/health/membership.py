@@ -48,6 +48,7 @@ class Membership:
         self.changed = asyncio.Event()  # set whenever ``members`` or ``fence`` change
         self.listeners: list[Callable[[], None]] = []  # called then too
         self._refresh = asyncio.Event()
+        self.ready = asyncio.Event()  # joined and listed once
 
     def set_identity(self, identity: str) -> None:
         """Before ``run``: the address the others reach this server at (known once it listens)."""
@@ -111,6 +112,8 @@ class Membership:
         members = tuple(sorted(addresses))
         moved = members != self.members
         self.members, self.addresses, self.listed_at = members, addresses, revision
+        if self.fence is not None:
+            self.ready.set()
         if moved:
             log.info("health checks: the region's checkers are now %s", ", ".join(members) or "none")
             self._moved()
