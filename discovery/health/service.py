@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def members_prefix(keys: KeySchema, region: str) -> bytes:
     """``<prefix>health/members/<region>/``: the region's checkers, one key each on its lease."""
-    return f"{keys.prefix}health/members/{region}/".encode()
+    return keys.health_members(region)
 
 
 class HealthChecks:
