@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from discovery.errors import Conflict, Fenced
-from discovery.health import Outcome, members_prefix
+from discovery.health import Outcome, members_prefix, owner
 from discovery.keys import InstanceKey
 from discovery_pb.v1 import admin_pb2, lookup_pb2, types_pb2
 from discovery_pb.v1.types_pb2 import CheckResult, HealthCheck
@@ -290,3 +290,66 @@ async def test_checks_run_only_in_their_own_region_and_verdicts_replicate(region
     await backend.start()
     await until_state(stubs_b, "db-1", types_pb2.SERVING, timeout=DETECT * 6, scope=lookup_pb2.ALL)
     await backend.stop()
+
+
+async def test_every_verdict_is_written_by_the_check_s_owner_while_members_come_and_go(servers, etcd, connect) -> None:
+    """Fencing under churn: one server sees every target failing (cut), the others see them
+    healthy, so owners disagree and each move of a check writes a new verdict. Replaying etcd's
+    history, every verdict was written by the check's rendezvous owner among the members of
+    that moment: never by a deposed server or one that had not yet seen a newcomer."""
+    settings = {**HEALTH, "health_mass_min_targets": 1000}  # no self-protection: verdicts flow
+    a = await servers.start(etcd, **settings)
+    b = await servers.start(etcd, **settings)
+    stubs = connect(a)
+    backends = [await TcpBackend().start() for _ in range(12)]
+    a.health.checker.seam = lambda key, address: Outcome(False, "tcp connect refused (cut by the test)")
+    prefix = members_prefix(a.keys, "us-east")
+    listed, kvs = await a.store.list_prefix(prefix)
+    members = {kv.key[len(prefix) :].decode() for kv in kvs}
+    assert members == {a.address, b.address}
+    for i, backend in enumerate(backends):
+        await register(stubs, backend.address, f"db-{i}", check())
+    for _ in range(3):
+        c = await servers.start(etcd, **settings)
+        await eventually(lambda c=c: _has_checks(c), timeout=10)
+        await asyncio.sleep(INTERVAL_MS / 1000 * (FAILURES + 1))  # verdicts written under this membership
+        await servers.stop(c)
+        await eventually(lambda: _owns_both(a, b, 12), timeout=10)
+    head = (await a.store.health()).revision
+    writes, writers = 0, set()
+    async with asyncio.timeout(10):
+        async for batch in a.store.watch(a.keys.root, listed + 1):
+            for event in batch.events:
+                key = event.kv.key
+                if key.startswith(prefix):
+                    member = key[len(prefix) :].decode()
+                    if event.deleted:
+                        members.discard(member)
+                    else:
+                        members.add(member)
+                    continue
+                parsed = a.keys.parse_instance(key)
+                if parsed is None or event.deleted:
+                    continue
+                record = types_pb2.Instance.FromString(event.kv.value)
+                if record.HasField("check_result") and record.check_result.checker:
+                    rank = "/".join(parsed)
+                    assert record.check_result.checker == owner(sorted(members), rank), (
+                        f"{rank} written by {record.check_result.checker} at {event.kv.mod_revision}; members {members}"
+                    )
+                    writes += 1
+                    writers.add(record.check_result.checker)
+            if batch.revision >= head:
+                break
+    assert writes > 12  # every check decided, and decided again as checks moved
+    assert len(writers) >= 3  # a, b and the servers that came and went all wrote verdicts
+    for backend in backends:
+        await backend.stop()
+
+
+async def _has_checks(server: Any) -> bool:
+    return bool(server.health.checker.mine)
+
+
+async def _owns_both(a: Any, b: Any, n: int) -> bool:
+    return len(a.health.checker.mine) + len(b.health.checker.mine) == n
