@@ -12,7 +12,7 @@ import pytest
 from discovery.errors import Conflict, Fenced
 from discovery.health import Outcome, members_prefix, owner
 from discovery.keys import InstanceKey
-from discovery_pb.v1 import admin_pb2, lookup_pb2, types_pb2
+from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, types_pb2
 from discovery_pb.v1.types_pb2 import CheckResult, HealthCheck
 from tests.support.backends import GrpcBackend, TcpBackend
 from tests.support.health import (
@@ -353,3 +353,26 @@ async def _has_checks(server: Any) -> bool:
 
 async def _owns_both(a: Any, b: Any, n: int) -> bool:
     return len(a.health.checker.mine) + len(b.health.checker.mine) == n
+
+
+async def test_a_leased_instance_keeps_its_lease_under_a_verdict(servers, etcd, connect) -> None:
+    """Both must hold: the check's verdict is written on the record's own lease (here a
+    session's), so the lease still removes it; a CRITICAL check takes it out meanwhile."""
+    server = await servers.start(etcd, **HEALTH)
+    stubs = connect(server)
+    session = await stubs.registry.OpenSession(registry_pb2.OpenSessionRequest(ttl_seconds=30), timeout=CALL_TIMEOUT)
+    await stubs.registry.Register(
+        registry_pb2.RegisterRequest(
+            instance=types_pb2.Instance(service="db", instance_id="db-1", address="127.0.0.1:9", check=check()),
+            session_id=session.session_id,
+        ),
+        timeout=CALL_TIMEOUT,
+    )
+    await until_state(stubs, "db-1", types_pb2.NOT_SERVING, timeout=DETECT * 4)
+    stored = await server.store.get(server.keys.instance("us-east", "db", "db-1"))
+    assert stored is not None and stored.lease == session.session_id
+    closed = await stubs.registry.CloseSession(
+        registry_pb2.CloseSessionRequest(session_id=session.session_id), timeout=CALL_TIMEOUT
+    )
+    await server.view.wait_for(closed.revision, CALL_TIMEOUT)
+    assert await state_of(stubs, "db-1") == (0, 0)  # gone with its session
