@@ -17,6 +17,7 @@ import contextlib
 import heapq
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
@@ -42,6 +43,20 @@ PASSING, CRITICAL = CheckResult.PASSING, CheckResult.CRITICAL
 Seam = Callable[[InstanceKey, str], Outcome | None]
 _LATENESS_SAMPLES = 100_000
 _WRITE_ATTEMPTS = 3
+
+
+def _phase(target: Target) -> float:
+    """Where in its interval a check runs, from its key: [0, 1)."""
+    return int.from_bytes(rank("", "/".join(target.key)), "big") / 2**64
+
+
+def _slot(target: Target, now: float) -> float:
+    """The check's next slot after ``now``: slots are ``phase + k x interval`` on the
+    monotonic clock, so a check runs at a fixed rate that never drifts, and the checks of a
+    server (and of the region) spread evenly over the interval whenever they were registered."""
+    interval = target.spec.interval
+    offset = _phase(target) * interval
+    return offset + (math.floor((now - offset) / interval) + 1) * interval
 
 
 class Target:
@@ -184,11 +199,12 @@ class Checker:
         self.mine = mine
 
     def _start(self, target: Target, *, fresh: bool) -> None:
-        """First probe: at the check's phase in its interval (spread by its key), or within
-        a second for a check that has no verdict yet."""
-        span = min(target.spec.interval, 1.0) if fresh else target.spec.interval
-        phase = int.from_bytes(rank("", "/".join(target.key)), "big") / 2**64 * span
-        self._push(time.monotonic() + phase, target)
+        """First probe: within a second for a check that has no verdict yet, else at the
+        check's next slot."""
+        if fresh:
+            self._push(time.monotonic() + _phase(target) * min(target.spec.interval, 1.0), target)
+        else:
+            self._push(_slot(target, time.monotonic()), target)
 
     def _push(self, due: float, target: Target) -> None:
         heapq.heappush(self._heap, (due, next(self._seq), target))
@@ -208,8 +224,7 @@ class Checker:
                     continue  # gone, changed, or no longer ours: dropped from the schedule
                 self.stats.lateness.append(now - due)
                 self._spawn(self._probe(target))
-                following = due + target.spec.interval
-                self._push(following if following > now else now + target.spec.interval, target)
+                self._push(_slot(target, now), target)
             if self._held and not self._reviewing:
                 self._reviewing = True
                 self._spawn(self._review())
