@@ -60,7 +60,7 @@ def _slot(target: Target, now: float) -> float:
 
 
 class Target:
-    __slots__ = ("address", "failures", "key", "reason", "spec", "state", "successes", "writing")
+    __slots__ = ("address", "failures", "generation", "key", "reason", "spec", "state", "successes", "writing")
 
     def __init__(self, key: InstanceKey, spec: Spec, address: str, state: int) -> None:
         self.key = key
@@ -71,6 +71,7 @@ class Target:
         self.successes = 0
         self.reason = ""
         self.writing = False
+        self.generation = 0  # of its schedule: one entry in the heap is current, older ones are skipped
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Checker:
         self.mine: set[InstanceKey] = set()  # the ones this server runs
         self._failing: set[InstanceKey] = set()  # mine, last probe failed, not CRITICAL yet
         self._held: dict[InstanceKey, float] = {}  # transitions to CRITICAL held (monotonic since)
-        self._heap: list[tuple[float, int, Target]] = []
+        self._heap: list[tuple[float, int, Target, int]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -201,13 +202,14 @@ class Checker:
     def _start(self, target: Target, *, fresh: bool) -> None:
         """First probe: within a second for a check that has no verdict yet, else at the
         check's next slot."""
+        target.generation += 1  # an entry left from when it was ours before is dropped
         if fresh:
             self._push(time.monotonic() + _phase(target) * min(target.spec.interval, 1.0), target)
         else:
             self._push(_slot(target, time.monotonic()), target)
 
     def _push(self, due: float, target: Target) -> None:
-        heapq.heappush(self._heap, (due, next(self._seq), target))
+        heapq.heappush(self._heap, (due, next(self._seq), target, target.generation))
         self._wake.set()
 
     async def _schedule(self) -> None:
@@ -219,9 +221,13 @@ class Checker:
             now = time.monotonic()
             heap = self._heap
             while heap and heap[0][0] <= now:
-                due, _, target = heapq.heappop(heap)
-                if self.targets.get(target.key) is not target or target.key not in self.mine:
-                    continue  # gone, changed, or no longer ours: dropped from the schedule
+                due, _, target, generation = heapq.heappop(heap)
+                if (
+                    self.targets.get(target.key) is not target
+                    or target.key not in self.mine
+                    or generation != target.generation
+                ):
+                    continue  # gone, changed, no longer ours, or rescheduled: dropped
                 self.stats.lateness.append(now - due)
                 self._spawn(self._probe(target))
                 self._push(_slot(target, now), target)

@@ -376,3 +376,25 @@ async def test_a_leased_instance_keeps_its_lease_under_a_verdict(servers, etcd, 
     )
     await server.view.wait_for(closed.revision, CALL_TIMEOUT)
     assert await state_of(stubs, "db-1") == (0, 0)  # gone with its session
+
+
+async def test_a_check_that_leaves_and_comes_back_is_probed_once_an_interval(servers, etcd, connect) -> None:
+    """A server that loses its membership for a moment (its lease expired under load, and it
+    joined again) gets its checks back within one interval: each must still run once an
+    interval, not once per time it came back."""
+    a = await servers.start(etcd, **HEALTH)
+    stubs = connect(a)
+    backend = await TcpBackend().start()
+    for i in range(5):
+        await register(stubs, backend.address, f"db-{i}", check())
+    checker, membership = a.health.checker, a.health.membership
+    await eventually(lambda: _owns_all(a, 5), timeout=5)
+    for _ in range(3):  # as Membership does when it loses its key and when it joins again
+        members, membership.members = membership.members, ()
+        checker._reassign()
+        membership.members = members
+        checker._reassign()
+    runs, seconds = checker.stats.runs, 2.0
+    await asyncio.sleep(seconds)  # a measurement window, not a wait for an event
+    assert checker.stats.runs - runs <= 5 * seconds / (INTERVAL_MS / 1000) * 1.3 + 2
+    await backend.stop()
