@@ -81,7 +81,7 @@ async def test_hung_http_backend_fails_by_timeout_and_redirects_pass(servers, et
     await until_state(stubs, "failing", types_pb2.NOT_SERVING, timeout=DETECT * 4)
     await eventually(lambda: _passing(stubs, "redirect"), timeout=5)
     answer = await endpoints(stubs, statuses=ALL_STATUSES)
-    assert answer["hung"].check_result.reason == "http timed out after 0.1s, 3 consecutive failures"
+    assert answer["hung"].check_result.reason == "http timed out after 0.15s, 3 consecutive failures"
     assert answer["failing"].check_result.reason.startswith("http 503, ")
     for backend in (hung, redirect, failing):
         await backend.stop()

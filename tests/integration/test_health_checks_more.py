@@ -88,7 +88,7 @@ async def test_command_line_registers_a_check_and_shows_its_verdict(servers, etc
     backend = await TcpBackend().start()
     code, out, err = await run(
         "register", "db", backend.address, "--id", "db-1", "--check", "tcp", "--check-interval", "0.2",
-        "--check-timeout", "0.1", *s,
+        "--check-timeout", "0.15", *s,
     )  # fmt: skip
     assert (code, err) == (0, ""), err
     await backend.stop()
@@ -118,7 +118,7 @@ async def test_client_library_registers_a_check_and_reads_its_state(servers, etc
     server = await servers.start(etcd, **HEALTH)
     backend = await TcpBackend().start()
     async with DirectClient([f"127.0.0.1:{server.port}"]) as client:
-        await client.register("db", backend.address, instance_id="db-1", check=check("tcp", interval=0.2, timeout=0.1))
+        await client.register("db", backend.address, instance_id="db-1", check=check("tcp", interval=0.2, timeout=0.15))
 
         async def passing() -> Any:
             resp = await client.resolve("db")

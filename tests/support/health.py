@@ -10,7 +10,7 @@ from discovery_pb.v1 import lookup_pb2, registry_pb2, types_pb2
 from discovery_pb.v1.types_pb2 import HealthCheck
 from tests.support.helpers import ALL_STATUSES, CALL_TIMEOUT, eventually
 
-INTERVAL_MS, TIMEOUT_MS, FAILURES, SUCCESSES = 200, 100, 3, 2
+INTERVAL_MS, TIMEOUT_MS, FAILURES, SUCCESSES = 200, 150, 3, 2
 HEALTH = {"health_min_interval_seconds": 0.1, "election_ttl_seconds": 2}
 # Killed -> NOT_SERVING within interval x failures, plus one interval, plus the probe timeout
 # and room for a loaded machine (2 shared cores): asserted as a bound, measured in the bench.

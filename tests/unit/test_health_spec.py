@@ -99,3 +99,20 @@ async def test_protection_asks_a_peer() -> None:
 
     unreachable = SelfProtection(ProtectionSettings(), broken)
     assert await unreachable.review(held, ["p:1"], held_for=100, interval=1, timeout=1) == Verdict.HOLD
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("health_min_interval_seconds", 0.01, "from 0.05 to 3600"),
+        ("health_mass_share", 1.0, "between 0 and 1"),
+        ("health_mass_min_targets", 0, "must be >= 1"),
+        ("health_hold_intervals", 0, "must be >= 1"),
+    ],
+)
+def test_server_settings_are_checked(key: str, value: object, words: str) -> None:
+    from discovery.config import ServerConfig
+
+    with pytest.raises(InvalidArgument, match=words) as err:
+        ServerConfig(region="us-east", insecure=True, **{key: value}).validate()  # type: ignore[arg-type]
+    assert err.value.field == key
