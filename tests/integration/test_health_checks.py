@@ -398,3 +398,21 @@ async def test_a_check_that_leaves_and_comes_back_is_probed_once_an_interval(ser
     await asyncio.sleep(seconds)  # a measurement window, not a wait for an event
     assert checker.stats.runs - runs <= 5 * seconds / (INTERVAL_MS / 1000) * 1.3 + 2
     await backend.stop()
+
+
+async def test_a_real_mass_outage_is_confirmed_by_another_server_and_marked(servers, etcd, connect) -> None:
+    """Self-protection holds a mass failure only until another server confirms it: when the
+    backends really are down, both servers see it, and every one is marked."""
+    settings = {**HEALTH, "health_mass_min_targets": 4}
+    a = await servers.start(etcd, **settings)
+    await servers.start(etcd, **settings)
+    stubs = connect(a)
+    backends = [await TcpBackend().start() for _ in range(20)]
+    for i, backend in enumerate(backends):
+        await register(stubs, backend.address, f"db-{i}", check())
+    await eventually(lambda: _all_passing(stubs, 20), timeout=10)
+    for backend in backends:
+        await backend.stop()
+    await eventually(lambda: _none_serving(stubs), timeout=DETECT * 10)
+    assert a.health.checker.stats.held >= 1  # it was held as a mass failure first, then confirmed
+    assert a.health.checker.stats.refused == 0
