@@ -94,8 +94,8 @@ class Server:
     2. Watch, Replication and ADS streams end at once (UNAVAILABLE, so clients resume elsewhere),
        as do reads waiting for a revision; the port stops accepting; unary calls get
        ``grace_seconds``;
-    3. the replicators stop and the election lease is revoked, so another server of the
-       region takes over at once; then the view's watch and the etcd health probe stop;
+    3. the replicators and health checks stop and their leases are revoked, so other servers
+       of the region take over at once; then the view's watch and the etcd health probe stop;
     4. the etcd client closes;
     5. (the caller, `discovery serve`, then flushes telemetry: it set it up).
 
@@ -267,7 +267,14 @@ class Server:
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._start_replicators()
         if self.health is not None:
-            self.health.membership.set_identity(self.config.advertise or self.address)
+            identity = self.config.advertise or self.address
+            if identity.rpartition(":")[0] in ("0.0.0.0", "[::]"):
+                log.warning(
+                    "region %s: health checks: other servers cannot reach %s for a re-check; set advertise",
+                    self.config.region,
+                    identity,
+                )
+            self.health.membership.set_identity(identity)
             self._replicating.start("health checks", self.health.run())
             # Joined before start() returns: the region's checkers (and etcd's revision) are
             # settled for whoever started this server; checks are not worth failing a start.

@@ -48,7 +48,8 @@ class Membership:
         self.changed = asyncio.Event()  # set whenever ``members`` or ``fence`` change
         self.listeners: list[Callable[[], None]] = []  # called then too
         self._refresh = asyncio.Event()
-        self.ready = asyncio.Event()  # joined and listed once
+        self.ready = asyncio.Event()  # tried to join, and listed, once
+        self._blocked = False
 
     def set_identity(self, identity: str) -> None:
         """Before ``run``: the address the others reach this server at (known once it listens)."""
@@ -95,16 +96,21 @@ class Membership:
             self._moved()
         lease = await self._session.lease()
         created, held = await self._store.create(self.key, self.identity.encode(), lease)
-        if not created and held is not None:
-            # Our identity's key from before a restart, on a lease that has not expired yet.
-            log.info("health checks: replacing this server's membership key from an earlier run")
-            with contextlib.suppress(StoreUnavailable):
-                await self._store.delete(self.key)
-            created, _ = await self._store.create(self.key, self.identity.encode(), lease)
-        if created:
-            self.fence = (self.key, created)
-            log.info("health checks: %s joined the region's checkers (fence %d)", self.identity, created)
-            self._moved()
+        if not created:
+            if held is not None and not self._blocked:
+                # Never deleted: two servers with one address (listening on 0.0.0.0 without
+                # `advertise`) would take the key from each other forever.
+                log.warning(
+                    "health checks: %s is held on another lease (an earlier run of this server, or another "
+                    "server with the same address: give each its own `advertise`); joining once it expires",
+                    self.key.decode(),
+                )
+            self._blocked = held is not None
+            return
+        self._blocked = False
+        self.fence = (self.key, created)
+        log.info("health checks: %s joined the region's checkers (fence %d)", self.identity, created)
+        self._moved()
 
     async def _list(self) -> None:
         revision, kvs = await self._store.list_prefix(self.prefix)
@@ -112,8 +118,7 @@ class Membership:
         members = tuple(sorted(addresses))
         moved = members != self.members
         self.members, self.addresses, self.listed_at = members, addresses, revision
-        if self.fence is not None:
-            self.ready.set()
+        self.ready.set()
         if moved:
             log.info("health checks: the region's checkers are now %s", ", ".join(members) or "none")
             self._moved()

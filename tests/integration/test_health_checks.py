@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
+from discovery.devtools.process import free_port
 from discovery.errors import Conflict, Fenced
 from discovery.health import Outcome, members_prefix, owner
 from discovery.keys import InstanceKey
@@ -416,3 +417,18 @@ async def test_a_real_mass_outage_is_confirmed_by_another_server_and_marked(serv
     await eventually(lambda: _none_serving(stubs), timeout=DETECT * 10)
     assert a.health.checker.stats.held >= 1  # it was held as a mass failure first, then confirmed
     assert a.health.checker.stats.refused == 0
+
+
+async def test_a_membership_key_held_on_another_lease_is_waited_for_never_taken(servers, etcd) -> None:
+    """An earlier run of this server (SIGKILLed, on the same address), or another server with
+    the same address: its key is left to expire, never deleted from under it."""
+    other = await servers.start(etcd, **HEALTH)
+    port = free_port()
+    key = members_prefix(other.keys, "us-east") + f"127.0.0.1:{port}".encode()
+    lease = await other.store.grant(2)
+    await other.store.put(key, b"127.0.0.1:1", lease=lease)
+    server = await servers.start(etcd, listen=f"127.0.0.1:{port}", **HEALTH)
+    assert not server.health.membership.joined
+    held = await server.store.get(key)
+    assert held is not None and held.lease == lease  # not taken
+    await eventually(lambda: _joined(server.health.membership), timeout=10)  # once it expired
