@@ -303,32 +303,39 @@ class Checker:
                 return
             specs = [self.targets[k].spec for k in held]
             interval = min(s.interval for s in specs)
+            confirmed: list[InstanceKey] = []
             if not self._protection.mass(len(self.mine), len(self._failing)):
                 verdict: str = Verdict.APPLY  # no longer a mass failure: these are real
             else:
                 since = min(self._held.values())
-                verdict = await self._protection.review(
+                verdict, confirmed = await self._protection.review(
                     held,
                     self.membership.peers(),
                     held_for=time.monotonic() - since,
                     interval=interval,
                     timeout=max(s.timeout for s in specs) + 1.0,
                 )
-            if verdict == Verdict.APPLY:
-                for key in held:
-                    target = self.targets.get(key)
-                    self._held.pop(key, None)
-                    if target is not None and target.failures >= target.spec.failures:
-                        self._m.check_held.add(1, {"outcome": "applied"})
-                        await self._critical(target)
-                return
             if verdict == Verdict.REFUSED:
                 self.stats.refused += 1
-                self._m.check_held.add(len(held), {"outcome": "refused"})
-            await asyncio.sleep(interval)
+                self._m.check_held.add(len(held) - len(confirmed), {"outcome": "refused"})
+            if verdict == Verdict.APPLY or confirmed:
+                await self._apply(held if verdict == Verdict.APPLY else confirmed)
+            if verdict != Verdict.APPLY:
+                await asyncio.sleep(interval)
         finally:
             self._reviewing = False
             self._wake.set()
+
+    async def _apply(self, keys: Sequence[InstanceKey]) -> None:
+        """Write the held transitions of ``keys`` that still stand (still ours, still failing)."""
+        due = []
+        for key in keys:
+            target = self.targets.get(key)
+            self._held.pop(key, None)
+            if target is not None and key in self.mine and target.failures >= target.spec.failures:
+                self._m.check_held.add(1, {"outcome": "applied"})
+                due.append(self._critical(target))
+        await asyncio.gather(*due)
 
     async def recheck(self, keys: Sequence[InstanceKey]) -> list[tuple[InstanceKey, bool, Outcome | None]]:
         """Probe each of this region's ``keys`` once, as its check says (for another server's

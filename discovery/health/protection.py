@@ -3,7 +3,8 @@ once suspects its own network before it believes them all down (docs/health-chec
 
 While that holds, transitions to CRITICAL wait ("held"); another server of the region re-checks
 a sample (``HealthChecks.Recheck``). If it sees most of them healthy, nothing is marked: the
-event is logged and counted, and the hold goes on until this checker's own probes recover.
+event is logged and counted, and the hold goes on until this checker's own probes recover
+(only what the other server saw failing too is marked).
 If it sees them failing too, they are applied. With no other server in the region, they are
 applied after ``hold_intervals`` intervals, logged with the reason."""
 
@@ -58,8 +59,9 @@ class SelfProtection:
 
     async def review(
         self, held: Sequence[InstanceKey], peers: Sequence[str], held_for: float, interval: float, timeout: float
-    ) -> str:
-        """What to do with the held transitions now."""
+    ) -> tuple[str, list[InstanceKey]]:
+        """What to do with the held transitions now, and (REFUSED) those of the sample the
+        other server saw failing too: two vantage points agree on them, so they are real."""
         if not peers:
             if held_for >= self.settings.hold_intervals * interval:
                 log.warning(
@@ -68,8 +70,8 @@ class SelfProtection:
                     len(held),
                     held_for,
                 )
-                return Verdict.APPLY
-            return Verdict.HOLD
+                return Verdict.APPLY, []
+            return Verdict.HOLD, []
         sample = random.sample(list(held), min(len(held), self.settings.sample))
         for peer in random.sample(list(peers), len(peers)):
             try:
@@ -89,7 +91,7 @@ class SelfProtection:
                     healthy,
                     len(seen),
                 )
-                return Verdict.REFUSED
+                return Verdict.REFUSED, [k for k, healthy in seen.items() if not healthy]
             log.warning(
                 "health checks: %d targets failing at once; %s confirms %d of %d sampled failing: applying",
                 len(held),
@@ -97,8 +99,8 @@ class SelfProtection:
                 len(seen) - healthy,
                 len(seen),
             )
-            return Verdict.APPLY
-        return Verdict.HOLD
+            return Verdict.APPLY, []
+        return Verdict.HOLD, []
 
 
 @dataclass(frozen=True, slots=True)

@@ -260,6 +260,18 @@ async def test_self_protection_marks_nothing_when_another_server_sees_them_healt
     await asyncio.sleep(INTERVAL_MS / 1000 * FAILURES * 2)
     assert await _all_passing(stubs, 20)
     assert cut.stats.held >= 4
+    # One of the cut server's targets really dies: the other server sees it failing too when
+    # it re-checks, so that one (and only that one) is marked.
+    victim = sorted(cut.mine)[0].instance_id
+    await backends[int(victim.split("-")[1])].stop()
+
+    async def only_victim_down() -> bool:
+        answer = await endpoints(stubs, statuses=ALL_STATUSES)
+        down = {i for i, inst in answer.items() if inst.status == types_pb2.NOT_SERVING}
+        assert down <= {victim}, down
+        return down == {victim}
+
+    await eventually(only_victim_down, timeout=DETECT * 10)
     # Alone in the region, the same checker applies them after its hold (health_hold_intervals).
     await servers.stop(b)
     await eventually(lambda: _owns_all(a, 20), timeout=5)

@@ -78,27 +78,30 @@ async def test_protection_mass_rule_and_alone_hold() -> None:
     assert not guard.mass(20, 10)  # half is not more than half
     assert guard.mass(20, 11)
     held = [InstanceKey("r", "s", str(i)) for i in range(11)]
-    assert await guard.review(held, [], held_for=2.0, interval=1.0, timeout=1.0) == Verdict.HOLD
-    assert await guard.review(held, [], held_for=3.0, interval=1.0, timeout=1.0) == Verdict.APPLY
+    assert await guard.review(held, [], held_for=2.0, interval=1.0, timeout=1.0) == (Verdict.HOLD, [])
+    assert await guard.review(held, [], held_for=3.0, interval=1.0, timeout=1.0) == (Verdict.APPLY, [])
 
 
 async def test_protection_asks_a_peer() -> None:
     held = [InstanceKey("r", "s", str(i)) for i in range(11)]
 
-    def peer(healthy: bool) -> SelfProtection:
-        async def recheck(_peer: str, keys: object, _timeout: float) -> dict[InstanceKey, bool]:
-            return {k: healthy for k in keys}  # type: ignore[attr-defined]
+    def peer(healthy: bool, *dead: InstanceKey) -> SelfProtection:
+        async def recheck(_peer: str, keys: list[InstanceKey], _timeout: float) -> dict[InstanceKey, bool]:
+            return {k: healthy and k not in dead for k in keys}
 
-        return SelfProtection(ProtectionSettings(), recheck)
+        return SelfProtection(ProtectionSettings(sample=len(held)), recheck)
 
-    assert await peer(True).review(held, ["p:1"], held_for=0, interval=1, timeout=1) == Verdict.REFUSED
-    assert await peer(False).review(held, ["p:1"], held_for=0, interval=1, timeout=1) == Verdict.APPLY
+    assert await peer(True).review(held, ["p:1"], held_for=0, interval=1, timeout=1) == (Verdict.REFUSED, [])
+    assert await peer(False).review(held, ["p:1"], held_for=0, interval=1, timeout=1) == (Verdict.APPLY, [])
+    # Refused, but what the other server saw failing too is real: it is marked.
+    verdict, confirmed = await peer(True, held[3]).review(held, ["p:1"], held_for=0, interval=1, timeout=1)
+    assert (verdict, confirmed) == (Verdict.REFUSED, [held[3]])
 
     async def broken(*_: object) -> dict[InstanceKey, bool]:
         raise OSError("unreachable")
 
     unreachable = SelfProtection(ProtectionSettings(), broken)
-    assert await unreachable.review(held, ["p:1"], held_for=100, interval=1, timeout=1) == Verdict.HOLD
+    assert await unreachable.review(held, ["p:1"], held_for=100, interval=1, timeout=1) == (Verdict.HOLD, [])
 
 
 @pytest.mark.parametrize(
