@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from discovery_pb.v1.admin_pb2 import OriginStatus, StatusResponse
+from discovery_pb.v1.admin_pb2 import HealthCheckerStatus, OriginStatus, StatusResponse
 from discovery_pb.v1.lookup_pb2 import RegionState, ResolveResponse, WatchResponse
-from discovery_pb.v1.types_pb2 import Change, Endpoint, Instance, Status
+from discovery_pb.v1.types_pb2 import Change, CheckResult, Endpoint, Instance, Status
 
 __all__ = [
     "change_dict",
+    "check_dict",
+    "checks_dict",
     "endpoint_dict",
     "instance_dict",
     "origin_dict",
@@ -35,6 +37,34 @@ def instance_dict(inst: Instance, stale: bool = False) -> dict[str, Any]:
         "stale": stale,
         "ttl_seconds": inst.ttl_seconds,
         "version": inst.version,
+        **({"check": check_dict(inst)} if inst.HasField("check_result") else {}),
+    }
+
+
+def check_dict(inst: Instance) -> dict[str, Any]:
+    """The health check's verdict (docs/health-checks.md)."""
+    result = inst.check_result
+    return {
+        "state": CheckResult.State.Name(result.state).lower(),
+        "since_ms": result.since_ms,
+        "reason": result.reason,
+        "checker": result.checker,
+    }
+
+
+def checks_dict(h: HealthCheckerStatus) -> dict[str, Any]:
+    """This server's share of its region's health checks (Status)."""
+    return {
+        "checkers": list(h.checkers),
+        "checks": h.checks,
+        "checks_here": h.checks_here,
+        "probes": h.probes,
+        "failures": h.failures,
+        "transitions": h.transitions,
+        "held": h.held,
+        "refused": h.refused,
+        "lateness_p50_ms": round(h.lateness_p50_ms, 2),
+        "lateness_p99_ms": round(h.lateness_p99_ms, 2),
     }
 
 
@@ -123,4 +153,5 @@ def status_dict(resp: StatusResponse) -> dict[str, Any]:
         "server_version": resp.server_version,
         "uptime_seconds": round(resp.uptime_seconds, 1),
         "origins": [origin_dict(o) for o in resp.origins],
+        **({"health_checks": checks_dict(resp.health_checks)} if resp.HasField("health_checks") else {}),
     }

@@ -70,6 +70,13 @@ class ServerConfig:
     metrics_listen: str = ""  # optional plaintext HOST:PORT for /metrics, /healthz and /readyz alone
     http_max_streams: int = 1000  # open /v1/events streams on this server, everyone's together
 
+    # Active health checks (docs/health-checks.md).
+    health_checks: bool = True  # this server runs its share of the region's checks
+    health_min_interval_seconds: float = 1.0  # the shortest interval a check may ask (tests: lower)
+    health_mass_share: float = 0.5  # more than this share of a checker's targets failing at once...
+    health_mass_min_targets: int = 10  # ...of at least this many: held, another server re-checks
+    health_hold_intervals: int = 3  # alone in the region: held this many intervals, then applied
+
     def validate(self) -> ServerConfig:
         if not self.region:
             raise InvalidArgument("region", "required (--region or `region` in the config file)")
@@ -110,6 +117,7 @@ class ServerConfig:
             split_address(self.health_listen, "health_listen", allow_port_zero=True)
         self._validate_dns()
         self._validate_http()
+        self._validate_health_checks()
         self._validate_security()
         self._validate_runtime()
         self.peer_map()  # validates
@@ -135,6 +143,15 @@ class ServerConfig:
                 split_address(getattr(self, name), name, allow_port_zero=True)
         if self.http_max_streams <= 0:
             raise InvalidArgument("http_max_streams", "must be > 0")
+
+    def _validate_health_checks(self) -> None:
+        if not 0.05 <= self.health_min_interval_seconds <= 3600:
+            raise InvalidArgument("health_min_interval_seconds", "must be from 0.05 to 3600")
+        if not 0 < self.health_mass_share < 1:
+            raise InvalidArgument("health_mass_share", "must be between 0 and 1 (0.5: more than half)")
+        for name in ("health_mass_min_targets", "health_hold_intervals"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(name, "must be >= 1")
 
     def _validate_security(self) -> None:
         tls = {"tls_cert": self.tls_cert, "tls_key": self.tls_key, "tls_client_ca": self.tls_client_ca}

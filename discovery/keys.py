@@ -4,6 +4,7 @@
     <prefix>replication/<origin>                          Checkpoint of the replicator for origin
     <prefix>election/replicator/<origin>                  the replicator leader's key (on its lease)
     <prefix>sessions/<region>/<session_id hex>            Session (on the session's own lease)
+    <prefix>health/members/<region>/<address>             a health checker (on its own lease)
 
 The prefix defaults to ``/discovery/v1/``; tests give each case its own prefix so they can
 share one etcd.
@@ -50,6 +51,10 @@ class KeySchema:
 
     def session(self, region: str, session_id: int) -> bytes:
         return f"{self.prefix}sessions/{region}/{session_id:x}".encode()
+
+    def health_members(self, region: str) -> bytes:
+        """The region's health checkers, one key each (docs/health-checks.md)."""
+        return f"{self.prefix}health/members/{region}/".encode()
 
     def instance(self, region: str, service: str, instance_id: str) -> bytes:
         return f"{self.prefix}instances/{region}/{service}/{instance_id}".encode()

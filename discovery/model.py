@@ -15,7 +15,7 @@ import time
 
 from discovery.errors import InvalidArgument
 from discovery_client import DEFAULT_WEIGHT
-from discovery_pb.v1.types_pb2 import Instance, Status
+from discovery_pb.v1.types_pb2 import CheckResult, Instance, Status
 
 MAX_SERVICE_LEN = 253
 MAX_INSTANCE_ID_LEN = 128
@@ -31,6 +31,24 @@ MIN_TTL, MAX_TTL = 1, 3600
 MAX_WEIGHT = 10_000
 # What a Resolve or Watch returns when it names no status.
 SERVING_STATUSES: frozenset[int] = frozenset({Status.SERVING})
+
+
+def serving_status(status: int, check_state: int) -> int:
+    """The one rule of what an endpoint is served as (docs/health-checks.md): its owner's
+    status, except that SERVING with a CRITICAL check is NOT_SERVING. DRAINING and
+    NOT_SERVING from the owner win over any check; no verdict yet counts as passing."""
+    if status == Status.SERVING and check_state == CheckResult.CRITICAL:
+        return Status.NOT_SERVING
+    return status
+
+
+def served(instance: Instance) -> Instance:
+    """``instance`` (changed in place, and returned) with the status it is served as: what
+    answers (Resolve, Watch, xDS) show, so that clients that know nothing of checks stop
+    using a failing endpoint. The stored record keeps the owner's status."""
+    instance.status = serving_status(instance.status, instance.check_result.state)  # type: ignore[assignment]
+    return instance
+
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _SERVICE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from discovery.errors import InvalidArgument, NotFound, StoreUnavailable
+from discovery.health.spec import MIN_INTERVAL_MS, validate_registration
 from discovery.keys import KeySchema
 from discovery.model import MAX_TTL, MIN_TTL, normalize_registration, validate_instance_id, validate_service
 from discovery.store import KeyValue, Store
@@ -43,10 +44,14 @@ class Registry:
         self._store = store
         self._keys = keys
         self.region = region
+        self.min_check_interval_ms = MIN_INTERVAL_MS  # the server's health_min_interval_seconds
 
     def prepare(self, request: Instance, owner: str) -> Instance:
-        """The record a registration would store (validated; region and owner filled in)."""
-        return normalize_registration(request, self.region, owner=owner)
+        """The record a registration would store (validated; region and owner filled in; its
+        health check validated, and no check verdict: that is the checker's)."""
+        record = normalize_registration(request, self.region, owner=owner)
+        validate_registration(record, min_interval_ms=self.min_check_interval_ms)
+        return record
 
     async def register(
         self, record: Instance, *, session: int = 0, expect_mod_revision: int | None = None

@@ -24,9 +24,11 @@ from discovery.api import (
 )
 from discovery.api.admission import Admission
 from discovery.api.decoding import DecodeRequests
+from discovery.api.health_checks import HealthChecksServicer
 from discovery.config import ServerConfig
 from discovery.dns import DnsListener, dns_listener
 from discovery.errors import InvalidArgument, PermissionDenied, StoreUnavailable
+from discovery.health import HealthChecks, PeerCredentials, ProtectionSettings
 from discovery.http import HttpDoor, PrometheusExport, Sources
 from discovery.keys import KeySchema
 from discovery.registry import Registry
@@ -44,6 +46,8 @@ from discovery.xds import AdsServicer, CsdsServicer, XdsHub, add_ads_to_server, 
 from discovery_pb.v1 import (
     admin_pb2,
     admin_pb2_grpc,
+    health_checks_pb2,
+    health_checks_pb2_grpc,
     lookup_pb2,
     registry_pb2,
     registry_pb2_grpc,
@@ -68,6 +72,7 @@ SERVICE_NAMES = (
     lookup_pb2.DESCRIPTOR.services_by_name["Lookup"].full_name,
     admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
     replication_pb2.DESCRIPTOR.services_by_name["Replication"].full_name,
+    health_checks_pb2.DESCRIPTOR.services_by_name["HealthChecks"].full_name,
     *XDS_SERVICE_NAMES,
 )
 HEALTH_PROBE_SECONDS = 2.0
@@ -92,8 +97,8 @@ class Server:
     2. Watch, Replication and ADS streams end at once (UNAVAILABLE, so clients resume elsewhere),
        as do reads waiting for a revision; the port stops accepting; unary calls get
        ``grace_seconds``;
-    3. the replicators stop and the election lease is revoked, so another server of the
-       region takes over at once; then the view's watch and the etcd health probe stop;
+    3. the replicators and health checks stop and their leases are revoked, so other servers
+       of the region take over at once; then the view's watch and the etcd health probe stop;
     4. the etcd client closes;
     5. (the caller, `discovery serve`, then flushes telemetry: it set it up).
 
@@ -117,6 +122,8 @@ class Server:
         )
         self.view = View(self.store, self.keys, history=config.history, history_bytes=config.history_bytes)
         self.registry = Registry(self.store, self.keys, config.region)
+        self.registry.min_check_interval_ms = round(config.health_min_interval_seconds * 1000)
+        self.health: HealthChecks | None = None  # built in start(): it needs the bound address
         self.states = RegionStates(
             self.view,
             self.keys,
@@ -273,6 +280,23 @@ class Server:
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._start_replicators()
+        if self.health is not None:
+            identity = self.config.advertise or self.address
+            if identity.rpartition(":")[0] in ("0.0.0.0", "[::]"):
+                log.warning(
+                    "region %s: health checks: other servers cannot reach %s for a re-check; set advertise",
+                    self.config.region,
+                    identity,
+                )
+            self.health.membership.set_identity(identity)
+            self._replicating.start("health checks", self.health.run())
+            # Joined before start() returns: the region's checkers (and etcd's revision) are
+            # settled for whoever started this server; checks are not worth failing a start.
+            try:
+                async with asyncio.timeout(min(self._startup_timeout, 10.0)):
+                    await self.health.membership.ready.wait()
+            except TimeoutError:
+                log.warning("region %s: not yet among the region's health checkers", self.config.region)
         log.info("region %s serving on %s (etcd %s)", self.config.region, self.address, ",".join(self.config.etcd))
 
     async def _start_dns(self) -> None:
@@ -384,7 +408,13 @@ class Server:
         )
         add_lookup_to_server(self._lookup, server)
         self._admin = AdminServicer(
-            self.view, self.states, list(self.config.etcd), lambda: self.etcd_health, VERSION, guard=guard
+            self.view,
+            self.states,
+            list(self.config.etcd),
+            lambda: self.etcd_health,
+            VERSION,
+            guard=guard,
+            health_checks=lambda: self.health.status() if self.health is not None else None,
         )
         admin_pb2_grpc.add_AdminServicer_to_server(self._admin, server)
         self._replication = ReplicationServicer(
@@ -399,6 +429,11 @@ class Server:
         self._ads = AdsServicer(self.xds, guard)
         add_ads_to_server(self._ads, server)
         add_csds_to_server(CsdsServicer(self.xds, guard), server)
+        if self.config.health_checks:
+            self.health = self._health_checks(instruments)
+            health_checks_pb2_grpc.add_HealthChecksServicer_to_server(
+                HealthChecksServicer(self.health.checker, guard), server
+            )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         return server
@@ -465,6 +500,7 @@ class Server:
             self._stop_serving,  # 1, 2
             self._replicating.stop,  # 3
             self.session.close,
+            self._leave_health_checks,
             self._background.stop,
             self._resources.aclose,  # 4
             self._close_audit,
@@ -486,6 +522,34 @@ class Server:
         if self.metrics_export is not None:
             self.metrics_export.shutdown()
             self.metrics_export = None
+
+    def _health_checks(self, instruments: telemetry.Instruments) -> HealthChecks:
+        """This server's share of the region's health checks (docs/health-checks.md); its
+        identity, which other servers call for a re-check, is its advertised address."""
+        config = self.config
+        peer_tls = None
+        if not config.insecure:
+            files = TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca)
+            peer_tls = PeerCredentials(files, config.trust_domain, config.region)
+        return HealthChecks(
+            self.view,
+            self.store,
+            self.keys,
+            region=config.region,
+            identity=config.advertise or self.address,
+            instruments=instruments,
+            member_ttl=config.election_ttl_seconds,
+            protection=ProtectionSettings(
+                share=config.health_mass_share,
+                min_targets=config.health_mass_min_targets,
+                hold_intervals=config.health_hold_intervals,
+            ),
+            peer_tls=peer_tls,
+        )
+
+    async def _leave_health_checks(self) -> None:
+        if self.health is not None:
+            await self.health.close()
 
     async def _close_audit(self) -> None:
         self.audit.close()

@@ -618,6 +618,46 @@ class Store:
             raise Fenced(f"{fence[0].decode(errors='replace')} is no longer ours (created at {fence[1]})")
         return int(resp.header.revision)
 
+    async def put_fenced(
+        self,
+        key: bytes,
+        value: bytes,
+        *,
+        lease: int,
+        mod_revision: int,
+        fence: tuple[bytes, int],
+        members: tuple[bytes, int],
+    ) -> int:
+        """A health check's verdict (discovery/health/): put ``key`` on ``lease`` only if it
+        still has ``mod_revision``, the writer's membership key ``fence[0]`` still has create
+        revision ``fence[1]``, and no key under the prefix ``members[0]`` was created after
+        revision ``members[1]`` (the writer's view of its region's checkers is current).
+        ``Conflict`` carries the key as it is when the record changed; ``Fenced`` when the
+        membership did."""
+        prefix, listed_at = members
+        async with self._call("a health verdict", key=key) as client:
+            kv = client.kv
+            resp = await kv.txn(
+                [
+                    _rpc.Compare(
+                        result=_rpc.Compare.EQUAL, target=_rpc.Compare.MOD, key=key, mod_revision=mod_revision
+                    ),
+                    kv.txn_compare_create_revision(fence[0], fence[1]),
+                    kv.txn_compare_create_revision(
+                        prefix, listed_at + 1, result=_rpc.Compare.LESS, range_end=prefix_range_end(prefix)
+                    ),
+                ],
+                [kv.txn_op_put(key, value, lease=lease)],
+                [kv.txn_op_get(key)],
+                timeout=self._op_timeout,
+            )
+        if resp.succeeded:
+            return int(resp.header.revision)
+        found = resp.responses[0].response_range.kvs
+        if not found or found[0].mod_revision != mod_revision:
+            raise Conflict(_kv(found[0]) if found else None)
+        raise Fenced(f"{fence[0].decode(errors='replace')}: this checker's membership changed")
+
     async def get(self, key: bytes) -> KeyValue | None:
         async with self._call("a read", key=key) as client:
             resp = await client.kv.get(key, timeout=self._op_timeout)

@@ -97,6 +97,16 @@ class Instruments:
         self.register_duration = m.create_histogram("discovery.register.duration", unit="s")
         self.resolve_duration = m.create_histogram("discovery.resolve.duration", unit="s")
         self.watch_streams = m.create_up_down_counter("discovery.watch.streams", description="open Watch streams")
+        # Active health checks (docs/health-checks.md), by kind; transitions by state; held
+        # by what became of them (refused: another server saw the targets healthy).
+        self.checks_run = m.create_counter("discovery.health.checks", description="health probes run, by kind")
+        self.check_failures = m.create_counter("discovery.health.failures", description="failed probes, by kind")
+        self.check_transitions = m.create_counter(
+            "discovery.health.transitions", description="verdicts written, by state"
+        )
+        self.check_held = m.create_counter(
+            "discovery.health.held", description="transitions held as a mass failure, by outcome"
+        )
 
     @staticmethod
     def timed(counter: metrics.Counter, histogram: metrics.Histogram) -> Timed:

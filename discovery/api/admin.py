@@ -27,6 +27,7 @@ class AdminServicer(_Base):
         version: str,
         *,
         guard: Guard,
+        health_checks: Callable[[], pb.HealthCheckerStatus | None] = lambda: None,
     ) -> None:
         self._view = view
         self._guard = guard
@@ -36,6 +37,7 @@ class AdminServicer(_Base):
         self._health = health
         self._version = version
         self._started = time.monotonic()
+        self._health_checks = health_checks
 
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusResponse:
         try:
@@ -64,6 +66,7 @@ class AdminServicer(_Base):
             server_version=self._version,
             uptime_seconds=time.monotonic() - self._started,
             origins=[_origin_status(o) for o in self._states.origins()],
+            health_checks=self._health_checks(),
         )
 
 

@@ -15,7 +15,7 @@ import grpc.aio
 from discovery.api.errors import abort
 from discovery.api.streams import OpenStreams
 from discovery.errors import DiscoveryError, InvalidArgument, ShuttingDown
-from discovery.model import SERVING_STATUSES, validate_service
+from discovery.model import SERVING_STATUSES, served, validate_service
 from discovery.query import Query, select
 from discovery.replication.state import Freshness, RegionStates
 from discovery.security.guard import Guard
@@ -25,7 +25,7 @@ from discovery.telemetry import Instruments
 from discovery.view import SNAPSHOT_CHUNK, Changes, Snapshot, View, updates
 from discovery_pb.v1 import lookup_pb2 as pb
 from discovery_pb.v1.lookup_pb2_grpc import LookupServicer as _Base
-from discovery_pb.v1.types_pb2 import Endpoint, Status
+from discovery_pb.v1.types_pb2 import CheckResult, Endpoint, Status
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,8 @@ class LookupServicer(_Base):
                 counts[region] = 0
             counts[region] += 1
             value = record.value
+            if record.check == CheckResult.CRITICAL:  # a later field wins: the status it is served as
+                value += _STATUS_TAG + _SMALL[record.status]
             endpoint = b"".join(
                 (_INSTANCE_TAG, _varint(len(value)), value, _MOD_REVISION_TAG, _varint(record.mod_revision), tail)
                 if record.mod_revision
@@ -236,6 +238,7 @@ def _query(request: pb.ResolveRequest) -> Query:
 _ENDPOINTS_TAG = bytes([3 << 3 | 2])  # ResolveResponse.endpoints
 _INSTANCE_TAG = bytes([1 << 3 | 2])  # Endpoint.instance
 _MOD_REVISION_TAG = bytes([2 << 3 | 0])  # Endpoint.mod_revision
+_STATUS_TAG = bytes([9 << 3 | 0])  # Instance.status
 
 
 def _varint(n: int) -> bytes:
@@ -286,14 +289,23 @@ def _passthrough(data: bytes) -> bytes:
 
 def _snapshot(batch: Snapshot) -> list[pb.WatchResponse]:
     last = len(batch.chunks) - 1
-    return [
+    messages = [
         pb.WatchResponse(
             kind=pb.WatchResponse.SNAPSHOT, revision=batch.revision, instances=chunk, stale=batch.stale, more=i < last
         )
         for i, chunk in enumerate(batch.chunks)
     ]
+    for message in messages:  # the response holds copies: the view's messages stay as stored
+        for instance in message.instances:
+            if instance.check_result.state == CheckResult.CRITICAL:
+                served(instance)
+    return messages
 
 
 def _changes(batch: Changes) -> pb.WatchResponse:
     kind = pb.WatchResponse.CHANGES if batch.changes else pb.WatchResponse.KEEPALIVE
-    return pb.WatchResponse(kind=kind, revision=batch.revision, changes=batch.changes, stale=batch.stale)
+    message = pb.WatchResponse(kind=kind, revision=batch.revision, changes=batch.changes, stale=batch.stale)
+    for change in message.changes:
+        if change.instance.check_result.state == CheckResult.CRITICAL:
+            served(change.instance)
+    return message

@@ -11,6 +11,7 @@ from discovery.api.admission import Admission
 from discovery.api.errors import abort, status_for
 from discovery.api.streams import OpenStreams
 from discovery.errors import Conflict, DiscoveryError, InvalidArgument, NotFound, ShuttingDown, StoreUnavailable
+from discovery.health.spec import keep_result
 from discovery.keys import InstanceKey, KeySchema
 from discovery.model import validate_instance_id, validate_service
 from discovery.registry import MAX_BATCH, Registered, Registry
@@ -63,6 +64,8 @@ class RegistryServicer(_Base):
                 existing = self._owned_by(
                     caller, grants, "Register", record.service, record.instance_id, what="replace"
                 )
+                if existing is not None and record.HasField("check"):
+                    keep_result(record, existing.instance)  # the checker's verdict stays
                 guard.check_quota(caller, grants, "Register", record.service, 0 if existing is not None else 1)
                 guard.before_write()
             except DiscoveryError as exc:
@@ -125,6 +128,7 @@ class RegistryServicer(_Base):
                 found = Instance.FromString(current.value) if isinstance(current, KeyValue) else None
                 if found is not None:
                     self._require_owner(caller, grants, "Register", found, "replace")
+                keep_result(record, found)
                 self._guard.check_quota(caller, grants, "Register", record.service, 0 if found is not None else 1)
                 expected = current.mod_revision if isinstance(current, KeyValue) else 0
         raise StoreUnavailable(
@@ -294,11 +298,13 @@ class RegistryServicer(_Base):
             guard.charge_write(caller, grants, "RegisterBatch")
             new: dict[str, int] = {}
             for record in records:
-                if (
-                    self._owned_by(caller, grants, "RegisterBatch", record.service, record.instance_id, what="replace")
-                    is None
-                ):
+                existing = self._owned_by(
+                    caller, grants, "RegisterBatch", record.service, record.instance_id, what="replace"
+                )
+                if existing is None:
                     new[record.service] = new.get(record.service, 0) + 1
+                elif record.HasField("check"):
+                    keep_result(record, existing.instance)  # the checker's verdict stays
             for service, count in new.items():
                 guard.check_quota(caller, grants, "RegisterBatch", service, count)
             if request.session_id:

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+import datetime
+
 from discovery.answers import change_dict, endpoint_dict, instance_dict, origin_dict, region_dict, watch_dict
-from discovery_pb.v1.admin_pb2 import OriginStatus
+from discovery_pb.v1.admin_pb2 import HealthCheckerStatus, OriginStatus
 from discovery_pb.v1.lookup_pb2 import RegionState, WatchResponse
-from discovery_pb.v1.types_pb2 import Change, Instance, Status
+from discovery_pb.v1.types_pb2 import Change, CheckResult, Instance, Status
+
+
+def check_line(inst: Instance) -> str:
+    """``db-1: check critical since 2026-11-30T23:01:02Z: tcp connect refused, ...``."""
+    result = inst.check_result
+    since = datetime.datetime.fromtimestamp(result.since_ms / 1000, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    state = CheckResult.State.Name(result.state).lower()
+    return f"{inst.instance_id}: check {state} since {since}: {result.reason}"
+
+
+def checks_line(h: HealthCheckerStatus) -> str:
+    return (
+        f"{h.checks_here} of the region's {h.checks} run here ({len(h.checkers)} checkers); "
+        f"{h.probes} probes, {h.failures} failed, {h.transitions} verdicts written, {h.held} held "
+        f"({h.refused} refused by a peer); probes late p50 {h.lateness_p50_ms:.1f} ms, "
+        f"p99 {h.lateness_p99_ms:.1f} ms"
+    )
 
 
 def region_line(r: RegionState) -> str:

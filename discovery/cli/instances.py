@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+from pathlib import Path
 from typing import Any
 
 from discovery.cli._common import OK, UINT32, CommandError, add_client_flags, add_verb, client, print_json
+from discovery_client import InvalidArgument, check
 
 DRAIN_SECONDS = 5.0  # the client library's default drain
 
@@ -21,7 +23,12 @@ REGISTER_EXAMPLES = """examples:
       without sessions); Ctrl-C or SIGTERM marks it DRAINING, waits --drain
       seconds (clients stop picking it), then deregisters
   discovery register web 10.0.0.5:8080 --ttl 10 --json
-      prints {"service", "instance_id", "revision"} once registered"""
+      prints {"service", "instance_id", "revision"} once registered
+  discovery register db 10.0.0.7:5432 --check tcp --check-interval 5
+      static, and the region's servers connect to it every 5 s: after 3
+      failures in a row it is NOT_SERVING until it passes twice again
+  discovery register api 10.0.0.8:443 --check https:/healthz \\
+      --check-ca ca.pem"""
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -55,6 +62,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         action="store_false",
         help="leased: a lease of its own instead of a session (what servers without sessions get anyway)",
     )
+    c = p.add_argument_group("health check (run by the region's servers; docs/health-checks.md)")
+    c.add_argument("--check", default="", metavar="KIND", help="tcp, grpc[:NAME], http:PATH (grpcs, https: TLS)")
+    c.add_argument("--check-interval", type=float, metavar="S", help="seconds between probes (default 10)")
+    c.add_argument("--check-timeout", type=float, metavar="S", help="seconds a probe may take (default 2)")
+    c.add_argument("--check-ca", default="", metavar="FILE", help="grpcs, https: the CA to trust (PEM)")
     add_client_flags(p)
     p.set_defaults(func=register)
 
@@ -82,6 +94,7 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
     if args.drain < 0:
         raise CommandError("--drain must not be negative", 2)
     return {
+        **_check(args),
         "instance_id": args.id,
         "zone": args.zone,
         "tags": args.tag,
@@ -90,6 +103,24 @@ def _fields(args: argparse.Namespace) -> dict[str, Any]:
         "version": args.version,
         "ttl": args.ttl,
     }
+
+
+def _check(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.check:
+        if args.check_interval is not None or args.check_timeout is not None or args.check_ca:
+            raise CommandError("--check-interval, --check-timeout and --check-ca need --check KIND", 2)
+        return {}
+    ca = ""
+    if args.check_ca:
+        try:
+            ca = Path(args.check_ca).read_text()
+        except OSError as exc:
+            raise CommandError(f"--check-ca {args.check_ca}: {exc.strerror}", 2) from None
+    try:
+        spec = check(args.check, interval=args.check_interval, timeout=args.check_timeout, ca_pem=ca)
+    except InvalidArgument as exc:
+        raise CommandError(f"--{exc}", 2) from None
+    return {"check": spec}
 
 
 def _registered(args: argparse.Namespace, instance_id: str, revision: int, kind: str) -> None:

@@ -22,6 +22,7 @@ from discovery.cli._common import (
 )
 from discovery.cli._render import (
     INSTANCE_HEADER,
+    check_line,
     instance_row,
     region_line,
     watch_dict,
@@ -111,6 +112,9 @@ async def resolve(args: argparse.Namespace) -> int:
     print(f"# {len(resp.endpoints)} endpoints of {resp.service} at revision {resp.revision}{note}")
     for r in resp.regions:
         print(f"# {region_line(r)}")
+    for ep in resp.endpoints:
+        if ep.instance.HasField("check_result"):
+            print(f"# {check_line(ep.instance)}")
     return OK
 
 

@@ -7,7 +7,7 @@ import textwrap
 
 from discovery.answers import status_dict
 from discovery.cli._common import OK, add_client_flags, add_verb, client, print_json, print_table
-from discovery.cli._render import ORIGIN_HEADER, origin_row
+from discovery.cli._render import ORIGIN_HEADER, checks_line, origin_row
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,6 +34,8 @@ async def status(args: argparse.Namespace) -> int:
     health = "healthy" if resp.etcd.healthy else f"UNHEALTHY: {resp.etcd.error}"
     print(f"etcd       {','.join(resp.etcd.endpoints)}  {health}")
     print(f"server     {resp.server_version}, up {resp.uptime_seconds:.0f}s")
+    if resp.HasField("health_checks"):
+        print(textwrap.fill(f"checks     {checks_line(resp.health_checks)}", width=80, subsequent_indent="           "))
     if resp.origins:
         print()
         print_table(ORIGIN_HEADER, [origin_row(o) for o in resp.origins])

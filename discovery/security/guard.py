@@ -153,6 +153,20 @@ class Guard:
                 PermissionDenied(f"{caller.identity} may not call {method}: it needs the admin grant"),
             )
 
+    def require_region_server(self, caller: Caller, grants: Grants, method: str) -> None:
+        """Only the servers of this region (their identity, with the replicate grant that
+        servers hold) may make server-to-server calls inside it (HealthChecks.Recheck)."""
+        expected = server_id(self._trust_domain, self.region)
+        if self.secure and not grants.admin and (caller.identity != expected or not grants.replicate):
+            self._deny(
+                caller,
+                method,
+                PermissionDenied(
+                    f"{caller.identity} may not call {method}: only servers of region {self.region} "
+                    f"may ({expected}, with the replicate grant)"
+                ),
+            )
+
     def require_replicate(self, caller: Caller, grants: Grants, method: str, requester: str) -> None:
         if not grants.replicate:
             self._deny(

@@ -5,7 +5,7 @@ it; only the view writes it, one etcd event at a time.
 
 A record is kept compactly (issue 13, memory): the value as etcd stored it (protobuf bytes,
 shared with the change history) and, decoded, only what the hot paths filter on (region,
-status, zone, tags, owner), with repeated strings and tag lists shared between records. The
+status as served, check verdict, zone, tags, owner), with repeated strings and tag lists shared between records. The
 full ``Instance`` is decoded on demand (``Record.instance``), a fresh message each time."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from discovery.keys import InstanceKey
+from discovery.model import serving_status
 from discovery_pb.v1.types_pb2 import Instance
 
 _K = TypeVar("_K")
@@ -53,7 +54,7 @@ class Record:
     """One instance as the view holds it: ``value`` (the record's protobuf bytes, exactly as
     stored), the etcd ``mod_revision`` and ``lease``, and the fields answers filter on."""
 
-    __slots__ = ("lease", "mod_revision", "owner", "region", "status", "tags", "value", "zone")
+    __slots__ = ("check", "lease", "mod_revision", "owner", "region", "status", "tags", "value", "zone")
 
     def __init__(self, instance: Instance, mod_revision: int, lease: int) -> None:
         self._fill(instance.SerializeToString(), instance, mod_revision, lease, _SHARED)
@@ -70,7 +71,10 @@ class Record:
         self.mod_revision = mod_revision
         self.lease = lease
         self.region = sys.intern(instance.region)
-        self.status = instance.status
+        # ``status`` is what the endpoint is served as (the one rule, model.serving_status);
+        # ``check`` the check's verdict (0: none), so answers can show it without decoding.
+        self.check = instance.check_result.state
+        self.status = serving_status(instance.status, self.check)
         self.zone = sys.intern(instance.zone)
         self.tags = shared.tags(instance.tags)
         self.owner = sys.intern(instance.owner)

@@ -22,7 +22,7 @@ from google.protobuf.any_pb2 import Any as AnyPb
 from google.protobuf.message import Message
 
 from discovery.errors import InvalidArgument
-from discovery.model import validate_service
+from discovery.model import served, validate_service
 from discovery.replication.state import RegionStates
 from discovery.view import View, updates
 from discovery.xds import resources as rs
@@ -116,7 +116,8 @@ class Builder:
 
     def load_assignment(self, name: str, perspective: str) -> Message:
         states = self.states
-        instances = [r.instance for r in self.view.service(name) if states.servable(r.region)]
+        # As served (model.served): a failing check shows as UNHEALTHY, like NOT_SERVING.
+        instances = [served(r.instance) for r in self.view.service(name) if states.servable(r.region)]
         present = {i.region for i in instances}
         order = rs.region_order(perspective or states.region, states.region, states.peers, present)
         stale = {region: states.freshness(region).stale for region in present}

@@ -32,6 +32,7 @@ PUBLIC = {
     "DEFAULT_WEIGHT",
     "AccessDenied",
     "AioServiceChannel",
+    "CheckState",
     "ClientConfig",
     "ClientSession",
     "ConfigError",
@@ -60,6 +61,7 @@ PUBLIC = {
     "Unauthenticated",
     "Unavailable",
     "Unreachable",
+    "check",
     "from_rpc_error",
     "instance_message",
 }

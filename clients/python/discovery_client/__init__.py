@@ -8,6 +8,7 @@ plaintext only with ``DISCOVERY_INSECURE=1``. Needs grpcio and protobuf only. Se
 """
 
 from discovery_client.channel import AioServiceChannel, SyncServiceChannel
+from discovery_client.checks import CheckState, check
 from discovery_client.client import DiscoveryClient
 from discovery_client.config import ClientConfig, RegionServers
 from discovery_client.direct import DirectClient
@@ -39,6 +40,7 @@ __all__ = [
     "DEFAULT_WEIGHT",
     "AccessDenied",
     "AioServiceChannel",
+    "CheckState",
     "ClientConfig",
     "ClientSession",
     "ConfigError",
@@ -67,6 +69,7 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "Unreachable",
+    "check",
     "from_rpc_error",
     "instance_message",
 ]

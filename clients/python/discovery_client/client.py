@@ -20,6 +20,7 @@ from discovery_client.servers import ServerPool
 from discovery_client.session import ClientSession
 from discovery_client.tls import TlsConfig
 from discovery_client.watch import ServiceWatch
+from discovery_pb.v1.types_pb2 import HealthCheck
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,7 @@ class DiscoveryClient:
         ttl: int = 10,
         drain_seconds: float = 5.0,
         session: bool | None = None,
+        check: HealthCheck | None = None,
     ) -> Registration:
         """``async with client.register("web", "10.0.0.5:8080") as reg:`` registers this
         instance in this region for the block, heartbeating its lease (``ttl`` seconds, 0 for
@@ -180,7 +182,8 @@ class DiscoveryClient:
         A leased instance is attached to the client's session (``session=None``: when
         ``config.sessions``; False: a lease of its own): the session's TTL applies, one
         heartbeat stream keeps all of them, and after the session is lost they all come
-        back in one RegisterBatch."""
+        back in one RegisterBatch. ``check``: an active health check (``check("tcp")``),
+        run by the servers of the region; the instance serves while it passes."""
         instance = instance_message(
             service,
             address,
@@ -191,6 +194,7 @@ class DiscoveryClient:
             weight=weight,
             version=version,
             ttl=ttl,
+            check=check,
         )
         shared = self.session if session is not False else None
         if session and shared is None:

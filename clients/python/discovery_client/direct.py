@@ -114,6 +114,7 @@ class DirectClient:
         ttl: int = 0,
         status: Status | None = None,
         session_id: int = 0,
+        check: types_pb2.HealthCheck | None = None,
     ) -> registry_pb2.RegisterResponse:
         """One Register: static with ``ttl=0``; with a ``ttl`` the lease is not kept alive
         here (``registration`` does that); with a ``session_id`` (``open_session``) the
@@ -130,6 +131,7 @@ class DirectClient:
             version=version,
             ttl=ttl,
             status=status,
+            check=check,
         )
         response: registry_pb2.RegisterResponse
         response, _ = await self._pool.call(
@@ -180,6 +182,7 @@ class DirectClient:
         ttl: int = 10,
         drain_seconds: float = 5.0,
         session: bool | None = None,
+        check: types_pb2.HealthCheck | None = None,
     ) -> Registration:
         """``async with`` keeps the instance registered, as ``DiscoveryClient.register``: on
         this client's session (``session=False``: a lease of its own), heartbeated, registered
@@ -194,6 +197,7 @@ class DirectClient:
             weight=weight,
             version=version,
             ttl=ttl,
+            check=check,
         )
         shared = self.session if session is not False else None
         if session and shared is None:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from discovery_client.checks import CheckState
 from discovery_client.errors import InvalidArgument
 
 # The weight of an instance registered without one (a record's 0): the server writes it too.
@@ -52,6 +53,7 @@ class Endpoint:
     tags: tuple[str, ...] = ()
     metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     version: str = ""
+    check: CheckState | None = None  # the health check's verdict, when it has one
 
     @property
     def key(self) -> InstanceKey:
@@ -79,6 +81,7 @@ class Endpoint:
             tags=tuple(inst.tags),
             metadata=MappingProxyType(dict(inst.metadata)),
             version=inst.version,
+            check=CheckState.from_proto(inst),
         )
 
 

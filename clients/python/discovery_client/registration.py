@@ -32,9 +32,11 @@ def instance_message(
     version: str = "",
     ttl: int = 0,
     status: Status | None = None,
+    check: types_pb2.HealthCheck | None = None,
 ) -> types_pb2.Instance:
     """The Instance a Register call sends; zero values are the server's defaults (an id derived
-    from the address, weight 100, SERVING)."""
+    from the address, weight 100, SERVING). ``check``: an active health check
+    (``discovery_client.check``), run by the servers of the region."""
     return types_pb2.Instance(
         service=service,
         address=address,
@@ -46,6 +48,7 @@ def instance_message(
         version=version,
         ttl_seconds=ttl,
         status=types_pb2.Status.ValueType(int(status) if status is not None else 0),
+        check=check,
     )
 
 

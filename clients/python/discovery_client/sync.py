@@ -19,6 +19,7 @@ from discovery_client.model import Endpoint, Resolution, Scope, Status
 from discovery_client.picker import Strategy
 from discovery_client.registration import Registration
 from discovery_client.tls import TlsConfig
+from discovery_pb.v1.types_pb2 import HealthCheck
 
 T = TypeVar("T")
 
@@ -109,6 +110,7 @@ class SyncDiscoveryClient:
         ttl: int = 10,
         drain_seconds: float = 5.0,
         session: bool | None = None,
+        check: HealthCheck | None = None,
     ) -> SyncRegistration:
         """As ``DiscoveryClient.register``: ``with client.register("web", "10.0.0.5:8080") as reg:``."""
         registration = self._client.register(
@@ -123,6 +125,7 @@ class SyncDiscoveryClient:
             ttl=ttl,
             drain_seconds=drain_seconds,
             session=session,
+            check=check,
         )
         return SyncRegistration(self, registration, drain_seconds)
 

@@ -78,6 +78,7 @@ class StatusResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _builtins.int
     UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
     ORIGINS_FIELD_NUMBER: _builtins.int
+    HEALTH_CHECKS_FIELD_NUMBER: _builtins.int
     region: _builtins.str
     revision: _builtins.int
     instance_count: _builtins.int
@@ -91,6 +92,10 @@ class StatusResponse(_message.Message):
     def origins(self) -> _containers.RepeatedCompositeFieldContainer[Global___OriginStatus]:
         """one per peer region this region replicates from"""
 
+    @_builtins.property
+    def health_checks(self) -> Global___HealthCheckerStatus:
+        """unset: this server runs no health checks"""
+
     def __init__(
         self,
         *,
@@ -103,14 +108,74 @@ class StatusResponse(_message.Message):
         server_version: _builtins.str = ...,
         uptime_seconds: _builtins.float = ...,
         origins: _abc.Iterable[Global___OriginStatus] | None = ...,
+        health_checks: Global___HealthCheckerStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["etcd", b"etcd"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["etcd", b"etcd", "health_checks", b"health_checks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etcd", b"etcd", "instance_count", b"instance_count", "origins", b"origins", "region", b"region", "revision", b"revision", "server_version", b"server_version", "service_count", b"service_count", "stale", b"stale", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etcd", b"etcd", "health_checks", b"health_checks", "instance_count", b"instance_count", "origins", b"origins", "region", b"region", "revision", b"revision", "server_version", b"server_version", "service_count", b"service_count", "stale", b"stale", "uptime_seconds", b"uptime_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StatusResponse: _TypeAlias = StatusResponse  # noqa: Y015
+
+@_typing.final
+class HealthCheckerStatus(_message.Message):
+    """This server's part in the region's active health checks (docs/health-checks.md)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHECKERS_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    CHECKS_HERE_FIELD_NUMBER: _builtins.int
+    PROBES_FIELD_NUMBER: _builtins.int
+    FAILURES_FIELD_NUMBER: _builtins.int
+    TRANSITIONS_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    LATENESS_P50_MS_FIELD_NUMBER: _builtins.int
+    LATENESS_P99_MS_FIELD_NUMBER: _builtins.int
+    checks: _builtins.int
+    """checks of the region"""
+    checks_here: _builtins.int
+    """of which this server runs"""
+    probes: _builtins.int
+    """probes run since start"""
+    failures: _builtins.int
+    """of which failed"""
+    transitions: _builtins.int
+    """verdicts written"""
+    held: _builtins.int
+    """transitions held as part of a mass failure"""
+    refused: _builtins.int
+    """times another server saw held targets healthy (nothing marked)"""
+    lateness_p50_ms: _builtins.float
+    """how late probes start against their schedule (recent)"""
+    lateness_p99_ms: _builtins.float
+    @_builtins.property
+    def checkers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """the region's servers running checks (their addresses)"""
+
+    def __init__(
+        self,
+        *,
+        checkers: _abc.Iterable[_builtins.str] | None = ...,
+        checks: _builtins.int = ...,
+        checks_here: _builtins.int = ...,
+        probes: _builtins.int = ...,
+        failures: _builtins.int = ...,
+        transitions: _builtins.int = ...,
+        held: _builtins.int = ...,
+        refused: _builtins.int = ...,
+        lateness_p50_ms: _builtins.float = ...,
+        lateness_p99_ms: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkers", b"checkers", "checks", b"checks", "checks_here", b"checks_here", "failures", b"failures", "held", b"held", "lateness_p50_ms", b"lateness_p50_ms", "lateness_p99_ms", b"lateness_p99_ms", "probes", b"probes", "refused", b"refused", "transitions", b"transitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthCheckerStatus: _TypeAlias = HealthCheckerStatus  # noqa: Y015
 
 @_typing.final
 class OriginStatus(_message.Message):

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iscovery/v1/types.proto\x12\x0c\x64iscovery.v1\"\xef\x02\n\x08Instance\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x36\n\x08metadata\x18\x06 \x03(\x0b\x32$.discovery.v1.Instance.MetadataEntry\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12\x0e\n\x06weight\x18\x08 \x01(\r\x12$\n\x06status\x18\t \x01(\x0e\x32\x14.discovery.v1.Status\x12\x0f\n\x07version\x18\n \x01(\t\x12\x18\n\x10registered_at_ms\x18\x0b \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x0c \x01(\r\x12\r\n\x05owner\x18\r \x01(\t\x12\x12\n\nsession_id\x18\x0e \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\x12\x14\n\x0copened_at_ms\x18\x06 \x01(\x03\"n\n\x08\x45ndpoint\x12(\n\x08instance\x18\x01 \x01(\x0b\x32\x16.discovery.v1.Instance\x12\x14\n\x0cmod_revision\x18\x02 \x01(\x03\x12\r\n\x05stale\x18\x03 \x01(\x08\x12\x13\n\x0b\x61ge_seconds\x18\x04 \x01(\x01\"\xd6\x01\n\x06\x43hange\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.discovery.v1.Change.Kind\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12(\n\x08instance\x18\x06 \x01(\x0b\x32\x16.discovery.v1.Instance\"1\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03PUT\x10\x01\x12\n\n\x06\x44\x45LETE\x10\x02*L\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x0f\n\x0bNOT_SERVING\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x64iscovery/v1/types.proto\x12\x0c\x64iscovery.v1\"\xca\x03\n\x08Instance\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x0e\n\x06region\x18\x03 \x01(\t\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x05 \x01(\t\x12\x36\n\x08metadata\x18\x06 \x03(\x0b\x32$.discovery.v1.Instance.MetadataEntry\x12\x0c\n\x04tags\x18\x07 \x03(\t\x12\x0e\n\x06weight\x18\x08 \x01(\r\x12$\n\x06status\x18\t \x01(\x0e\x32\x14.discovery.v1.Status\x12\x0f\n\x07version\x18\n \x01(\t\x12\x18\n\x10registered_at_ms\x18\x0b \x01(\x03\x12\x13\n\x0bttl_seconds\x18\x0c \x01(\r\x12\r\n\x05owner\x18\r \x01(\t\x12\x12\n\nsession_id\x18\x0e \x01(\x03\x12(\n\x05\x63heck\x18\x0f \x01(\x0b\x32\x19.discovery.v1.HealthCheck\x12/\n\x0c\x63heck_result\x18\x10 \x01(\x0b\x32\x19.discovery.v1.CheckResult\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc6\x02\n\x0bHealthCheck\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.discovery.v1.HealthCheck.Kind\x12\x14\n\x0cgrpc_service\x18\x02 \x01(\t\x12\x11\n\thttp_path\x18\x03 \x01(\t\x12\x0b\n\x03tls\x18\x04 \x01(\x08\x12\x12\n\ntls_ca_pem\x18\x05 \x01(\t\x12\x17\n\x0ftls_server_name\x18\x06 \x01(\t\x12\x13\n\x0binterval_ms\x18\x07 \x01(\r\x12\x12\n\ntimeout_ms\x18\x08 \x01(\r\x12 \n\x18\x66\x61ilures_before_critical\x18\t \x01(\r\x12 \n\x18successes_before_passing\x18\n \x01(\r\"9\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03TCP\x10\x01\x12\x08\n\x04GRPC\x10\x02\x12\x08\n\x04HTTP\x10\x03\"\xc2\x01\n\x0b\x43heckResult\x12.\n\x05state\x18\x01 \x01(\x0e\x32\x1f.discovery.v1.CheckResult.State\x12\x10\n\x08since_ms\x18\x02 \x01(\x03\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07\x63hecker\x18\x04 \x01(\t\x12\x15\n\rchecked_at_ms\x18\x05 \x01(\x03\"9\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PASSING\x10\x01\x12\x0c\n\x08\x43RITICAL\x10\x02\"u\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\x03\x12\x0e\n\x06region\x18\x02 \x01(\t\x12\r\n\x05owner\x18\x03 \x01(\t\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\x12\x14\n\x0copened_at_ms\x18\x06 \x01(\x03\"n\n\x08\x45ndpoint\x12(\n\x08instance\x18\x01 \x01(\x0b\x32\x16.discovery.v1.Instance\x12\x14\n\x0cmod_revision\x18\x02 \x01(\x03\x12\r\n\x05stale\x18\x03 \x01(\x08\x12\x13\n\x0b\x61ge_seconds\x18\x04 \x01(\x01\"\xd6\x01\n\x06\x43hange\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.discovery.v1.Change.Kind\x12\x10\n\x08revision\x18\x02 \x01(\x03\x12\x0f\n\x07service\x18\x03 \x01(\t\x12\x0e\n\x06region\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12(\n\x08instance\x18\x06 \x01(\x0b\x32\x16.discovery.v1.Instance\"1\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x07\n\x03PUT\x10\x01\x12\n\n\x06\x44\x45LETE\x10\x02*L\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x0f\n\x0bNOT_SERVING\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,18 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_INSTANCE_METADATAENTRY']._loaded_options = None
   _globals['_INSTANCE_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_STATUS']._serialized_start=860
-  _globals['_STATUS']._serialized_end=936
+  _globals['_STATUS']._serialized_start=1477
+  _globals['_STATUS']._serialized_end=1553
   _globals['_INSTANCE']._serialized_start=43
-  _globals['_INSTANCE']._serialized_end=410
-  _globals['_INSTANCE_METADATAENTRY']._serialized_start=363
-  _globals['_INSTANCE_METADATAENTRY']._serialized_end=410
-  _globals['_SESSION']._serialized_start=412
-  _globals['_SESSION']._serialized_end=529
-  _globals['_ENDPOINT']._serialized_start=531
-  _globals['_ENDPOINT']._serialized_end=641
-  _globals['_CHANGE']._serialized_start=644
-  _globals['_CHANGE']._serialized_end=858
-  _globals['_CHANGE_KIND']._serialized_start=809
-  _globals['_CHANGE_KIND']._serialized_end=858
+  _globals['_INSTANCE']._serialized_end=501
+  _globals['_INSTANCE_METADATAENTRY']._serialized_start=454
+  _globals['_INSTANCE_METADATAENTRY']._serialized_end=501
+  _globals['_HEALTHCHECK']._serialized_start=504
+  _globals['_HEALTHCHECK']._serialized_end=830
+  _globals['_HEALTHCHECK_KIND']._serialized_start=773
+  _globals['_HEALTHCHECK_KIND']._serialized_end=830
+  _globals['_CHECKRESULT']._serialized_start=833
+  _globals['_CHECKRESULT']._serialized_end=1027
+  _globals['_CHECKRESULT_STATE']._serialized_start=970
+  _globals['_CHECKRESULT_STATE']._serialized_end=1027
+  _globals['_SESSION']._serialized_start=1029
+  _globals['_SESSION']._serialized_end=1146
+  _globals['_ENDPOINT']._serialized_start=1148
+  _globals['_ENDPOINT']._serialized_end=1258
+  _globals['_CHANGE']._serialized_start=1261
+  _globals['_CHANGE']._serialized_end=1475
+  _globals['_CHANGE_KIND']._serialized_start=1426
+  _globals['_CHANGE_KIND']._serialized_end=1475
 # @@protoc_insertion_point(module_scope)

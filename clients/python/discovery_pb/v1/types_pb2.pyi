@@ -84,6 +84,8 @@ class Instance(_message.Message):
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
+    CHECK_RESULT_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     instance_id: _builtins.str
     """unique within (service, region); derived from address if empty"""
@@ -111,6 +113,20 @@ class Instance(_message.Message):
     def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def check(self) -> Global___HealthCheck:
+        """An active health check run by the servers of its region (docs/health-checks.md). Set by
+        the owner; unset: no check. Older servers keep it but do not run it.
+        """
+
+    @_builtins.property
+    def check_result(self) -> Global___CheckResult:
+        """The check's last verdict, written only by the server that runs the check (never by the
+        owner: Register drops what the request says and keeps what was there). Unset: no verdict
+        yet, which counts as passing. An instance serves when its owner says SERVING and this is
+        not CRITICAL; answers (Resolve, Watch, xDS) show a CRITICAL one as NOT_SERVING.
+        """
+
     def __init__(
         self,
         *,
@@ -128,14 +144,146 @@ class Instance(_message.Message):
         ttl_seconds: _builtins.int = ...,
         owner: _builtins.str = ...,
         session_id: _builtins.int = ...,
+        check: Global___HealthCheck | None = ...,
+        check_result: Global___CheckResult | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "check_result", b"check_result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "instance_id", b"instance_id", "metadata", b"metadata", "owner", b"owner", "region", b"region", "registered_at_ms", b"registered_at_ms", "service", b"service", "session_id", b"session_id", "status", b"status", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "version", b"version", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "check", b"check", "check_result", b"check_result", "instance_id", b"instance_id", "metadata", b"metadata", "owner", b"owner", "region", b"region", "registered_at_ms", b"registered_at_ms", "service", b"service", "session_id", b"session_id", "status", b"status", "tags", b"tags", "ttl_seconds", b"ttl_seconds", "version", b"version", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Instance: _TypeAlias = Instance  # noqa: Y015
+
+@_typing.final
+class HealthCheck(_message.Message):
+    """How to probe an instance's own address (never another host; redirects are not followed)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[HealthCheck._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: HealthCheck._Kind.ValueType  # 0
+        TCP: HealthCheck._Kind.ValueType  # 1
+        """a TCP connection is accepted"""
+        GRPC: HealthCheck._Kind.ValueType  # 2
+        """grpc.health.v1.Health/Check answers SERVING for `grpc_service`"""
+        HTTP: HealthCheck._Kind.ValueType  # 3
+        """GET `http_path` answers 2xx or 3xx"""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
+    KIND_UNSPECIFIED: HealthCheck.Kind.ValueType  # 0
+    TCP: HealthCheck.Kind.ValueType  # 1
+    """a TCP connection is accepted"""
+    GRPC: HealthCheck.Kind.ValueType  # 2
+    """grpc.health.v1.Health/Check answers SERVING for `grpc_service`"""
+    HTTP: HealthCheck.Kind.ValueType  # 3
+    """GET `http_path` answers 2xx or 3xx"""
+
+    KIND_FIELD_NUMBER: _builtins.int
+    GRPC_SERVICE_FIELD_NUMBER: _builtins.int
+    HTTP_PATH_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    TLS_CA_PEM_FIELD_NUMBER: _builtins.int
+    TLS_SERVER_NAME_FIELD_NUMBER: _builtins.int
+    INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    FAILURES_BEFORE_CRITICAL_FIELD_NUMBER: _builtins.int
+    SUCCESSES_BEFORE_PASSING_FIELD_NUMBER: _builtins.int
+    kind: Global___HealthCheck.Kind.ValueType
+    grpc_service: _builtins.str
+    """GRPC: the service name to ask about ("": the whole server)"""
+    http_path: _builtins.str
+    """HTTP: the path to GET; starts with '/'"""
+    tls: _builtins.bool
+    """GRPC, HTTP: over TLS (https), verified against tls_ca_pem"""
+    tls_ca_pem: _builtins.str
+    """the CA certificate(s) to trust, PEM; required with tls"""
+    tls_server_name: _builtins.str
+    """the name the certificate must carry (default: the address's host)"""
+    interval_ms: _builtins.int
+    """0: 10000"""
+    timeout_ms: _builtins.int
+    """0: 2000; less than the interval"""
+    failures_before_critical: _builtins.int
+    """consecutive failures; 0: 3"""
+    successes_before_passing: _builtins.int
+    """consecutive successes; 0: 2"""
+    def __init__(
+        self,
+        *,
+        kind: Global___HealthCheck.Kind.ValueType = ...,
+        grpc_service: _builtins.str = ...,
+        http_path: _builtins.str = ...,
+        tls: _builtins.bool = ...,
+        tls_ca_pem: _builtins.str = ...,
+        tls_server_name: _builtins.str = ...,
+        interval_ms: _builtins.int = ...,
+        timeout_ms: _builtins.int = ...,
+        failures_before_critical: _builtins.int = ...,
+        successes_before_passing: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failures_before_critical", b"failures_before_critical", "grpc_service", b"grpc_service", "http_path", b"http_path", "interval_ms", b"interval_ms", "kind", b"kind", "successes_before_passing", b"successes_before_passing", "timeout_ms", b"timeout_ms", "tls", b"tls", "tls_ca_pem", b"tls_ca_pem", "tls_server_name", b"tls_server_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HealthCheck: _TypeAlias = HealthCheck  # noqa: Y015
+
+@_typing.final
+class CheckResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _State:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[CheckResult._State.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        STATE_UNSPECIFIED: CheckResult._State.ValueType  # 0
+        PASSING: CheckResult._State.ValueType  # 1
+        CRITICAL: CheckResult._State.ValueType  # 2
+
+    class State(_State, metaclass=_StateEnumTypeWrapper): ...
+    STATE_UNSPECIFIED: CheckResult.State.ValueType  # 0
+    PASSING: CheckResult.State.ValueType  # 1
+    CRITICAL: CheckResult.State.ValueType  # 2
+
+    STATE_FIELD_NUMBER: _builtins.int
+    SINCE_MS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CHECKER_FIELD_NUMBER: _builtins.int
+    CHECKED_AT_MS_FIELD_NUMBER: _builtins.int
+    state: Global___CheckResult.State.ValueType
+    since_ms: _builtins.int
+    """when it entered this state (Unix ms, the checker's clock)"""
+    reason: _builtins.str
+    """e.g. "tcp connect refused, 3 consecutive failures" """
+    checker: _builtins.str
+    """the server that wrote it (its advertised address)"""
+    checked_at_ms: _builtins.int
+    """the probe that decided it (Unix ms)"""
+    def __init__(
+        self,
+        *,
+        state: Global___CheckResult.State.ValueType = ...,
+        since_ms: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        checker: _builtins.str = ...,
+        checked_at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_at_ms", b"checked_at_ms", "checker", b"checker", "reason", b"reason", "since_ms", b"since_ms", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckResult: _TypeAlias = CheckResult  # noqa: Y015
 
 @_typing.final
 class Session(_message.Message):
