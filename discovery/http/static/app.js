@@ -166,6 +166,13 @@ function statusBadge(status) {
   return badge("bad", status.toLowerCase().replace("_", " "));
 }
 
+// A health check's verdict under the status (docs/health-checks.md): the status above is what
+// the endpoint is served as; the check says why.
+function checkNote(check) {
+  const text = "check " + check.state + (check.reason ? ": " + check.reason : "");
+  return el("div", { class: "muted check", text: text, title: "checked by " + (check.checker || "?") });
+}
+
 function renderService(name, answer) {
   $("service-name").textContent = name;
   const body = $("instances").tBodies[0];
@@ -184,7 +191,7 @@ function renderService(name, answer) {
     cell("Address", { class: "mono", text: e.address }),
     cell("Region", { text: e.region }),
     cell("Zone", { text: e.zone || "–" }),
-    cell("Status", {}, [statusBadge(e.status)]),
+    cell("Status", {}, [statusBadge(e.status), ...(e.check ? [checkNote(e.check)] : [])]),
     cell("Weight", { class: "num", text: String(e.weight) }),
     cell("Tags", {}, [e.tags.length ? el("span", {}, e.tags.map((t) => el("span", { class: "tag", text: t }))) : none()]),
     cell("Metadata", { class: "kv" }, [Object.keys(e.metadata).length
