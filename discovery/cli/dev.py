@@ -265,18 +265,20 @@ def _security_lines(cluster: DevCluster) -> list[str]:
     if tls is None:
         return ["insecure: plaintext, no identities: anyone who can reach a port may do anything", env]
     assert cluster.state_dir is not None
+    # Each line within 80 columns but for the paths, which are as long as the state dir's.
     lines = [
-        f"mtls: CA tls/ca.pem ({'kept from an earlier run' if tls.ca_reused else 'new'}), "
-        f"admin {tls.admin} (tls/admin.pem), policy {tls.policy.name}",
+        f"mtls: CA tls/ca.pem ({'kept from an earlier run' if tls.ca_reused else 'new'}), policy {tls.policy.name}",
+        f"admin: {tls.admin} (tls/admin.pem)",
         env,
     ]
     password = ADMIN_P12_PASSWORD.decode()
     lines.append(f"browser: import {ADMIN_P12} (password {password}), open https://HTTP/ui/")
     if importlib.util.find_spec("discovery.cli.certs") is not None:
-        lines.append(
-            f"a service's certificate: discovery certs issue --ca-dir {tls.dir} "
-            f"--id spiffe://{tls.trust_domain}/svc/NAME --out PREFIX"
-        )
+        lines += [
+            "a service's certificate (in the state dir):",
+            "  discovery certs issue --ca-dir tls --out NAME \\",
+            f"      --id spiffe://{tls.trust_domain}/svc/NAME",
+        ]
     return lines
 
 

@@ -281,9 +281,16 @@ async def _secure_by_default(state_dir: Path, cluster: dict[str, Any], lines: li
     }
     assert (tls_dir / "ca-key.pem").stat().st_mode & 0o077 == 0, "the CA key is its owner's alone"
     assert (
-        "mtls: CA tls/ca.pem (new), admin spiffe://discovery.local/admin (tls/admin.pem), policy policy.toml" in lines
+        "mtls: CA tls/ca.pem (new), policy policy.toml" in lines
+        and "admin: spiffe://discovery.local/admin (tls/admin.pem)" in lines
     )
     assert f"clients: source {state_dir / 'env.sh'}" in lines
+    hint = lines.index("a service's certificate (in the state dir):")
+    assert lines[hint + 1 : hint + 3] == [
+        "  discovery certs issue --ca-dir tls --out NAME \\",
+        "      --id spiffe://discovery.local/svc/NAME",
+    ]
+    assert all(len(line) <= 80 for line in lines[hint - 4 : hint + 3] if str(state_dir) not in line), lines
     for name, region in cluster["regions"].items():
         (server,) = region["servers"]
         argv = cmdline(server["pid"])
