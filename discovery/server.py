@@ -318,6 +318,10 @@ class Server:
                 "dns_listen", f"cannot listen on {config.dns_listen} ({exc}): is it in use?"
             ) from None
         log.info("region %s serving DNS for %s on UDP and TCP port %d", config.region, config.dns_domain, self.dns_port)
+        counters = self.dns.counters
+        self.instruments.observe_dns(
+            lambda: {k: v for k, v in vars(counters).items() if isinstance(v, int)}, lambda: counters.by_rcode
+        )
 
     async def _stop_dns(self) -> None:
         if self.dns is not None:

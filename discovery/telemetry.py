@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -163,6 +163,30 @@ class Instruments:
         self.meter.create_observable_up_down_counter(
             "discovery.streams", [open_streams], description="open ADS and HTTP event streams, by kind"
         )
+
+    def observe_dns(self, totals: Callable[[], Mapping[str, int]], by_rcode: Callable[[], Mapping[str, int]]) -> None:
+        """The DNS port's counts (docs/dns.md), read when the exporter collects: ``totals()``
+        {"queries": .., "truncated": .., "formerr": .., "dropped": .., "limited": ..,
+        "cached": .., "failed": .., "tcp_refused": ..} and answers by response code."""
+
+        def counter(name: str, description: str, key: str) -> None:
+            def observe(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+                return [metrics.Observation(totals().get(key, 0))]
+
+            self.meter.create_observable_counter(name, [observe], description=description)
+
+        counter("discovery.dns.queries", "DNS packets received, UDP and TCP", "queries")
+        counter("discovery.dns.truncated", "answers sent with TC set (too large for UDP)", "truncated")
+        counter("discovery.dns.formerr", "queries answered FORMERR (malformed)", "formerr")
+        counter("discovery.dns.dropped", "packets dropped unanswered (not a query, or failed)", "dropped")
+        counter("discovery.dns.rate_limited", "UDP queries over their source's response rate", "limited")
+        counter("discovery.dns.reused", "answers served from the rendered-answer cache", "cached")
+        counter("discovery.dns.tcp_refused", "TCP connections refused over the connection bound", "tcp_refused")
+
+        def answers(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            return [metrics.Observation(n, {"rcode": rcode}) for rcode, n in by_rcode().items()]
+
+        self.meter.create_observable_counter("discovery.dns.answers", [answers], description="DNS answers, by rcode")
 
     def observe_certificates(self, expiry: Callable[[], float | None], reload_failures: Callable[[], int]) -> None:
         """The serving certificate's remaining validity (``expiry()``: seconds, None without

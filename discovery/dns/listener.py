@@ -59,6 +59,7 @@ class Counters:
     failed: int = 0  # an answer raised: logged, never fatal
     tcp_refused: int = 0  # connections over max_connections
     cached: int = 0  # answered from the cache of rendered answers
+    limited: int = 0  # UDP queries over their source's rate: dropped, or answered empty and truncated
     by_rcode: dict[str, int] = field(default_factory=dict)
 
 
@@ -270,8 +271,10 @@ class _Udp(asyncio.DatagramProtocol):
             if verdict is Verdict.ANSWER:
                 wire = listener.respond(data, udp=True)
             elif verdict is Verdict.SLIP:
+                listener.counters.limited += 1
                 wire = listener.slip(data)
             else:
+                listener.counters.limited += 1
                 wire = None
             if wire is not None:
                 transport.sendto(wire, addr)

@@ -271,3 +271,40 @@ async def test_tcp_connections_are_bounded_and_idle_ones_closed(servers: Servers
     assert dnsq.addresses(await dnsq.tcp(server.dns_port, "web.service.discovery.")) == {"10.0.0.1"}
     assert len((await resolve(stubs, "web")).endpoints) == 1
     await stubs.channel.close()
+
+
+async def test_dns_counts_reach_the_metrics(servers: Servers, etcd: EtcdProcess) -> None:
+    """What the DNS port did shows in /metrics like every other door's figures: queries,
+    answers by rcode, malformed ones."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    server, stubs = await dns_server(servers, etcd, metrics_listen="127.0.0.1:0")
+    await register(stubs, "web", "10.0.0.1:80")
+    assert server.http is not None
+    async with asyncio.timeout(15):
+        await eventually(lambda: dnsq.udp(server.dns_port, "web.service.discovery."))
+        assert (await dnsq.udp(server.dns_port, "nothing.service.discovery.")).rcode() == dns.rcode.NXDOMAIN
+        async with raw(server.dns_port) as client:
+            client.send(b"\x12\x34" + b"\x00" * 20)  # a header and garbage: FORMERR
+            assert await client.reply() is not None
+
+        async def counted() -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{server.http.metrics_port}/metrics") as response,
+            ):
+                text = await response.text()
+            samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+            answers = samples.get("discovery_dns_answers_total", {})
+            ok = any(dict(k).get("rcode") == "NOERROR" for k in answers) and any(
+                dict(k).get("rcode") == "NXDOMAIN" for k in answers
+            )
+            return samples if ok and samples.get("discovery_dns_formerr_total") else {}
+
+        samples = await eventually(counted)
+    assert sum(samples["discovery_dns_queries_total"].values()) >= 3
+    assert sum(samples["discovery_dns_formerr_total"].values()) >= 1
