@@ -215,6 +215,12 @@ class Server:
         """Certificate and policy reloads go to the audit log as well as the log."""
         event = kind if kind.startswith("policy_") else f"certificate_{kind}"
         self.audit.record(event, message=message)
+        if kind == "policy_reloaded":
+            # Grants are checked when a stream opens; a reload that revokes one (or denies an
+            # identity) ends the streams that relied on it, instead of letting them run on.
+            ended = sum(api.streams.revoke() for api in (self._lookup, self._registry_api) if api is not None)
+            if ended:
+                log.warning("region %s: policy reload ended %d streams it no longer allows", self.config.region, ended)
 
     def _certificate_expiry(self) -> float | None:
         if self.certificates is None:

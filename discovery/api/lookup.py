@@ -168,6 +168,7 @@ class LookupServicer(_Base):
             if self.streams.ended(task):
                 return  # shutdown has sent the status already
             await abort(context, exc)
+        self.streams.guard(task, lambda: self._guard.still_allowed(caller, "Watch", request.service))
         with slot:
             async for message in self._follow(request, context, task):
                 yield message

@@ -146,6 +146,7 @@ class RegistryServicer(_Base):
         except DiscoveryError as exc:
             await abort(context, exc)
         task = self.streams.add(context)
+        self.streams.guard(task, lambda: self._guard.still_allowed(caller, "Heartbeat", None))
         self._guard.event("stream_start", caller, "Heartbeat")
         allowed: set[int] = set()  # leases this stream has shown it may keep alive
         try:

@@ -12,9 +12,15 @@ from typing import Any, TypeVar
 import grpc
 import grpc.aio
 
+from discovery.api.errors import status_for
+from discovery.errors import DiscoveryError
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+Recheck = Callable[[], "DiscoveryError | None"]
 
 
 class OpenStreams:
@@ -23,6 +29,9 @@ class OpenStreams:
         self.closing = False
         self._streams: dict[asyncio.Task[Any], grpc.aio.ServicerContext] = {}
         self._aborts: set[asyncio.Task[None]] = set()
+        # Per stream, what says whether its caller may still have it (a policy reload may
+        # revoke a grant or deny an identity): an error to end it with, or None.
+        self._rechecks: dict[asyncio.Task[Any], Recheck] = {}
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -48,6 +57,39 @@ class OpenStreams:
 
     def discard(self, task: asyncio.Task[Any]) -> None:
         self._streams.pop(task, None)
+        self._rechecks.pop(task, None)
+
+    def guard(self, task: asyncio.Task[Any], recheck: Recheck) -> None:
+        """Have ``revoke`` ask ``recheck`` about this stream (once it is authorized)."""
+        if task in self._streams:
+            self._rechecks[task] = recheck
+
+    def revoke(self) -> int:
+        """End every stream whose caller may no longer have it (``recheck`` returns the
+        error): the status goes out first, then its task is cancelled, as in ``end_all``.
+        Returns how many were ended."""
+        ended = 0
+        for task, recheck in list(self._rechecks.items()):
+            error = recheck()
+            context = self._streams.get(task)
+            if error is None or context is None:
+                continue
+            self.discard(task)
+            ended += 1
+            aborting = asyncio.create_task(self._end(context, task, error))
+            self._aborts.add(aborting)
+            aborting.add_done_callback(self._aborts.discard)
+        return ended
+
+    async def _end(self, context: grpc.aio.ServicerContext, task: asyncio.Task[Any], error: DiscoveryError) -> None:
+        try:
+            async with asyncio.timeout(1.0):
+                await context.abort(status_for(error), str(error))
+        except (grpc.aio.AbortError, TimeoutError):
+            pass
+        except Exception as exc:  # the call may be over already
+            log.debug("ending a revoked stream: %s", exc)
+        task.cancel()
 
     def ended(self, task: asyncio.Task[Any]) -> bool:
         """Whether ``end_all`` has sent this stream its status already."""

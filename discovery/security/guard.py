@@ -8,6 +8,7 @@ the same code path, so a development cluster exercises what production runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from typing import NoReturn, Protocol
@@ -137,6 +138,28 @@ class Guard:
                 PermissionDenied(denial_message(caller.identity, "read", service or "*", grants)),
                 service=service,
             )
+
+    def still_allowed(self, caller: Caller, method: str, service: str | None) -> DiscoveryError | None:
+        """Whether ``caller`` may still hold an open stream of ``method`` under the policy in
+        force now (asked after a reload): None, or the error to end the stream with, audited
+        as a denial. ``service``: what a reading stream follows ("" every service); None for
+        a stream that reads nothing (Heartbeat: only the identity must still be known)."""
+        if not self.secure:
+            return None
+        policy = self.policy
+        grants = policy.grants_for(caller.identity)
+        error: DiscoveryError
+        if policy.denied(caller.identity):
+            error = Unauthenticated(denied_identity_message(caller.identity))
+        elif grants is None:
+            error = Unauthenticated(unknown_identity_message(caller.identity))
+        elif service is not None and not (grants.may_read(service) if service else grants.may_read_all):
+            error = PermissionDenied(denial_message(caller.identity, "read", service or "*", grants))
+        else:
+            return None
+        with contextlib.suppress(DiscoveryError):
+            self._deny(caller, method, error, service=service or "")
+        return error
 
     def may_read(self, grants: Grants, service: str) -> bool:
         return grants.may_read(service)

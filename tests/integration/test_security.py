@@ -209,6 +209,53 @@ async def test_deny_list_and_policy_reload_apply_without_restart(secure, as_iden
     assert await refused()
 
 
+async def _status_of(call: object) -> grpc.StatusCode:
+    """How a stream ended: its status code once it stops yielding (UNKNOWN if it never did)."""
+    try:
+        async with asyncio.timeout(15):
+            while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                pass
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return await call.code()  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_a_policy_reload_ends_the_streams_it_no_longer_allows(secure, as_identity, pki) -> None:
+    """Grants are checked when a stream opens; a reload that revokes one ends the streams that
+    relied on it (PERMISSION_DENIED), and one that denies an identity ends its heartbeats
+    (UNAUTHENTICATED), instead of letting them run until the client goes away. Streams the new
+    policy still allows go on."""
+    path = pki.policy()
+    server = await secure(policy_file=str(path))
+    web, admin = as_identity(server, svc("web")), as_identity(server, ADMIN)
+    session = await web.registry.OpenSession(registry_pb2.OpenSessionRequest(ttl_seconds=30), timeout=CALL_TIMEOUT)
+    beats = web.registry.Heartbeat()
+    await beats.write(registry_pb2.HeartbeatRequest(lease_id=session.session_id))
+    assert (await asyncio.wait_for(beats.read(), CALL_TIMEOUT)).ttl_seconds > 0
+    watch_db = web.lookup.Watch(lookup_pb2.WatchRequest(service="db"))
+    admin_watch = admin.lookup.Watch(lookup_pb2.WatchRequest(service="db"))
+    for call in (watch_db, admin_watch):
+        assert (await asyncio.wait_for(call.read(), CALL_TIMEOUT)).kind == lookup_pb2.WatchResponse.SNAPSHOT
+
+    # svc/* may read only its own services now: web's Watch of db must end.
+    text = path.read_text()
+    svc_grant = text.index(f'identity = "spiffe://{TRUST_DOMAIN}/svc/*"')
+    path.write_text(text[:svc_grant] + text[svc_grant:].replace('read = ["*"]', 'read = ["{name}"]', 1))
+    server.reload()
+    assert await _status_of(watch_db) == grpc.StatusCode.PERMISSION_DENIED
+    assert not beats.done()  # web is still known: its heartbeats go on
+    await beats.write(registry_pb2.HeartbeatRequest(lease_id=session.session_id))
+    assert (await asyncio.wait_for(beats.read(), CALL_TIMEOUT)).ttl_seconds > 0
+
+    # Deny web altogether: its Heartbeat stream ends too; the admin's Watch goes on.
+    path.write_text(path.read_text().replace("[[grant]]", f'deny = ["{svc("web")}"]\n\n[[grant]]', 1))
+    server.reload()
+    assert await _status_of(beats) == grpc.StatusCode.UNAUTHENTICATED
+    await admin.registry.Register(instance("db", "10.0.0.9:5432"), timeout=CALL_TIMEOUT)
+    assert (await asyncio.wait_for(admin_watch.read(), CALL_TIMEOUT)).kind == lookup_pb2.WatchResponse.CHANGES
+    admin_watch.cancel()
+
+
 # --- ownership ----------------------------------------------------------------------------
 
 
