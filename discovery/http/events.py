@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -47,11 +47,26 @@ class Events:
         self._s = sources
         self._max = max_streams
         self._open: set[asyncio.Task[Any]] = set()
+        # Per stream, whether its caller may still have it after a policy reload (``revoke``).
+        self._rechecks: dict[asyncio.Task[Any], Callable[[], DiscoveryError | None]] = {}
         self._changes: dict[tuple[int, str, str, str, int], str] = {}  # encoded changes, see _send
         self.closing = False
 
     def __len__(self) -> int:
         return len(self._open)
+
+    def revoke(self) -> int:
+        """End the streams whose caller the policy in force no longer allows to read them
+        (a reload revoked the grant or denied the identity). The connection closes; the
+        reader's reconnect is authorized afresh and refused (401/403), which an EventSource
+        takes as final. Returns how many were ended."""
+        ended = 0
+        for task, recheck in list(self._rechecks.items()):
+            if recheck() is not None:
+                self._rechecks.pop(task, None)
+                task.cancel()
+                ended += 1
+        return ended
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         s = self._s
@@ -87,6 +102,7 @@ class Events:
             }
         )
         self._open.add(task)
+        self._rechecks[task] = lambda: s.guard.still_allowed(caller, "Events", service)
         try:
             with slot:
                 await response.prepare(request)
@@ -114,6 +130,7 @@ class Events:
             pass  # the reader left or stalled; it resumes with its last id
         finally:
             self._open.discard(task)
+            self._rechecks.pop(task, None)
         return response
 
     async def _send(

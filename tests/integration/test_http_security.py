@@ -203,3 +203,36 @@ async def test_a_rotated_server_certificate_reaches_new_https_handshakes(server:
         return await _served_serial(pki, server.http.port) == expected
 
     await eventually(rotated, timeout=10, interval=0.1)
+
+
+async def test_a_policy_reload_closes_the_event_streams_it_no_longer_allows(
+    server: Server, pki: Pki, as_identity: Any
+) -> None:
+    """An event stream is authorized when it opens; a reload that takes the read grant away
+    closes it, and the reader's reconnect is refused; the admin's stream goes on."""
+    reader, admin = as_identity(READER), as_identity(ADMIN)
+    url = f"{base(server)}/v1/events?service=web"
+    async with (
+        reader.get(url, timeout=aiohttp.ClientTimeout(total=30)) as revoked,
+        admin.get(url, timeout=aiohttp.ClientTimeout(total=30)) as kept,
+    ):
+        assert revoked.status == 200 and kept.status == 200
+        for stream in (revoked, kept):
+            async with asyncio.timeout(10):
+                assert (await stream.content.readuntil(b"\n\n")).startswith(b"retry:")
+        pki.policy(POLICY.replace('read = ["web"]', 'read = ["db"]'))  # the file the server reads
+        server.reload()
+
+        async def drained() -> bytes:
+            rest = b""
+            async with asyncio.timeout(10):
+                while chunk := await revoked.content.read(4096):
+                    rest += chunk
+            return rest
+
+        with pytest.raises((aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError)):
+            await drained()
+        async with asyncio.timeout(10):  # the admin's stream still carries keep-alives
+            assert b"event:" in await kept.content.readuntil(b"\n\n")
+    status, body, _ = await get_json(reader, url)
+    assert status == 403 and body["error"] == "permission_denied", body
