@@ -94,8 +94,10 @@ class Compacted(DiscoveryError):
 
 class Conflict(DiscoveryError):
     """Raised by ``Store.put`` with ``expect_mod_revision`` when the key changed meanwhile;
-    ``current`` is what is there now (None: nothing)."""
+    ``current`` is what is there now (None: nothing). From ``Store.put_many`` with expected
+    revisions: ``currents`` holds every key of the transaction as it is now."""
 
-    def __init__(self, current: object) -> None:
+    def __init__(self, current: object, currents: list[object] | None = None) -> None:
         super().__init__("the key changed since it was read")
         self.current = current
+        self.currents = currents or []

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from discovery.errors import InvalidArgument, NotFound, StoreUnavailable
+from discovery.errors import Conflict, InvalidArgument, NotFound, StoreUnavailable
 from discovery.health.spec import MIN_INTERVAL_MS, validate_registration
 from discovery.keys import KeySchema
 from discovery.model import MAX_TTL, MIN_TTL, normalize_registration, validate_instance_id, validate_service
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 BATCH_CHUNK = 100  # puts per etcd transaction: under etcd's default --max-txn-ops of 128
 MAX_BATCH = 1000  # instances per RegisterBatch
+CONFLICT_ATTEMPTS = 3  # conditional writes of one record or chunk before giving up (written concurrently)
 MAX_SESSION_NAME = 128
 
 
@@ -73,21 +75,45 @@ class Registry:
         await self._release(previous, lease_id)
         return Registered(record, revision, lease_id)
 
-    async def register_batch(self, records: list[Instance], session: int = 0) -> tuple[int, list[Registered]]:
+    async def register_batch(
+        self,
+        records: list[Instance],
+        session: int = 0,
+        *,
+        expected: list[int] | None = None,
+        recheck: Callable[[Instance, KeyValue | None], None] | None = None,
+    ) -> tuple[int, list[Registered]]:
         """Put prepared records, static or on ``session``'s lease, one transaction per chunk of
-        ``BATCH_CHUNK`` (each all or nothing). Returns the last revision and a result each."""
+        ``BATCH_CHUNK`` (each all or nothing). Returns the last revision and a result each.
+
+        With ``expected`` (a mod_revision per record, 0: absent) a chunk is written only over
+        the records that were authorized: when one changed meanwhile, ``recheck(record, what
+        is there now)`` decides again (raising to refuse) and the chunk is tried again over
+        what is there now, a few times at most, as Register does."""
         done: list[Registered] = []
         revision = 0
         for start in range(0, len(records), BATCH_CHUNK):
             chunk = records[start : start + BATCH_CHUNK]
-            items = []
-            for record in chunk:
-                if session:
+            keys = [self._keys.instance(self.region, r.service, r.instance_id) for r in chunk]
+            if session:
+                for record in chunk:
                     record.session_id = session
-                items.append(
-                    (self._keys.instance(self.region, record.service, record.instance_id), record.SerializeToString())
-                )
-            revision, previous = await self._store.put_many(items, lease=session)
+            wanted = expected[start : start + BATCH_CHUNK] if expected is not None else None
+            for attempt in range(CONFLICT_ATTEMPTS):
+                items = [(key, record.SerializeToString()) for key, record in zip(keys, chunk, strict=True)]
+                try:
+                    revision, previous = await self._store.put_many(items, lease=session, expected=wanted)
+                    break
+                except Conflict as exc:
+                    if recheck is None or attempt == CONFLICT_ATTEMPTS - 1:
+                        raise StoreUnavailable(
+                            "instances of this batch kept changing while it was being registered: retry"
+                        ) from None
+                    wanted = []
+                    for record, current in zip(chunk, exc.currents, strict=True):
+                        found = current if isinstance(current, KeyValue) else None
+                        recheck(record, found)
+                        wanted.append(found.mod_revision if found is not None else 0)
             for record, before in zip(chunk, previous, strict=True):
                 await self._release(before, session)
                 done.append(Registered(record, revision, session))

@@ -534,15 +534,36 @@ class Store:
             results.append(Retry() if held else Conflict(current))
         return results
 
-    async def put_many(self, items: Sequence[tuple[bytes, bytes]], lease: int = 0) -> tuple[int, list[KeyValue | None]]:
+    async def put_many(
+        self, items: Sequence[tuple[bytes, bytes]], lease: int = 0, *, expected: Sequence[int] | None = None
+    ) -> tuple[int, list[KeyValue | None]]:
         """Put every (key, value) on ``lease`` in one transaction (all or none); returns the
-        revision and each key as it was before. Callers keep ``items`` within etcd's
+        revision and each key as it was before. With ``expected`` (a mod_revision per item, 0:
+        absent) only if every key is still as the caller saw it, else ``Conflict`` whose
+        ``currents`` has every key as it is now. Callers keep ``items`` within etcd's
         --max-txn-ops (128 by default)."""
-        async with self._call("a batch put", key=items[0][0] if items else b"") as client:
+        keys = [k for k, _ in items]
+        compares = (
+            [
+                _rpc.Compare(result=_rpc.Compare.EQUAL, target=_rpc.Compare.MOD, key=k, mod_revision=rev)
+                for k, rev in zip(keys, expected, strict=True)
+            ]
+            if expected is not None
+            else []
+        )
+        async with self._call("a batch put", key=keys[0] if keys else b"") as client:
             kv = client.kv
             resp = await kv.txn(
-                [], [kv.txn_op_put(k, v, lease=lease, prev_kv=True) for k, v in items], [], timeout=self._op_timeout
+                compares,
+                [kv.txn_op_put(k, v, lease=lease, prev_kv=True) for k, v in items],
+                [kv.txn_op_get(k) for k in keys] if compares else [],
+                timeout=self._op_timeout,
             )
+        if not resp.succeeded:
+            currents: list[object] = [
+                _kv(r.response_range.kvs[0]) if r.response_range.kvs else None for r in resp.responses
+            ]
+            raise Conflict(None, currents)
         previous = [_kv(r.response_put.prev_kv) if r.response_put.HasField("prev_kv") else None for r in resp.responses]
         return int(resp.header.revision), previous
 

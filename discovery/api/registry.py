@@ -14,7 +14,7 @@ from discovery.errors import Conflict, DiscoveryError, InvalidArgument, NotFound
 from discovery.health.spec import keep_result
 from discovery.keys import InstanceKey, KeySchema
 from discovery.model import validate_instance_id, validate_service
-from discovery.registry import MAX_BATCH, Registered, Registry
+from discovery.registry import CONFLICT_ATTEMPTS, MAX_BATCH, Registered, Registry
 from discovery.security.guard import Guard
 from discovery.security.identity import Caller
 from discovery.security.policy import Grants
@@ -27,7 +27,6 @@ from discovery_pb.v1.types_pb2 import Instance, Session
 
 _SHUTTING_DOWN = "the server is shutting down; send heartbeats to another server of the region"
 HEARTBEAT_SLACK = 2.0  # heartbeats may go past the write limit this many times over
-_CONFLICT_ATTEMPTS = 3  # conditional puts per Register before giving up (a record written concurrently)
 _CATCH_UP_SECONDS = 2.0  # a lease not in the view yet: how long to wait for the view to reach etcd's head
 
 
@@ -120,7 +119,7 @@ class RegistryServicer(_Base):
         An admin (every caller of an insecure server) may replace anything: no condition."""
         if grants.admin:
             return await self._registry.register(record, session=session)
-        for _ in range(_CONFLICT_ATTEMPTS):
+        for _ in range(CONFLICT_ATTEMPTS):
             try:
                 return await self._registry.register(record, session=session, expect_mod_revision=expected)
             except Conflict as exc:
@@ -298,10 +297,12 @@ class RegistryServicer(_Base):
                 records.append(record)
             guard.charge_write(caller, grants, "RegisterBatch")
             new: dict[str, int] = {}
+            expected: list[int] = []
             for record in records:
                 existing = self._owned_by(
                     caller, grants, "RegisterBatch", record.service, record.instance_id, what="replace"
                 )
+                expected.append(existing.mod_revision if existing is not None else 0)
                 if existing is None:
                     new[record.service] = new.get(record.service, 0) + 1
                 elif record.HasField("check"):
@@ -313,8 +314,23 @@ class RegistryServicer(_Base):
                 for record in records:
                     record.ttl_seconds = session.ttl_seconds
             guard.before_write()
+
+            def recheck(record: Instance, current: KeyValue | None) -> None:
+                """A record written meanwhile (through another server) is authorized again."""
+                found = Instance.FromString(current.value) if current is not None else None
+                if found is not None:
+                    self._require_owner(caller, grants, "RegisterBatch", found, "replace")
+                    if record.HasField("check"):
+                        keep_result(record, found)
+
             with self._admission.write("RegisterBatch"):
-                revision, done = await self._registry.register_batch(records, request.session_id)
+                # As Register: an admin (every caller of an insecure server) writes unconditionally.
+                revision, done = await self._registry.register_batch(
+                    records,
+                    request.session_id,
+                    expected=None if grants.admin else expected,
+                    recheck=None if grants.admin else recheck,
+                )
         except DiscoveryError as exc:
             await abort(context, exc)
         guard.audit.record(

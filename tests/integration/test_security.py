@@ -480,6 +480,77 @@ async def test_a_record_the_view_has_not_seen_yet_is_still_protected(secure, as_
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED, i
 
 
+async def test_a_batch_does_not_replace_a_record_the_view_has_not_seen_yet(secure, as_identity, pki) -> None:
+    """RegisterBatch writes only over the records it authorized, as Register does: a record of
+    another identity written a moment ago (not yet in the view) is not replaced, and nothing
+    of the chunk is written; once only b's own records are in the way, the batch goes through."""
+    policy = pki.policy(
+        pki.policy().read_text() + f'\n[[grant]]\nidentity = "{svc("b")}"\nregister = ["a"]\n', name="race.toml"
+    )
+    server = await secure(policy_file=str(policy))
+    b = as_identity(server, svc("b"))
+    for i in range(10):
+        record = types_pb2.Instance(
+            service="a", instance_id=f"i{i}", region="us-east", address="10.0.0.1:80", weight=100, owner=svc("a")
+        )
+        await server.store.put(server.keys.instance("us-east", "a", f"i{i}"), record.SerializeToString())
+        batch = registry_pb2.RegisterBatchRequest(
+            instances=[
+                types_pb2.Instance(service="a", instance_id=f"mine-{i}", address="10.0.0.2:80"),
+                types_pb2.Instance(service="a", instance_id=f"i{i}", address="10.6.6.6:80"),
+            ]
+        )
+        error = await rpc_error(b.registry.RegisterBatch(batch, timeout=CALL_TIMEOUT))
+        assert error.code() == grpc.StatusCode.PERMISSION_DENIED, i
+        assert await server.store.get(server.keys.instance("us-east", "a", f"mine-{i}")) is None, i  # all or nothing
+        kept = await server.store.get(server.keys.instance("us-east", "a", f"i{i}"))
+        assert kept is not None and types_pb2.Instance.FromString(kept.value).owner == svc("a")
+    # b's own record rewritten behind the view's back is re-authorized and replaced.
+    own = types_pb2.Instance(
+        service="a", instance_id="own", region="us-east", address="10.0.0.3:80", weight=100, owner=svc("b")
+    )
+    await server.store.put(server.keys.instance("us-east", "a", "own"), own.SerializeToString())
+    batch = registry_pb2.RegisterBatchRequest(
+        instances=[types_pb2.Instance(service="a", instance_id="own", address="10.0.0.4:80")]
+    )
+    await b.registry.RegisterBatch(batch, timeout=CALL_TIMEOUT)
+    now = await server.store.get(server.keys.instance("us-east", "a", "own"))
+    assert now is not None and types_pb2.Instance.FromString(now.value).address == "10.0.0.4:80"
+
+
+async def test_a_chunk_written_meanwhile_is_authorized_again_before_it_is_replaced(secure) -> None:
+    """The mechanism under the test above, without relying on the view lagging: a batch whose
+    expectation is stale (the record was written after it was authorized) has its records
+    decided again on what etcd holds, refused as a whole or written over the new revision."""
+    from discovery.errors import PermissionDenied
+
+    server = await secure()
+    key = server.keys.instance("us-east", "a", "x")
+    theirs = types_pb2.Instance(service="a", instance_id="x", region="us-east", address="10.0.0.1:80", owner="them")
+    await server.store.put(key, theirs.SerializeToString())
+    seen: list[str] = []
+
+    def refuse_theirs(record: types_pb2.Instance, current: object) -> None:
+        owner = types_pb2.Instance.FromString(current.value).owner if current is not None else ""  # type: ignore[attr-defined]
+        seen.append(owner)
+        if owner == "them":
+            raise PermissionDenied("not yours")
+
+    mine = types_pb2.Instance(service="a", instance_id="x", region="us-east", address="10.6.6.6:80", owner="me")
+    other = types_pb2.Instance(service="a", instance_id="y", region="us-east", address="10.0.0.2:80", owner="me")
+    with pytest.raises(PermissionDenied):
+        await server.registry.register_batch([other, mine], expected=[0, 0], recheck=refuse_theirs)
+    assert seen == ["", "them"]
+    assert await server.store.get(server.keys.instance("us-east", "a", "y")) is None  # all or nothing
+    current = await server.store.get(key)
+    assert current is not None and types_pb2.Instance.FromString(current.value).owner == "them"
+    # Now the record is the caller's own, written after the caller looked: decided again, written.
+    await server.store.put(key, mine.SerializeToString())
+    seen.clear()
+    revision, done = await server.registry.register_batch([other, mine], expected=[0, 0], recheck=refuse_theirs)
+    assert seen == ["", "me"] and [d.revision for d in done] == [revision, revision]
+
+
 def server_key(server: Server, service: str, instance_id: str):  # type: ignore[no-untyped-def]
     from discovery.keys import InstanceKey
 
