@@ -320,8 +320,7 @@ class RegistryServicer(_Base):
                 found = Instance.FromString(current.value) if current is not None else None
                 if found is not None:
                     self._require_owner(caller, grants, "RegisterBatch", found, "replace")
-                    if record.HasField("check"):
-                        keep_result(record, found)
+                keep_result(record, found)  # the verdict on what is there now, or none
 
             with self._admission.write("RegisterBatch"):
                 # As Register: an admin (every caller of an insecure server) writes unconditionally.

@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from discovery.errors import Conflict, DiscoveryError, Fenced, StoreUnavailable
+from discovery.errors import Conflict, DiscoveryError, Fenced
 from discovery.health.membership import Membership, owner, rank
 from discovery.health.probes import Outcome, probe
 from discovery.health.protection import SelfProtection, Verdict
@@ -60,7 +60,18 @@ def _slot(target: Target, now: float) -> float:
 
 
 class Target:
-    __slots__ = ("address", "failures", "generation", "key", "reason", "spec", "state", "successes", "writing")
+    __slots__ = (
+        "address",
+        "failures",
+        "generation",
+        "key",
+        "probing",
+        "reason",
+        "spec",
+        "state",
+        "successes",
+        "writing",
+    )
 
     def __init__(self, key: InstanceKey, spec: Spec, address: str, state: int) -> None:
         self.key = key
@@ -71,6 +82,7 @@ class Target:
         self.successes = 0
         self.reason = ""
         self.writing = False
+        self.probing = False  # a probe of it is under way
         self.generation = 0  # of its schedule: one entry in the heap is current, older ones are skipped
 
 
@@ -83,6 +95,7 @@ class CheckerStats:
     transitions: int = 0
     held: int = 0
     refused: int = 0
+    skipped: int = 0  # slots passed over because the target's previous probe had not finished
     lateness: deque[float] = field(default_factory=lambda: deque(maxlen=_LATENESS_SAMPLES))
 
 
@@ -163,6 +176,8 @@ class Checker:
         target = self.targets.get(key)
         if target is not None and target.spec == spec and target.address == instance.address:
             target.state = state  # perhaps written by this server's predecessor for this check
+            if state == CRITICAL:
+                self._failing.discard(key)  # decided: no longer a pending transition
             return key
         self._remove(key)
         target = self.targets[key] = Target(key, spec, instance.address, state)
@@ -228,9 +243,15 @@ class Checker:
                     or generation != target.generation
                 ):
                     continue  # gone, changed, no longer ours, or rescheduled: dropped
-                self.stats.lateness.append(now - due)
-                self._spawn(self._probe(target))
                 self._push(_slot(target, now), target)
+                if target.probing:
+                    # The last probe has not finished (a slow target, or every probe slot busy):
+                    # no second one beside it, which would count its failures twice.
+                    self.stats.skipped += 1
+                    continue
+                self.stats.lateness.append(now - due)
+                target.probing = True
+                self._spawn(self._probe(target))
             if self._held and not self._reviewing:
                 self._reviewing = True
                 self._spawn(self._review())
@@ -262,8 +283,11 @@ class Checker:
         return outcome
 
     async def _probe(self, target: Target) -> None:
-        outcome = await self._outcome(target.key, target.spec, target.address)
-        if self.targets.get(target.key) is not target or target.key not in self.mine:
+        try:
+            outcome = await self._outcome(target.key, target.spec, target.address)
+        finally:
+            target.probing = False
+        if self.targets.get(target.key) is not target or not self._owns(target.key):
             return
         target.reason = outcome.reason
         spec, key = target.spec, target.key
@@ -372,6 +396,11 @@ class Checker:
             checked_at_ms=now_ms,
         )
         for _ in range(_WRITE_ATTEMPTS):
+            # Ownership, the fence and listed_at read together, with no await between them: a
+            # retry after a Conflict must not write for a check another server has taken over
+            # meanwhile (its membership list, and so the fence, may have moved past that server).
+            if not self._owns(key):
+                return
             fence = membership.fence
             record = self._view.get(key)
             if fence is None or record is None:
@@ -385,6 +414,7 @@ class Checker:
                 return  # re-registered meanwhile: the new check starts over
             if instance.check_result.state == state:
                 target.state = state
+                self._failing.discard(key)
                 return
             instance.check_result.CopyFrom(verdict)
             try:
@@ -407,8 +437,9 @@ class Checker:
                 log.info("health checks: verdict on %s not written: %s", "/".join(key), exc)
                 membership.refresh()
                 return
-            except StoreUnavailable as exc:
-                # Not recorded as written: the next probe tries again.
+            except DiscoveryError as exc:
+                # etcd unreachable, refusing this server or out of space: not recorded as
+                # written, so the next probe tries again.
                 log.warning("health checks: verdict on %s not written: %s", "/".join(key), exc)
                 return
             target.state = state

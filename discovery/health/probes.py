@@ -10,7 +10,6 @@ per CA and cached."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import ipaddress
 import ssl
@@ -70,9 +69,7 @@ async def probe(spec: Spec, address: str) -> Outcome:
 async def _tcp(address: str) -> Outcome:
     host, port = split_host(address)
     _, writer = await asyncio.open_connection(host, port)
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
+    writer.transport.abort()  # the connection was the answer; no goodbye to wait for
     return Outcome(True, "tcp connect ok")
 
 
@@ -94,9 +91,10 @@ async def _http(spec: Spec, address: str) -> Outcome:
     except asyncio.LimitOverrunError:
         return Outcome(False, f"{spec.name} answered no status line")
     finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+        # Aborted, not closed: only the status line was wanted, and a graceful TLS close waits
+        # for the server's close_notify (up to 30 s, far past the check's timeout, holding a
+        # probe slot) from a server that may have stalled.
+        writer.transport.abort()
     parts = line[:_MAX_STATUS_LINE].decode("latin-1").split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/") or not parts[1].isdigit():
         return Outcome(False, f"{spec.name} answered no status line")
@@ -106,7 +104,13 @@ async def _http(spec: Spec, address: str) -> Outcome:
 
 async def _grpc(spec: Spec, address: str) -> Outcome:
     host, _ = split_host(address)
-    options: list[tuple[str, str | int]] = [("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1)]
+    # No proxy from the environment (grpc_proxy, https_proxy): a probe goes to the registered
+    # address only, as seen from this server.
+    options: list[tuple[str, str | int]] = [
+        ("grpc.enable_retries", 0),
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.enable_http_proxy", 0),
+    ]
     if spec.tls:
         credentials = grpc.ssl_channel_credentials(root_certificates=spec.tls_ca_pem.encode())
         if spec.tls_server_name or not _is_ip(host):

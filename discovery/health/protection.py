@@ -26,6 +26,7 @@ from discovery_pb.v1 import health_checks_pb2 as pb
 from discovery_pb.v1.health_checks_pb2_grpc import HealthChecksStub
 
 log = logging.getLogger(__name__)
+_NO_PROXY = (("grpc.enable_http_proxy", 0),)  # a peer of the region is dialled directly
 
 RECHECK_LIMIT = 64  # targets per Recheck call
 
@@ -135,8 +136,8 @@ class PeerRecheck:
 
     async def _channel(self, peer: str, timeout: float) -> grpc.aio.Channel:
         if self._tls is None:
-            return grpc.aio.insecure_channel(peer)
+            return grpc.aio.insecure_channel(peer, options=_NO_PROXY)
         uris = await peer_uris(peer, self._tls.files, timeout=timeout)
         check_peer(uris, server_id(self._tls.trust_domain, self._tls.region), address=peer)
         credentials = await asyncio.to_thread(channel_credentials, self._tls.files)
-        return grpc.aio.secure_channel(peer, credentials)
+        return grpc.aio.secure_channel(peer, credentials, options=_NO_PROXY)
