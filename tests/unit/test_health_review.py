@@ -84,7 +84,7 @@ async def test_a_retried_verdict_is_dropped_once_another_member_owns_the_check()
     assert target.state != CRITICAL
 
 
-def _stalled_tls_server(pki: Pki) -> tuple[int, threading.Event]:
+def _stalled_tls_server(pki: Pki) -> tuple[int, threading.Event, threading.Thread]:
     """A TLS server that completes each handshake and then neither reads nor writes."""
     issued = pki.ca.issue(common_name="backend", ips=("127.0.0.1",), out=pki.dir / "backend")
     assert issued.cert_path and issued.key_path
@@ -103,14 +103,17 @@ def _stalled_tls_server(pki: Pki) -> tuple[int, threading.Event]:
             except (TimeoutError, OSError):
                 continue
         listener.close()
+        for conn in held:  # closed here, not left to the garbage collector's warning
+            conn.close()
 
-    threading.Thread(target=serve, daemon=True).start()
-    return listener.getsockname()[1], stop
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], stop, thread
 
 
 async def test_a_stalled_tls_backend_fails_within_the_timeout(tmp_path: Path) -> None:
     pki = Pki(tmp_path)
-    port, stop = _stalled_tls_server(pki)
+    port, stop, thread = _stalled_tls_server(pki)
     try:
         spec = Spec.of(
             HealthCheck(
@@ -129,3 +132,4 @@ async def test_a_stalled_tls_backend_fails_within_the_timeout(tmp_path: Path) ->
         assert time.monotonic() - started < 2.0  # not the TLS close's 30 s wait
     finally:
         stop.set()
+        thread.join(timeout=5)
