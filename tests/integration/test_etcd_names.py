@@ -24,6 +24,7 @@ from discovery.errors import StoreUnavailable
 from discovery.security.certs import CertificateAuthority
 from discovery.server import Server
 from discovery.store import PROBE, EtcdTls, Store
+from discovery.tasks import stop_task
 from tests.support.helpers import eventually
 
 
@@ -162,18 +163,46 @@ async def test_a_name_that_moves_is_followed_after_a_failure(dual: EtcdCluster, 
         assert await store.get(prefix + b"before") is not None
 
 
-async def test_a_name_is_resolved_again_periodically(dual: EtcdCluster, key_prefix: str) -> None:
+async def test_a_name_is_resolved_again_periodically_and_the_watch_moves_without_a_loss(
+    dual: EtcdCluster, key_prefix: str
+) -> None:
     port = dual.members[0].client_port
+    prefix = key_prefix.encode()
     names = Names({"etcd.test": ["127.0.0.1"]})
     async with Store([f"etcd.test:{port}"], lookup=names, resolve_every=0.2) as store:
-        names.table["etcd.test"] = ["127.0.0.1", "::1"]  # a member added under the name
-        both = (f"127.0.0.1:{port}", f"[::1]:{port}")
+        first, _, _ = await store.put(prefix + b"before", b"v")
+        seen: list[bytes] = []
+        created = asyncio.Event()
+        done = asyncio.Event()
 
-        async def moved() -> bool:
-            return store.addresses == both
+        async def follow() -> None:
+            async for batch in store.watch(prefix, first):
+                if batch.created:
+                    created.set()
+                seen.extend(e.kv.key for e in batch.events)
+                if prefix + b"after" in seen:
+                    done.set()
+                    return
 
-        await eventually(moved)
-        await store.put(key_prefix.encode() + b"k", b"v")  # on the new channel
+        watching = asyncio.create_task(follow())
+        try:
+            async with asyncio.timeout(10):
+                await created.wait()
+            old_channel = store.channel
+            names.table["etcd.test"] = ["127.0.0.1", "::1"]  # a member added under the name
+            both = (f"127.0.0.1:{port}", f"[::1]:{port}")
+
+            async def moved() -> bool:
+                return store.addresses == both
+
+            await eventually(moved)
+            assert store.channel is not old_channel
+            await store.put(prefix + b"after", b"v")  # on the new channel
+            async with asyncio.timeout(10):
+                await done.wait()
+        finally:
+            await stop_task(watching)
+        assert seen == [prefix + b"before", prefix + b"after"]
 
 
 @pytest.fixture(scope="module")
