@@ -406,6 +406,7 @@ class Store:
                 elif str(exc) != self._unresolved:  # the addresses we have may still work: kept
                     log.warning("%s; still dialling %s", exc, ", ".join(self.addresses))
                     self._unresolved = str(exc)
+                await asyncio.sleep(_RESOLVE_MIN)  # failures come in bursts: one resolution per burst
                 continue
             if resolved.failures and resolved.addresses != self.addresses:
                 log.warning("etcd: left out, as they do not resolve: %s", ", ".join(resolved.failures))
