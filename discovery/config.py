@@ -5,13 +5,13 @@ A TOML file may hold any field (``[server]`` table or top level); command-line f
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from discovery import etcd_endpoints
 from discovery.errors import InvalidArgument
 from discovery.keys import DEFAULT_PREFIX
 from discovery.model import split_address, validate_region
@@ -84,11 +84,9 @@ class ServerConfig:
         split_address(self.listen, "listen", allow_port_zero=True)
         if not self.etcd:
             raise InvalidArgument("etcd", "at least one HOST:PORT")
-        for endpoint in self.etcd:
-            host, _ = split_address(endpoint, "etcd")
-            # The etcd client balances over an ipv4: target: names and IPv6 cannot work there.
-            if host != "localhost" and not _is_ipv4(host):
-                raise InvalidArgument("etcd", f"{endpoint!r}: give etcd members as IPv4:PORT or localhost:PORT")
+        # IPv4:PORT, [IPv6]:PORT or NAME:PORT; names are resolved by the store, not here
+        # (a config is checked where the names of its deployment need not resolve).
+        etcd_endpoints.parse(self.etcd, "etcd")
         if not self.key_prefix.startswith("/") or not self.key_prefix.endswith("/"):
             raise InvalidArgument("key_prefix", "must start and end with '/'")
         for name in (
@@ -117,6 +115,7 @@ class ServerConfig:
             split_address(self.health_listen, "health_listen", allow_port_zero=True)
         self._validate_dns()
         self._validate_http()
+        self._validate_listeners()
         self._validate_health_checks()
         self._validate_security()
         self._validate_runtime()
@@ -143,6 +142,21 @@ class ServerConfig:
                 split_address(getattr(self, name), name, allow_port_zero=True)
         if self.http_max_streams <= 0:
             raise InvalidArgument("http_max_streams", "must be > 0")
+
+    def _validate_listeners(self) -> None:
+        """Two listeners on one port would stop the start ("in use"): named here already."""
+        taken: dict[int, tuple[str, str]] = {}
+        for name in ("listen", "health_listen", "http_listen", "metrics_listen", "dns_listen"):
+            if not getattr(self, name):
+                continue
+            host, port = split_address(getattr(self, name), name, allow_port_zero=True)
+            if port == 0:
+                continue
+            if port in taken:
+                other, other_host = taken[port]
+                if host == other_host or {host, other_host} & _ANY_HOST:
+                    raise InvalidArgument(name, f"port {port} is {other}'s too: give each listener its own port")
+            taken[port] = (name, host)
 
     def _validate_health_checks(self) -> None:
         if not 0.05 <= self.health_min_interval_seconds <= 3600:
@@ -178,6 +192,13 @@ class ServerConfig:
             raise InvalidArgument(missing[0], "etcd_cert and etcd_key go together")
         if (self.etcd_cert or self.etcd_server_name) and not self.etcd_ca:
             raise InvalidArgument("etcd_ca", "required for etcd over TLS")
+        if self.etcd_ca and len(self.etcd) > 1 and not self.etcd_server_name:
+            # One channel balances over every member: one name to check their certificates against.
+            raise InvalidArgument(
+                "etcd_server_name",
+                f"required with {len(self.etcd)} etcd endpoints over TLS: "
+                "a DNS name every member's certificate carries",
+            )
         if self.reload_poll_seconds <= 0:
             raise InvalidArgument("reload_poll_seconds", "must be > 0")
 
@@ -215,17 +236,10 @@ class ServerConfig:
         return tuple(self.peer_map())
 
 
+_ANY_HOST = {"0.0.0.0", "[::]", "::"}
 _TRUST_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,253}[a-z0-9])?")
 _DNS_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _DNS_DOMAIN = re.compile(rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
-
-
-def _is_ipv4(host: str) -> bool:
-    try:
-        ipaddress.IPv4Address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def load(path: str | None, overrides: dict[str, Any]) -> ServerConfig:

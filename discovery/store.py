@@ -46,6 +46,7 @@ from etcd3aio.connections import ConnectionManager
 from etcd3aio.kv import KVService, prefix_range_end
 from etcd3aio.lease import LeaseService
 
+from discovery import etcd_endpoints
 from discovery.errors import (
     Compacted,
     Conflict,
@@ -89,6 +90,10 @@ NOSPACE_ADVICE = (
     "defragments and disarms it; reads keep serving (docs/security.md runbook)"
 )
 _NOSPACE_RETRY = 30.0  # seconds: recovery takes an operator, not a retry loop
+# etcd endpoints given by name are resolved again this often, and after a failure (at most
+# once per _RESOLVE_MIN); while none resolves, every _RESOLVE_MIN (docs: README, etcd by name).
+RESOLVE_EVERY = 30.0
+_RESOLVE_MIN = 1.0
 _RBAC_ADVICE = "grant it a role with readwrite on that prefix (docs/security.md, etcd RBAC)"
 
 
@@ -144,6 +149,13 @@ def _read_material(tls: EtcdTls) -> _Material:
     names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     identity = str(names[0].value) if names else ""
     return _Material(ca, cert, key, identity, leaf.not_valid_after_utc)
+
+
+def check_tls(tls: EtcdTls) -> str:
+    """Read and check the files as ``Store`` will at connect (``discovery serve
+    --check-config``): the etcd user the certificate names (its CN), "" without one. OSError or
+    ValueError naming the file when they cannot work."""
+    return _read_material(tls).identity
 
 
 class _Client:
@@ -234,15 +246,18 @@ class Store:
     """An etcd cluster, as the rest of the server needs it.
 
     Args:
-        endpoints: ``IP:PORT`` (or ``localhost:PORT``) of every member; requests rotate.
+        endpoints: ``IPv4:PORT``, ``[IPv6]:PORT`` or ``NAME:PORT`` of the members; requests
+            rotate over every address (a name's A and AAAA records: discovery/etcd_endpoints.py).
         op_timeout: deadline of one operation, retries included (seconds).
         keepalive: gRPC keep-alive interval and timeout (seconds); a hung member is noticed
             in about twice this. etcd must permit it (``--grpc-keepalive-min-time``).
         tls: connect over TLS with these files (plaintext without).
         health_key: the key ``health`` reads; inside the server's prefix, where RBAC lets it
             read (``<prefix>_probe/health``).
-        tls_grace: after ``reload_tls``, the longest the old client stays open for what is
-            still under way on it (seconds).
+        tls_grace: after ``reload_tls`` (or the names resolving to other addresses), the
+            longest the old client stays open for what is still under way on it (seconds).
+        lookup: how a name is resolved (the system resolver; tests give a table).
+        resolve_every: how often names are resolved again (seconds).
     """
 
     def __init__(
@@ -254,15 +269,25 @@ class Store:
         tls: EtcdTls | None = None,
         health_key: bytes = DEFAULT_HEALTH_KEY,
         tls_grace: float = 30.0,
+        lookup: etcd_endpoints.Lookup = etcd_endpoints.system_lookup,
+        resolve_every: float = RESOLVE_EVERY,
     ) -> None:
         self.endpoints = list(endpoints)
+        self._parsed = etcd_endpoints.parse(self.endpoints)
+        self._lookup = lookup
+        self._resolve_every = resolve_every
+        self.addresses: tuple[str, ...] = ()  # what the current client dials
+        self._unresolved = ""  # why no endpoint resolves, while none does
+        self._resolve_now = asyncio.Event()  # a failure: the addresses may have moved
+        self._resolver: asyncio.Task[None] | None = None
+        self._material: _Material | None = None
         self._op_timeout = op_timeout
         self._tls = tls
         self._health_key = health_key
         self._tls_grace = tls_grace
         self._server_name = ""
         if tls is not None:
-            self._server_name = tls.server_name or _server_name(self.endpoints)
+            self._server_name = tls.server_name or _server_name(self._parsed)
         ms = int(keepalive * 1000)
         self._manager = ConnectionManager(self.endpoints, keepalive_time_ms=ms, keepalive_timeout_ms=ms)
         options = dict(self._manager.grpc_options)
@@ -306,13 +331,25 @@ class Store:
         """Connect. Over TLS, unreadable or mismatched files raise ValueError or OSError here
         (naming the file): a server must not start on them."""
         material = await asyncio.to_thread(_read_material, self._tls) if self._tls is not None else None
-        self._client = self._connect(material)
+        self._material = material
+        try:
+            self.addresses = (await etcd_endpoints.resolve(self._parsed, self._lookup)).addresses
+        except StoreUnavailable as exc:
+            # Not fatal here: etcd may come up (and its names appear in DNS) after us. Every
+            # operation fails with this until a name resolves; the caller decides how long to wait.
+            self._unresolved = str(exc)
+            log.warning("%s", exc)
+        else:
+            self._client = self._connect(material)
+        if not all(e.literal for e in self._parsed):
+            self._resolver = asyncio.create_task(self._follow_names(), name="etcd-resolve")
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     def _connect(self, material: _Material | None) -> _Client:
+        self._manager.target = etcd_endpoints.target(self.addresses)
         if material is None:
             return _Client(self._manager.get_channel(), None)
         channel = self._manager.get_channel(
@@ -321,6 +358,9 @@ class Store:
         return _Client(channel, material)
 
     async def close(self) -> None:
+        if self._resolver is not None:
+            await stop_task(self._resolver)
+            self._resolver = None
         await self._puts.close()
         for client, task in list(self._retiring.items()):
             await stop_task(task)
@@ -346,8 +386,49 @@ class Store:
 
     def _current(self) -> _Client:
         if self._client is None:
-            raise StoreUnavailable("etcd client is closed")
+            raise StoreUnavailable(self._unresolved or "etcd client is closed")
         return self._client
+
+    async def _follow_names(self) -> None:
+        """Resolve the names again every ``resolve_every`` and soon after a failure (a
+        member rescheduled elsewhere answers under its name at a new address); a new answer
+        moves every operation and the watch to a channel over the new addresses."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_RESOLVE_MIN if self._client is None else self._resolve_every):
+                    await self._resolve_now.wait()
+            self._resolve_now.clear()
+            try:
+                resolved = await etcd_endpoints.resolve(self._parsed, self._lookup)
+            except StoreUnavailable as exc:
+                if self._client is None:
+                    self._unresolved = str(exc)
+                elif str(exc) != self._unresolved:  # the addresses we have may still work: kept
+                    log.warning("%s; still dialling %s", exc, ", ".join(self.addresses))
+                    self._unresolved = str(exc)
+                await asyncio.sleep(_RESOLVE_MIN)  # failures come in bursts: one resolution per burst
+                continue
+            if resolved.failures and resolved.addresses != self.addresses:
+                log.warning("etcd: left out, as they do not resolve: %s", ", ".join(resolved.failures))
+            self._unresolved = ""
+            if resolved.addresses != self.addresses:
+                async with self._reloading:
+                    log.info(
+                        "etcd: %s now resolve to %s (were %s): moving to them",
+                        ",".join(self.endpoints),
+                        ", ".join(resolved.addresses),
+                        ", ".join(self.addresses) or "none",
+                    )
+                    self.addresses = resolved.addresses
+                    old = self._client
+                    self._client = self._connect(old.material if old is not None else self._material)
+                if old is not None:
+                    self._retire(old)
+            await asyncio.sleep(_RESOLVE_MIN)  # failures come in bursts: one resolution per burst
+
+    def _failed(self) -> None:
+        """An operation failed: the names may resolve elsewhere by now."""
+        self._resolve_now.set()
 
     @contextlib.asynccontextmanager
     async def _call(self, what: str, timeout: float | None = None, key: bytes = b"") -> AsyncIterator[_Client]:
@@ -361,11 +442,15 @@ class Store:
             async with asyncio.timeout(limit):
                 yield client
         except TimeoutError:
+            self._failed()
             raise StoreUnavailable(
                 f"etcd at {','.join(self.endpoints)} did not answer {what} within {limit:g}s"
             ) from None
         except (EtcdError, grpc.aio.AioRpcError) as exc:
-            raise self._translate(exc, what, key) from None
+            error = self._translate(exc, what, key)
+            if isinstance(error, StoreUnavailable):
+                self._failed()
+            raise error from None
         finally:
             client.leave()
 
@@ -435,11 +520,15 @@ class Store:
             material.identity,
             f"{material.expires:%Y-%m-%d %H:%M} UTC" if material.expires else "-",
         )
+        self._retire(old)
+        return True
+
+    def _retire(self, old: _Client) -> None:
+        """``old`` has been replaced: what is under way on it finishes there, the watch moves over."""
         old.retired = True
         for requests in old.watches:  # an answer wakes the watch, which then moves over
             requests.put_nowait(WatchRequest(progress_request=_rpc.WatchProgressRequest()))
         self._retiring[old] = asyncio.create_task(self._close_when_idle(old), name="etcd-client-retire")
-        return True
 
     async def _close_when_idle(self, client: _Client) -> None:
         with contextlib.suppress(TimeoutError):
@@ -447,10 +536,10 @@ class Store:
                 while client.users:
                     await client.idle.wait()
         if client.users:
-            log.warning("etcd TLS: closing the previous client with %d operations still on it", client.users)
+            log.warning("etcd: closing the previous client with %d operations still on it", client.users)
         await client.close()
         self._retiring.pop(client, None)
-        log.info("etcd TLS: the previous client is closed")
+        log.info("etcd: the previous client is closed")
 
     # --- writes -----------------------------------------------------------------------
 
@@ -801,10 +890,12 @@ class Store:
                     return
             if client.retired:  # closed under us after the grace: go on with the new client
                 return
+            self._failed()
             raise StoreUnavailable(f"etcd at {','.join(self.endpoints)} closed the watch stream")
         except grpc.aio.AioRpcError as exc:
             if client.retired:
                 return
+            self._failed()
             raise StoreUnavailable(f"etcd watch at {','.join(self.endpoints)} broke: {_describe(exc)}") from None
         finally:
             client.watches.discard(requests)
@@ -915,14 +1006,15 @@ def _batch(resp: Any) -> WatchBatch:
     return WatchBatch(resp.header.revision, requested=resp.watch_id == -1)
 
 
-def _server_name(endpoints: Sequence[str]) -> str:
-    """The name to check etcd's certificate against when the config gives none."""
+def _server_name(endpoints: Sequence[etcd_endpoints.Endpoint]) -> str:
+    """The name to check etcd's certificate against when the config gives none: the one
+    endpoint's host (a name that resolves to several members: each certificate carries it)."""
     if len(endpoints) != 1:
         raise ValueError(
-            f"etcd over TLS at {','.join(endpoints)}: several endpoints need a TLS server name "
+            f"etcd over TLS at {','.join(e.text for e in endpoints)}: several endpoints need a TLS server name "
             "(etcd_server_name: a DNS name every member's certificate carries), since one channel balances over them"
         )
-    return endpoints[0].rsplit(":", 1)[0]
+    return endpoints[0].host
 
 
 def _describe(exc: BaseException) -> str:

@@ -8,7 +8,7 @@ import os
 import sys
 
 from discovery import eventloop
-from discovery.cli import certs, dev, drill, instances, lookup, serve, status, xds
+from discovery.cli import certs, dev, drill, health, instances, lookup, serve, status, xds
 from discovery.cli._common import EXIT_CODES_HELP, FAILED, OK, CommandError, describe, exit_code
 from discovery.errors import DiscoveryError
 from discovery_client import DiscoveryClientError
@@ -21,6 +21,7 @@ Examples (try them on this machine):
   discovery register web 127.0.0.1:8080 --server 127.0.0.1:7400
   discovery resolve web --server 127.0.0.1:7400
   discovery status
+  discovery health --server 127.0.0.1:7400   # exit 0 when SERVING, else 4
   discovery xds-bootstrap > bootstrap.json   # for stock gRPC clients
   discovery drill region-hang --cluster STATE_DIR/cluster.json
   discovery certs issue --ca-dir STATE_DIR/tls --out web \\
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (serve, dev, instances, lookup, status, xds, drill, certs):
+    for module in (serve, dev, instances, lookup, status, health, xds, drill, certs):
         module.add_parsers(sub)
     return parser
 

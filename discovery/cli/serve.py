@@ -7,10 +7,11 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 import tomllib
 from pathlib import Path
 
-from discovery import eventloop, telemetry
+from discovery import config_check, eventloop, telemetry
 from discovery.cli._common import OK, add_verb
 from discovery.config import load
 from discovery.server import Server
@@ -24,6 +25,8 @@ SERVE_EXAMPLES = """examples:
   discovery serve --region us-east --etcd 127.0.0.1:2379 --insecure
   # a config file; flags win over it:
   discovery serve --config /etc/discovery/server.toml --listen 0.0.0.0:7400
+  # check it (files too; no etcd, no listening); exit 2 names the setting:
+  discovery serve --config /etc/discovery/server.toml --check-config
   # other regions, nearest first:
   discovery serve --region us-east --etcd 127.0.0.1:2379 \\
       --peer eu-west=10.1.0.1:7400,10.1.0.2:7400 --peer ap-south=10.2.0.1:7400
@@ -32,6 +35,8 @@ config file (TOML, top level or a [server] table; only region is required):
   region = "us-east"
   listen = "0.0.0.0:7400"
   etcd = ["10.0.0.1:2379", "10.0.0.2:2379", "10.0.0.3:2379"]
+  # or names, resolved at start and again (every A/AAAA record is used):
+  # etcd = ["etcd-0.etcd.us-east.svc:2379", "etcd-1.etcd.us-east.svc:2379"]
   # nearest first; FAILOVER follows this order:
   peers = ["eu-west=10.1.0.1:7400,10.1.0.2:7400", "ap-south=10.2.0.1:7400"]
   advertise = "10.0.0.5:7400"   # how Status and peers name this server
@@ -57,6 +62,7 @@ config file (TOML, top level or a [server] table; only region is required):
   etcd_ca = "/etc/discovery/etcd/ca.pem"   # etcd over TLS, client-cert auth
   etcd_cert = "/etc/discovery/etcd/us-east.pem"
   etcd_key = "/etc/discovery/etcd/us-east-key.pem"
+  etcd_server_name = "etcd.us-east.svc"  # on every member's certificate
   dns_listen = "127.0.0.1:8600"  # DNS, UDP and TCP (docs/dns.md); off if unset
   dns_domain = "discovery."     # names are SERVICE.service.discovery.
   dns_ttl_seconds = 5           # TTL of every answer, and of NXDOMAIN/NODATA
@@ -83,6 +89,12 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     p.add_argument("--listen", metavar="HOST:PORT", help="gRPC address (default 127.0.0.1:7400)")
     p.add_argument("--etcd", metavar="HOST:PORT[,HOST:PORT...]", help="the region's etcd members")
     p.add_argument("--config", metavar="FILE", help="TOML config file")
+    p.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the settings and the files they name as serve would, without etcd or listening; "
+        "print the effective config (TOML) and exit 0, or exit 2 naming the setting",
+    )
     p.add_argument("--grace", type=float, dest="grace_seconds", metavar="SECONDS", help="shutdown grace period")
     p.add_argument(
         "--peer",
@@ -227,6 +239,9 @@ async def serve(args: argparse.Namespace) -> int:
             **{name: getattr(args, name) for name in _SECURITY_FLAGS},
         },
     )
+    if args.check_config:
+        sys.stdout.write(config_check.render(config, config_check.check(config)))
+        return OK
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -122,8 +122,10 @@ class EtcdProcess:
         cluster_token: str = "",
         tls: EtcdServerTls | None = None,
         quota_backend_bytes: int = 0,
+        client_host: str = "127.0.0.1",
     ) -> None:
-        """``tls``: serve TLS with client-certificate auth on the client port (peers stay
+        """``client_host``: the address the client port listens on (``::1``: IPv6 loopback).
+        ``tls``: serve TLS with client-certificate auth on the client port (peers stay
         plaintext on 127.0.0.1). ``quota_backend_bytes``: etcd's space quota (0: its default),
         small to raise the NOSPACE alarm in tests."""
         self.data_dir = data_dir
@@ -135,16 +137,18 @@ class EtcdProcess:
         self.cluster_token = cluster_token
         self.tls = tls
         self.quota_backend_bytes = quota_backend_bytes
+        self.client_host = client_host
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.client_port}"
+        host = f"[{self.client_host}]" if ":" in self.client_host else self.client_host
+        return f"{host}:{self.client_port}"
 
     @property
     def client_url(self) -> str:
-        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.client_port}"
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
 
     @property
     def peer_url(self) -> str:
@@ -330,9 +334,18 @@ class EtcdCluster:
     every peer; members start together because each waits for a quorum before it is healthy.
     """
 
-    def __init__(self, base_dir: Path, size: int = 3, *, name: str = "etcd", ports: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        base_dir: Path,
+        size: int = 3,
+        *,
+        name: str = "etcd",
+        ports: Sequence[int] = (),
+        client_hosts: Sequence[str] = (),
+    ) -> None:
         """``ports``: ``2 * size`` ports, the client ports then the peer ports; free ones by
-        default. A caller starting several clusters passes ports it chose in one call."""
+        default. A caller starting several clusters passes ports it chose in one call.
+        ``client_hosts``: each member's client address (default 127.0.0.1)."""
         if size < 1:
             raise ValueError("an etcd cluster needs at least one member")
         ports = list(ports) or free_ports(2 * size)
@@ -350,6 +363,7 @@ class EtcdCluster:
                 peer_port=ports[size + i],
                 initial_cluster=initial,
                 cluster_token=token,
+                client_host=client_hosts[i] if client_hosts else "127.0.0.1",
             )
             for i in range(size)
         ]

@@ -312,7 +312,8 @@ async def test_serve_stops_cleanly_on_sigterm_while_waiting_for_etcd() -> None:
     [
         ('region = "us-east"\ngrace_seconds = "5"\n', "grace_seconds: expected a number"),
         ('region = "us-east"\netcd = 2379\n', "etcd: expected a list"),
-        ('region = "us-east"\netcd = ["etcd.internal:2379"]\n', "IPv4:PORT"),
+        # Names are fine (resolved by the store); a bare IPv6 address is not.
+        ('region = "us-east"\netcd = ["::1:2379"]\n', "etcd: '::1:2379': write an IPv6 address as [ADDR]:PORT"),
         ('region = "us-east"\nlisten = 7400\n', "listen: expected a string"),
     ],
 )

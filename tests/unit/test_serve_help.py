@@ -38,6 +38,7 @@ VERBS = [
     ["resolve"],
     ["watch"],
     ["status"],
+    ["health"],
     ["xds-bootstrap"],
     ["xds-clients"],
     ["drill"],
