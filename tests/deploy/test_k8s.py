@@ -271,3 +271,21 @@ def test_network_policies(region: str) -> None:
     blocks = [s["ipBlock"]["cidr"] for s in grpc_sources if "ipBlock" in s]
     assert len(blocks) == len(REGIONS) - 1, "one address block per other region"
     assert "192.0.2.0/24" not in blocks, "the base's placeholder is replaced by the overlay"
+
+
+@pytest.mark.parametrize("version", KUBERNETES)
+def test_restore_job_validates_once_filled_in(version: str) -> None:
+    text = (DEPLOY / "k8s/runbooks/etcd-restore.yaml").read_text()
+    filled = text.replace("MEMBER", "etcd-1").replace("SNAPSHOT", "etcd-20261201T001700Z.db")
+    job = yaml.safe_load(filled)
+    kubernetes_validate.validate(job, version, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    (restore,) = pod["containers"]
+    assert etcd_version(restore["image"]) >= MIN_ETCD
+    assert flag(restore["args"], "--data-dir") == "/var/lib/etcd/data", "where the StatefulSet's etcd looks"
+    assert flag(restore["args"], "--name") == "etcd-1"
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
+    assert claims == {"data-etcd-1", "etcd-snapshots"}
+    sts = one(render("us-east"), "StatefulSet", "etcd")
+    assert flag(container(sts, "etcd")["args"], "--data-dir") == "/var/lib/etcd/data"
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] + "-etcd-1" == "data-etcd-1"
