@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
 
+from discovery.devtools.process import free_port
 from tests.deploy.support import (
     DEPLOY,
     MIN_ETCD,
@@ -21,6 +23,7 @@ from tests.deploy.support import (
     load_toml,
     peer_regions,
     port,
+    run,
     seconds,
 )
 
@@ -57,7 +60,7 @@ def test_etcd_members(region: str) -> None:
     members = services(region, "etcd")
     assert len(members) == 3
     volumes = set()
-    for name, member in members.items():
+    for member in members.values():
         assert etcd_version(member["image"]) >= MIN_ETCD
         args = member["command"]
         assert seconds(flag(args, "--grpc-keepalive-min-time")) <= 1.0
@@ -114,3 +117,14 @@ def test_published_ports_are_distinct_and_the_drill_file_names_them() -> None:
             p.split(":")[1] for s in services(region, "discovery").values() for p in s["ports"] if p.endswith(":7400")
         )
         assert sorted(a.split(":")[1] for a in entry["servers"]) == grpc_ports
+
+
+def test_server_healthcheck_command_runs() -> None:
+    """The servers' healthcheck is a real command: `discovery health` with exactly these
+    arguments parses and, with nothing serving at the address, exits 4 (not SERVING), not 2."""
+    (name, server), *_ = services("us-east", "discovery").items()
+    command = server["healthcheck"]["test"][1:]
+    at = command.index("--server") + 1
+    command[at] = f"127.0.0.1:{free_port()}"  # nothing listens there
+    result = run(sys.executable, "-m", "discovery", *command[1:], timeout=60)
+    assert result.returncode == 4, f"{name}: {command}: {result.returncode} {result.stdout}{result.stderr}"
