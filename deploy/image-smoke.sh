@@ -67,6 +67,10 @@ cleanup() {
     buildah rm "$ctr" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+# the OpenTelemetry proto fix held (tests/xds/test_packaging.py's check), as the image's user
+buildah run --isolation chroot --user 10001:0 "$ctr" -- python -c '
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope'
 buildah run --isolation chroot --network host --user 10001:0 "$ctr" -- \
     discovery serve --region us-east --listen "127.0.0.1:$grpc_port" --etcd "127.0.0.1:$etcd_port" --insecure \
     >"$work/server.log" 2>&1 &
