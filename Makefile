@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install dev test test-fast lint proto bench clean
+.PHONY: install dev test test-fast lint proto bench clean image-smoke
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ proto: install  ## regenerate clients/python/discovery_pb/ from proto/
 
 bench: install
 	$(BIN)/python bench/resolve_bench.py
+
+image-smoke: install  ## opt-in, root: build the image with buildah from a debootstrapped base, offline from deploy/wheelhouse, serve, register, resolve
+	VENV=$(VENV) deploy/image-smoke.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
