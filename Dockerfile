@@ -21,8 +21,8 @@ COPY discovery/ discovery/
 RUN python -m pip wheel --wheel-dir /wheels --find-links /wheelhouse ./clients/python \
     && python -m pip wheel --wheel-dir /wheels --find-links /wheelhouse --find-links /wheels .
 # A virtual environment the final stage copies whole (same base image, same paths).
-# xds-protos ships an old copy of opentelemetry/proto over opentelemetry-proto's
-# (grpc/grpc#42926), which breaks the OTLP exporters: put the real one back, as the Makefile
+# xds-protos ships an old copy of opentelemetry/proto over opentelemetry-proto's,
+# which breaks the OTLP exporters: put the real one back, as the Makefile
 # does (the version is the one just installed, so DL3013's pin is there).
 # hadolint ignore=DL3013
 RUN python -m venv /opt/discovery \

@@ -10,7 +10,7 @@ $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	@# The client first: the server depends on discovery-client, which no index has.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ./clients/python
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	@# xds-protos ships an old copy of opentelemetry/proto over opentelemetry-proto's (grpc/grpc#42926),
+	@# xds-protos ships an old copy of opentelemetry/proto over opentelemetry-proto's,
 	@# which breaks the OTLP exporters; put the real one back (tests/xds/test_packaging.py checks).
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps \
 		"opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
