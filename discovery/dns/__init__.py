@@ -2,17 +2,17 @@
 
 ``names`` parses the names (read from the right) and encodes instance ids as labels,
 ``answers`` turns the view's records into DNS answers (the endpoints chosen by
-``discovery.query.select``, as Resolve chooses them), ``ratelimit`` limits UDP responses per
-source, ``listener`` serves UDP and TCP on the server's event loop. The server builds one
+``discovery.query.select``, as Resolve chooses them), ``ratelimit`` limits responses per
+network and in all, ``listener`` serves UDP and TCP on the server's event loop. The server builds one
 with ``dns_listener``.
 """
 
 from collections.abc import Callable
 
-from discovery.dns.answers import MAX_UDP_PAYLOAD, Answers, Records, Regions
+from discovery.dns.answers import MAX_UDP_PAYLOAD, Answers, Records, Regions, make_response
 from discovery.dns.listener import Counters, DnsListener, udp_size
 from discovery.dns.names import InstanceName, Kind, ServiceName, instance_label, parse, target_labels
-from discovery.dns.ratelimit import ResponseRateLimit, Verdict
+from discovery.dns.ratelimit import ResponseRateLimit, Verdict, network
 
 
 def dns_listener(
@@ -27,7 +27,12 @@ def dns_listener(
 ) -> DnsListener:
     """The DNS port of one server (not bound until ``start()``)."""
     answers = Answers(view, states, domain=domain, ttl=ttl, visible=visible)
-    return DnsListener(answers, listen, rate_limit=ResponseRateLimit(rate_limit))
+    return DnsListener(
+        answers,
+        listen,
+        rate_limit=ResponseRateLimit(rate_limit),
+        tcp_rate_limit=ResponseRateLimit(rate_limit, slip=0),
+    )
 
 
 __all__ = [
@@ -44,6 +49,8 @@ __all__ = [
     "Verdict",
     "dns_listener",
     "instance_label",
+    "make_response",
+    "network",
     "parse",
     "target_labels",
     "udp_size",

@@ -62,14 +62,35 @@ class Regions(Protocol):
     def servable(self, region: str) -> bool: ...
 
 
+def make_response(query: dns.message.Message) -> dns.message.Message:
+    """The empty response to ``query`` every answer starts from: never padded (dnspython
+    pads a response to 468 bytes when the query carries an EDNS PADDING option, RFC 8467:
+    for encrypted transports, which this port is not; on UDP it would only amplify), and with
+    EDNS our own buffer size, whatever the query's."""
+    return dns.message.make_response(query, our_payload=MAX_UDP_PAYLOAD, pad=0)
+
+
 @dataclass(frozen=True, slots=True)
 class _Endpoint:
     """One record, decoded once per service generation, with its DNS data ready."""
 
     instance_id: str
+    label: str  # instance_label(instance_id): its label in SRV target names
     address: dns.rdata.Rdata | None  # A or AAAA; None for a hostname
     srv: dns.rdata.Rdata | None  # None when no target name fits (too long)
     target: dns.name.Name | None  # the SRV target when it is ours (its A/AAAA goes in additional)
+
+
+class _Generation:
+    """What is decoded of one generation of a service's records: each record's DNS data, and
+    which records an instance label names (built at the first instance query, then O(1))."""
+
+    __slots__ = ("by_label", "by_record", "generation")
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation
+        self.by_record: dict[int, _Endpoint | None] = {}
+        self.by_label: dict[tuple[str, str], list[Record]] | None = None
 
 
 class Answers:
@@ -90,7 +111,7 @@ class Answers:
         self._ttl = ttl
         self._visible = visible
         self._rank = {states.region: 0} | {peer: i + 1 for i, peer in enumerate(states.peers)}
-        self._decoded: dict[str, tuple[int, dict[int, _Endpoint | None]]] = {}
+        self._decoded: dict[str, _Generation] = {}
         self._soa_mname = dns.name.Name((b"ns", *self.origin.labels))
         self._soa_rname = dns.name.Name((b"hostmaster", *self.origin.labels))
 
@@ -101,7 +122,7 @@ class Answers:
     def respond(self, query: dns.message.Message) -> tuple[dns.message.Message, str]:
         """The response, and the service it depends on ("" for none): the answer stays the
         same while ``token(service)`` does."""
-        response = dns.message.make_response(query, our_payload=MAX_UDP_PAYLOAD)
+        response = make_response(query)
         question = query.question[0]
         qname, qtype = question.name, question.rdtype
         if question.rdclass not in (IN, dns.rdataclass.ANY) or not qname.is_subdomain(self.origin):
@@ -162,20 +183,21 @@ class Answers:
             self._negative(response, dns.rcode.NOERROR)
 
     def _instance(self, response: dns.message.Message, qname: dns.name.Name, qtype: int, name: InstanceName) -> None:
-        records = self._known(name.service)
-        if name.region != self._states.region and not self._states.servable(name.region):
-            records = []
-        found = None
-        for endpoint in self._endpoints(name.service, [r for r in records if r.region == name.region]):
-            if instance_label(endpoint.instance_id) == name.label:
-                found = endpoint
-                break
-        if found is None:
+        """An SRV target's own A/AAAA. The name exists while the instance is one an SRV answer
+        could name: visible, in a servable region, serving (the rule of ``discovery.query``,
+        as for the service's names and Resolve) and registered by address. Otherwise
+        NXDOMAIN; NODATA when it exists but has no record of the type asked."""
+        candidates: list[Record] = []
+        if self._visible(name.service):
+            candidates = self._labelled(name.service, name.region, name.label)
+        serving = self._select(ServiceName(name.service, name.region), candidates) if candidates else []
+        addresses = [e.address for e in self._endpoints(name.service, serving) if e.address is not None]
+        if not addresses:
             self._negative(response, dns.rcode.NXDOMAIN)
             return
-        address = found.address
-        if address is not None and qtype in (address.rdtype, dns.rdatatype.ANY):
-            response.answer.append(dns.rrset.from_rdata_list(qname, self._ttl, [address]))
+        wanted = [a for a in addresses if qtype in (a.rdtype, dns.rdatatype.ANY)]
+        if wanted:
+            response.answer.append(dns.rrset.from_rdata_list(qname, self._ttl, wanted[:1]))
         else:
             self._negative(response, dns.rcode.NOERROR)
 
@@ -184,6 +206,20 @@ class Answers:
         if not self._visible(service):
             return []  # answered as if it did not exist: its existence is not shown either
         return list(self._view.service(service))
+
+    def _labelled(self, service: str, region: str, label: str) -> list[Record]:
+        """The records (any status) of ``service`` in ``region`` whose id has ``label``: a map
+        built once per generation of the service's records, so an instance query is not a
+        walk over every instance encoding each id."""
+        generation = self._decoded_generation(service)
+        if generation.by_label is None:
+            records = list(self._view.service(service))
+            by_label: dict[tuple[str, str], list[Record]] = {}
+            for record, endpoint in zip(records, self._decode_all(generation, service, records), strict=True):
+                if endpoint is not None:
+                    by_label.setdefault((record.region, endpoint.label), []).append(record)
+            generation.by_label = by_label
+        return generation.by_label.get((region, label), [])
 
     def _select(self, name: ServiceName, records: list[Record]) -> list[Record]:
         states = self._states
@@ -198,23 +234,28 @@ class Answers:
 
     # --- records --------------------------------------------------------------------------
 
-    def _endpoints(self, service: str, records: Sequence[Record]) -> list[_Endpoint]:
+    def _decoded_generation(self, service: str) -> _Generation:
         generation = self._view.service_generation(service)
         cached = self._decoded.get(service)
-        if cached is None or cached[0] != generation:
+        if cached is None or cached.generation != generation:
             if len(self._decoded) > 4096:  # services come and go
                 self._decoded.clear()
-            cached = self._decoded[service] = (generation, {})
+            cached = self._decoded[service] = _Generation(generation)
+        return cached
+
+    def _endpoints(self, service: str, records: Sequence[Record]) -> list[_Endpoint]:
+        generation = self._decoded_generation(service)
+        return [e for e in self._decode_all(generation, service, records) if e is not None]
+
+    def _decode_all(self, generation: _Generation, service: str, records: Sequence[Record]) -> list[_Endpoint | None]:
         # Keyed by the record object: within one generation the view holds the same ones.
-        by_record = cached[1]
+        by_record = generation.by_record
         out = []
         for record in records:
             key = id(record)
             if key not in by_record:
                 by_record[key] = self._decode(service, record)
-            endpoint = by_record[key]
-            if endpoint is not None:
-                out.append(endpoint)
+            out.append(by_record[key])
         return out
 
     def _decode(self, service: str, record: Record) -> _Endpoint | None:
@@ -237,12 +278,12 @@ class Answers:
                 srv_target = dns.name.from_text(host)  # a hostname is its own target
         except dns.exception.DNSException as exc:
             log.debug("dns: %s/%s has no DNS form: %s", service, instance.instance_id, exc)
-            return _Endpoint(instance.instance_id, address, None, None)
+            return _Endpoint(instance.instance_id, instance_label(instance.instance_id), address, None, None)
         priority = self._rank.get(record.region, len(self._rank))
         srv = None
         if srv_target is not None:
             srv = _rdata(SRV, dns.rdatatype.SRV, priority, min(instance.weight, 65535), port, srv_target)
-        return _Endpoint(instance.instance_id, address, srv, target)
+        return _Endpoint(instance.instance_id, instance_label(instance.instance_id), address, srv, target)
 
     def _target(self, service: str, region: str, instance_id: str) -> dns.name.Name | None:
         """None when the name would be too long (a service name near 253 characters) or the

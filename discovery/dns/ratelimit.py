@@ -1,20 +1,32 @@
-"""Response rate limiting per source address, so the UDP port cannot be used to amplify
-traffic at a spoofed address (docs/dns.md, "Limits").
+"""Response rate limiting, so the DNS port cannot be used to amplify traffic at a spoofed
+address nor be flooded into answering without bound (docs/dns.md, "Limits").
 
-A token bucket per source address: ``rate`` responses per second, ``burst`` at once. Past it
-a query is answered, every ``slip``-th time, by an empty truncated response (no larger than
-the query: no amplification) so that a real client behind that address retries over TCP,
-which a spoofer cannot; otherwise it is dropped. TCP is not limited here: it cannot be
-spoofed, and its connections are limited by the listener.
+Sources are counted by network, as BIND's RRL counts them: an IPv4 address by its /24, an
+IPv6 address by its /56 (an IPv4-mapped IPv6 address as IPv4). A spoofer picking random
+addresses inside one network therefore shares one bucket, and a victim network receives at
+most one bucket's worth however many of its addresses are named.
+
+A token bucket per network: ``rate`` responses per second, ``burst`` at once. On top of it a
+global bucket (``global_rate``, 16 times ``rate`` unless given) bounds what all networks
+together get, so many sources cannot add up to an unbounded flood of answers. Past either, a
+query is answered, every ``slip``-th time, by an empty truncated response (no larger than the
+query: no amplification) so that a real client behind that address retries over TCP, which a
+spoofer cannot; otherwise it is dropped. The listener keeps a second, separate limit for TCP
+(``slip`` 0: a TCP query over it is refused), so a UDP flood in someone's name never shuts that
+someone out of TCP.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable
 from enum import Enum
 
 MAX_SOURCES = 65_536  # buckets kept; past it the idlest half is forgotten (forgotten = full)
+GLOBAL_FACTOR = 16  # the global budget, in per-network rates, when none is given
+IPV4_PREFIX = 24
+IPV6_PREFIX = 56
 
 
 class Verdict(Enum):
@@ -23,44 +35,78 @@ class Verdict(Enum):
     DROP = "drop"
 
 
+def network(source: str) -> str:
+    """The key ``source`` is counted under: its /24 (IPv4) or /56 (IPv6), as text."""
+    host = source.partition("%")[0]  # an IPv6 zone (fe80::1%eth0) is no part of the address
+    if "." in host and ":" not in host:
+        head, dot, _ = host.rpartition(".")
+        return head + dot if dot else host
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # not an address (a Unix socket's name): counted as itself
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return network(str(address.ipv4_mapped))
+    prefix = IPV4_PREFIX if address.version == 4 else IPV6_PREFIX
+    return str(ipaddress.ip_network((address, prefix), strict=False))
+
+
 class ResponseRateLimit:
-    """``rate`` 0 turns limiting off."""
+    """``rate`` 0 turns limiting off (the global budget too)."""
 
     def __init__(
-        self, rate: float, burst: float = 0.0, *, slip: int = 2, clock: Callable[[], float] = time.monotonic
+        self,
+        rate: float,
+        burst: float = 0.0,
+        *,
+        global_rate: float | None = None,
+        slip: int = 2,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.rate = rate
         self.burst = max(1.0, burst or rate)
+        self.global_rate = GLOBAL_FACTOR * rate if global_rate is None else global_rate
+        self._global_burst = max(1.0, self.global_rate)
+        self._global = (self._global_burst, clock())
         self.slip = slip
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float, int]] = {}  # source -> (tokens, at, refused)
+        self._buckets: dict[str, tuple[float, float, int]] = {}  # network -> (tokens, at, refused)
         self.dropped = 0
         self.slipped = 0
+        self.over_global = 0  # refusals with tokens left for the network: the global budget's
 
     def check(self, source: str) -> Verdict:
         if not self.rate:
             return Verdict.ANSWER
         now = self._clock()
-        tokens, at, refused = self._buckets.pop(source, (self.burst, now, 0))
+        key = network(source)
+        tokens, at, refused = self._buckets.pop(key, (self.burst, now, 0))
         tokens = min(self.burst, tokens + (now - at) * self.rate)
-        if tokens >= 1.0:
-            self._keep(source, (tokens - 1.0, now, 0))
+        shared, shared_at = self._global
+        shared = min(self._global_burst, shared + (now - shared_at) * self.global_rate)
+        if tokens >= 1.0 and shared >= 1.0:
+            self._global = (shared - 1.0, now)
+            self._keep(key, (tokens - 1.0, now, 0))
             return Verdict.ANSWER
+        self._global = (shared, now)
+        if tokens >= 1.0:
+            self.over_global += 1
         refused += 1
-        self._keep(source, (tokens, now, refused))
+        self._keep(key, (tokens, now, refused))
         if self.slip and refused % self.slip == 0:
             self.slipped += 1
             return Verdict.SLIP
         self.dropped += 1
         return Verdict.DROP
 
-    def _keep(self, source: str, bucket: tuple[float, float, int]) -> None:
+    def _keep(self, key: str, bucket: tuple[float, float, int]) -> None:
         # Re-inserted at every query, so the dict's order is least recently seen first.
-        self._buckets[source] = bucket
+        self._buckets[key] = bucket
         if len(self._buckets) > MAX_SOURCES:
             for stale in list(self._buckets)[: MAX_SOURCES // 2]:
                 del self._buckets[stale]
 
     @property
     def sources(self) -> int:
+        """Networks with a bucket."""
         return len(self._buckets)

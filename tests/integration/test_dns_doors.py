@@ -137,7 +137,7 @@ async def test_garbage_packets_get_formerr_or_nothing_and_the_server_keeps_answe
     await stubs.channel.close()
 
 
-async def test_a_query_flood_is_rate_limited_per_source_and_grpc_keeps_answering(
+async def test_a_query_flood_is_rate_limited_per_network_and_grpc_keeps_answering(
     servers: Servers, etcd: EtcdProcess
 ) -> None:
     rate = 50
@@ -147,7 +147,8 @@ async def test_a_query_flood_is_rate_limited_per_source_and_grpc_keeps_answering
     port = server.dns_port
     assert dnsq.addresses(await dnsq.udp(port, "web.service.discovery.")) == {"10.0.0.1"}
     flood = 2000
-    async with raw(port) as client, raw(port, source="127.0.0.2") as bystander:
+    # 127.0.1.1 is not in the flooding source's /24 (sources count by network).
+    async with raw(port) as client, raw(port, source="127.0.1.1") as bystander:
         start = time.monotonic()
         wire = query().to_wire()
         for i in range(flood):
@@ -168,12 +169,12 @@ async def test_a_query_flood_is_rate_limited_per_source_and_grpc_keeps_answering
         # At most the burst plus the refill over the flood's duration; the rest dropped or slipped.
         assert full <= rate + rate * elapsed + 1, (full, elapsed)
         assert slipped > 0 and full + slipped < flood
-        # Another source is not limited by this one's flood.
+        # Another network is not limited by this one's flood.
         bystander.send(query().to_wire())
         reply = await bystander.reply(2.0)
         assert reply is not None and dnsq.addresses(dns.message.from_wire(reply)) == {"10.0.0.1"}
     assert server.dns.limit.dropped > 0
-    # The flooded source is answered again once its bucket refills; TCP never was limited.
+    # The flooded source is answered again once its bucket refills; TCP has a bucket of its own.
     assert dnsq.addresses(await dnsq.tcp(port, "web.service.discovery.")) == {"10.0.0.1"}
 
     async def answered_again() -> bool:
@@ -184,6 +185,38 @@ async def test_a_query_flood_is_rate_limited_per_source_and_grpc_keeps_answering
 
     await eventually(answered_again, timeout=5)
     assert server.dns.counters.failed == 0
+    await stubs.channel.close()
+
+
+async def test_addresses_of_one_network_share_its_rate(servers: Servers, etcd: EtcdProcess) -> None:
+    """A spoofer cycling through the addresses of one /24 fills one bucket, not one each."""
+    server, stubs = await dns_server(servers, etcd, dns_rate_limit=1.0)  # a burst of one, then one a second
+    await register(stubs, "web", "10.0.0.1:80")
+    assert server.dns is not None
+    port = server.dns_port
+    wire = query().to_wire()
+    async with (
+        raw(port) as client,
+        raw(port, source="127.0.0.9") as neighbour,
+        raw(port, source="127.0.1.1") as bystander,
+    ):
+        for _ in range(10):  # one answered, nine refused (dropped, slipped, dropped, ...)
+            client.send(wire)
+        replies = []
+        while (reply := await client.reply(0.5)) is not None:
+            replies.append(dns.message.from_wire(reply))
+        assert sum(1 for r in replies if r.answer) == 1 and len(replies) <= 5
+        # The tenth refusal in the network: an empty truncated answer, not the records.
+        neighbour.send(wire)
+        limited = await neighbour.reply(2.0)
+        assert limited is not None and len(limited) <= len(wire)
+        message = dns.message.from_wire(limited)
+        assert message.flags & 0x0200 and message.answer == []
+        # Another network has its own bucket.
+        bystander.send(wire)
+        reply = await bystander.reply(2.0)
+        assert reply is not None and dnsq.addresses(dns.message.from_wire(reply)) == {"10.0.0.1"}
+    assert server.dns.counters.limited == 10
     await stubs.channel.close()
 
 
@@ -269,6 +302,88 @@ async def test_tcp_connections_are_bounded_and_idle_ones_closed(servers: Servers
         assert await asyncio.wait_for(reader.read(), 5) == b""
         writer.close()
     assert dnsq.addresses(await dnsq.tcp(server.dns_port, "web.service.discovery.")) == {"10.0.0.1"}
+    assert len((await resolve(stubs, "web")).endpoints) == 1
+    await stubs.channel.close()
+
+
+async def test_tcp_connections_are_bounded_per_source_and_refused_cleanly(servers: Servers, etcd: EtcdProcess) -> None:
+    server, stubs = await dns_server(servers, etcd)
+    await register(stubs, "web", "10.0.0.1:80")
+    listener = server.dns
+    assert listener is not None
+    listener.max_per_source = 2
+    port = server.dns_port
+
+    async def served(source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+        wire = query().to_wire()
+        writer.write(len(wire).to_bytes(2, "big") + wire)
+        async with asyncio.timeout(5):
+            length = int.from_bytes(await reader.readexactly(2), "big")
+            assert dnsq.addresses(dns.message.from_wire(await reader.readexactly(length))) == {"10.0.0.1"}
+        return reader, writer
+
+    held = [await served("127.0.0.1") for _ in range(2)]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await asyncio.wait_for(reader.read(), 5) == b""  # a third from the same address: closed at once
+    writer.close()
+    assert listener.counters.tcp_refused == 1
+    other = await served("127.0.0.2")  # another address is served meanwhile
+    for _, held_writer in [*held, other]:
+        held_writer.close()
+        await held_writer.wait_closed()
+
+    async def slot_back() -> bool:
+        try:
+            _, again = await served("127.0.0.1")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return False
+        again.close()
+        return True
+
+    await eventually(slot_back, timeout=5)  # a closed connection gives its slot back
+    assert len((await resolve(stubs, "web")).endpoints) == 1
+    await stubs.channel.close()
+
+
+async def test_tcp_queries_are_rate_limited_with_refused_and_the_connection_stays(
+    servers: Servers, etcd: EtcdProcess
+) -> None:
+    rate = 5
+    server, stubs = await dns_server(servers, etcd, dns_rate_limit=float(rate))
+    await register(stubs, "web", "10.0.0.1:80")
+    assert server.dns is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.dns_port)
+    sent = [query() for _ in range(40)]
+    start = time.monotonic()
+    writer.write(b"".join(len(w).to_bytes(2, "big") + w for w in (q.to_wire() for q in sent)))
+    rcodes = []
+    async with asyncio.timeout(10):
+        for sent_query in sent:
+            length = int.from_bytes(await reader.readexactly(2), "big")
+            reply = dns.message.from_wire(await reader.readexactly(length))
+            assert reply.id == sent_query.id and reply.question == sent_query.question
+            rcodes.append(reply.rcode())
+    elapsed = time.monotonic() - start
+    answered = rcodes.count(dns.rcode.NOERROR)
+    assert 1 <= answered <= rate + rate * elapsed + 1, (answered, elapsed)
+    assert rcodes.count(dns.rcode.REFUSED) == len(sent) - answered
+    assert server.dns.counters.limited == len(sent) - answered
+    # Same connection, later: answered again once the bucket refills.
+    async with asyncio.timeout(10):
+        while True:
+            again = query()
+            wire = again.to_wire()
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            length = int.from_bytes(await reader.readexactly(2), "big")
+            reply = dns.message.from_wire(await reader.readexactly(length))
+            if reply.rcode() == dns.rcode.NOERROR:
+                break
+            await asyncio.sleep(0.2)  # pacing a client's retries, not synchronisation
+    assert dnsq.addresses(reply) == {"10.0.0.1"}
+    writer.close()
+    # UDP has its own bucket: TCP's refusals did not spend it.
+    assert dnsq.addresses(await dnsq.udp(server.dns_port, "web.service.discovery.")) == {"10.0.0.1"}
     assert len((await resolve(stubs, "web")).endpoints) == 1
     await stubs.channel.close()
 

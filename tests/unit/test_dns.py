@@ -133,7 +133,7 @@ def test_the_rate_limit_answers_a_burst_then_slips_every_second_refusal_and_refi
     verdicts = [limit.check("192.0.2.1") for _ in range(9)]
     assert verdicts[:5] == [Verdict.ANSWER] * 5
     assert verdicts[5:] == [Verdict.DROP, Verdict.SLIP, Verdict.DROP, Verdict.SLIP]
-    assert limit.check("192.0.2.2") is Verdict.ANSWER  # per source
+    assert limit.check("198.51.100.1") is Verdict.ANSWER  # per network
     now[0] += 0.1  # one token back
     assert limit.check("192.0.2.1") is Verdict.ANSWER
     assert limit.check("192.0.2.1") is not Verdict.ANSWER
@@ -147,8 +147,8 @@ def test_a_zero_rate_is_no_limit_and_the_table_of_sources_stays_bounded() -> Non
     off = ResponseRateLimit(0)
     assert all(off.check("192.0.2.1") is Verdict.ANSWER for _ in range(10_000))
     limit = ResponseRateLimit(1)
-    for i in range(70_000):
-        limit.check(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
+    for i in range(70_000):  # as many networks (/24s)
+        limit.check(f"{10 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}.1")
     assert limit.sources <= 65_536
 
 
