@@ -189,7 +189,7 @@ class _Capped(asyncio.Protocol):
     is made, a 503 and a close. It decides in ``connection_made`` (synchronously, against a
     count that includes every connection made before), then passes everything through."""
 
-    __slots__ = ("_handler", "_refused", "_server", "_site", "_transport")
+    __slots__ = ("_handler", "_server", "_site", "_transport")
 
     def __init__(self, server: web.Server, site: CappedSite) -> None:
         self._server, self._site = server, site

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -17,6 +19,7 @@ from discovery.devtools.etcd import EtcdProcess
 from discovery.http import door
 from tests.support.helpers import eventually, register
 from tests.support.http import base, get_json
+from tests.support.secure import ADMIN, Pki
 from tests.support.servers import Servers
 
 pytestmark = pytest.mark.slow
@@ -36,9 +39,9 @@ class Raw:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, port: int) -> Raw:
+    async def open(cls, port: int, tls: ssl.SSLContext | None = None) -> Raw:
         async with asyncio.timeout(5):
-            return cls(*await asyncio.open_connection("127.0.0.1", port))
+            return cls(*await asyncio.open_connection("127.0.0.1", port, ssl=tls))
 
     async def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
         self.writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
@@ -76,9 +79,9 @@ async def test_an_idle_keep_alive_connection_is_closed(
             conn.close()
 
 
-async def _full(port: int, held: list[Raw]) -> None:
+async def _full(port: int, held: list[Raw], tls: ssl.SSLContext | None = None) -> None:
     """One connection over the cap is answered 503 and closed; the listener still serves."""
-    extra = await Raw.open(port)
+    extra = await Raw.open(port, tls)
     try:
         status, headers, body = await extra.get("/healthz")
         assert status == 503, body
@@ -118,6 +121,27 @@ async def test_each_listener_holds_a_bounded_number_of_connections(
         finally:
             for conn in held:
                 conn.close()
+
+
+async def test_the_https_listener_answers_over_its_cap_after_the_handshake(
+    servers: Servers, etcd: EtcdProcess, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(door, "MAX_CONNECTIONS", 1)
+    pki = Pki(tmp_path)
+    server = await servers.start(etcd, http_listen="127.0.0.1:0", http_max_streams=1, **pki.settings("us-east"))
+    assert server.http is not None and server.http.scheme == "https"
+    issued = pki.client(ADMIN)
+    assert issued.cert_path and issued.key_path
+    tls = ssl.create_default_context(cafile=str(pki.ca_path))
+    tls.load_cert_chain(issued.cert_path, issued.key_path)
+    held = [await Raw.open(server.http.port, tls) for _ in range(2)]
+    try:
+        for conn in held:
+            assert (await conn.get("/healthz"))[0] == 200
+        await _full(server.http.port, held, tls)
+    finally:
+        for conn in held:
+            conn.close()
 
 
 async def test_an_event_stream_waiting_for_a_future_revision_counts_against_the_limit(
