@@ -41,7 +41,7 @@ class RequestContext:
 
     def __init__(self, request: web.Request) -> None:
         peername = request.transport.get_extra_info("peername") if request.transport else None
-        self._peer = f"ipv4:{peername[0]}:{peername[1]}" if peername else "http:unknown"
+        self._peer = peer_of(peername)
         self._auth: Mapping[str, Sequence[bytes]] = {}
         sslobj = request.transport.get_extra_info("ssl_object") if request.transport else None
         if sslobj is not None:
@@ -54,6 +54,17 @@ class RequestContext:
 
     def auth_context(self) -> Mapping[str, Sequence[bytes]]:
         return self._auth
+
+
+def peer_of(peername: object) -> str:
+    """A socket's peer in gRPC's form (``ipv4:10.0.0.1:53122``, ``ipv6:[::1]:53122``), so the
+    audit log and ``Caller.peer`` read the same whichever door the call came through."""
+    if not isinstance(peername, tuple) or len(peername) < 2:
+        return "http:unknown"
+    host, port = peername[0], peername[1]
+    if ":" in str(host):
+        return f"ipv6:[{host}]:{port}"
+    return f"ipv4:{host}:{port}"
 
 
 _parsed: OrderedDict[bytes, Mapping[str, Sequence[bytes]]] = OrderedDict()

@@ -6,13 +6,21 @@ HTTPS requiring a client certificate when the server serves mTLS. ``metrics_list
 probes that hold no certificate. aiohttp runs inside the loop the gRPC server already runs
 in and installs no signal handlers (``handle_signals=False``): the server's shutdown order
 stays the one place that decides.
+
+Connections are bounded on both listeners: an idle keep-alive connection is closed after
+``KEEPALIVE_SECONDS`` (aiohttp's default is an hour, so idle clients would pile up), and a
+listener holding its cap of connections answers a new one 503 and closes it
+(``MetricsListener``: ``METRICS_MAX_CONNECTIONS``; the main one: ``http_max_streams`` plus
+``MAX_CONNECTIONS`` for everything that is not a stream).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import ssl
 
 from aiohttp import web
 
@@ -25,6 +33,12 @@ from discovery.http.sources import Sources
 from discovery.model import split_address
 
 log = logging.getLogger(__name__)
+
+KEEPALIVE_SECONDS = 15.0  # an idle keep-alive connection is closed after this
+MAX_CONNECTIONS = 1024  # on http_listen, beyond http_max_streams (each stream holds one)
+METRICS_MAX_CONNECTIONS = 64  # on metrics_listen: a few scrapers and probes
+HANDSHAKE_SECONDS = 10.0  # a TLS handshake not done by then is dropped (asyncio's default: 60)
+BACKLOG = 512
 
 
 class HttpDoor:
@@ -52,26 +66,39 @@ class HttpDoor:
                 ssl_context = self._https.context
                 self._reload = asyncio.create_task(self._https.run(), name="https-reload")
             app = build_app(self._s, self.metrics, self.events)
-            self.port = await self._listen(app, config.http_listen, "http_listen", grace, ssl_context)
+            cap = config.http_max_streams + MAX_CONNECTIONS
+            self.port = await self._listen(
+                app, config.http_listen, "http_listen", grace, ssl_context=ssl_context, cap=cap
+            )
         if config.metrics_listen:
             app = build_metrics_app(self._s, self.metrics, self.events)
-            self.metrics_port = await self._listen(app, config.metrics_listen, "metrics_listen", grace, None)
+            self.metrics_port = await self._listen(
+                app, config.metrics_listen, "metrics_listen", grace, ssl_context=None, cap=METRICS_MAX_CONNECTIONS
+            )
 
-    async def _listen(self, app: web.Application, address: str, field: str, grace: float, ssl_context: object) -> int:
+    async def _listen(
+        self,
+        app: web.Application,
+        address: str,
+        field: str,
+        grace: float,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        cap: int,
+    ) -> int:
         host, port = split_address(address, field, allow_port_zero=True)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=grace)
+        runner = web.AppRunner(
+            app, handle_signals=False, access_log=None, shutdown_timeout=grace, keepalive_timeout=KEEPALIVE_SECONDS
+        )
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context, backlog=512, reuse_port=False)  # type: ignore[arg-type]
+        site = CappedSite(runner, host, port, ssl_context=ssl_context, cap=cap, field=field)
         try:
             await site.start()
         except OSError as exc:
             raise InvalidArgument(field, f"cannot listen on {address} ({exc.strerror or exc}): is it in use?") from None
-        server = site._server  # aiohttp exposes the bound port only here
-        sockets = getattr(server, "sockets", None) or []
-        bound = int(sockets[0].getsockname()[1]) if sockets else port
-        log.info("HTTP%s on %s:%d", "S" if ssl_context else "", host, bound)
-        return bound
+        log.info("HTTP%s on %s:%d (at most %d connections)", "S" if ssl_context else "", host, site.port, cap)
+        return site.port
 
     def drain(self) -> None:
         """Shutdown, step 1: /readyz turns 503 and no new event stream opens."""
@@ -85,3 +112,122 @@ class HttpDoor:
             self._reload = None
         while self._runners:
             await self._runners.pop().cleanup()
+
+
+class CappedSite(web.BaseSite):
+    """A TCP listener like aiohttp's ``TCPSite`` that holds at most ``cap`` connections: one
+    more is answered 503 (``Retry-After``) and closed, so a flood of clients costs a short
+    answer each, not a connection each. Counted once a connection is made (after its TLS
+    handshake, which ``HANDSHAKE_SECONDS`` bounds), from aiohttp's own list of connections."""
+
+    __slots__ = ("_bound", "_cap", "_field", "_host", "_port", "refused")
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        cap: int,
+        field: str,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=BACKLOG)
+        self._host, self._port, self._cap, self._field = host, port, cap, field
+        self._bound = port
+        self.refused = 0
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._bound}"
+
+    @property
+    def port(self) -> int:
+        return self._bound
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None
+
+        def protocol() -> asyncio.BaseProtocol:
+            return _Capped(server, self)
+
+        self._server = await asyncio.get_running_loop().create_server(
+            protocol,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            ssl_handshake_timeout=HANDSHAKE_SECONDS if self._ssl_context else None,
+        )
+        if self._server.sockets:
+            self._bound = int(self._server.sockets[0].getsockname()[1])
+
+    def full(self, server: web.Server) -> bool:
+        return len(server.connections) >= self._cap
+
+    def busy_answer(self) -> bytes:
+        body = json.dumps(
+            {
+                "error": "resource_exhausted",
+                "message": f"this listener has {self._cap} connections open, its limit: "
+                "retry later or use another server",
+                "limit": f"{self._field} connections",
+            },
+            separators=(",", ":"),
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+            f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+
+class _Capped(asyncio.Protocol):
+    """aiohttp's protocol for one connection, or, when the listener is full as the connection
+    is made, a 503 and a close. It decides in ``connection_made`` (synchronously, against a
+    count that includes every connection made before), then passes everything through."""
+
+    __slots__ = ("_handler", "_server", "_site", "_transport")
+
+    def __init__(self, server: web.Server, site: CappedSite) -> None:
+        self._server, self._site = server, site
+        self._handler: asyncio.Protocol | None = None
+        self._transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._site.full(self._server):
+            self._site.refused += 1
+            self._transport = transport
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(self._site.busy_answer())
+            # Closed once the request has arrived (a close with it unread would reset the
+            # connection before the client reads the answer), or after a second without one.
+            asyncio.get_running_loop().call_later(1.0, transport.close)
+            return
+        self._handler = self._server()
+        self._handler.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is not None:
+            self._handler.data_received(data)
+        elif self._transport is not None:
+            self._transport.close()
+
+    def eof_received(self) -> bool | None:
+        if self._handler is not None:
+            return self._handler.eof_received()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handler is not None:
+            self._handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()

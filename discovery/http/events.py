@@ -7,7 +7,11 @@ Each event is one Watch message in ``discovery watch --json``'s form (discovery/
 brings the reader to, so a reconnecting ``EventSource`` (which sends ``Last-Event-ID``), or
 a script passing ``?since=REVISION``, gets the changes after it from the history; an id older
 than the history gets a snapshot first, as Watch does. Snapshot chunks but the last carry no
-id: a reader cut off mid-snapshot resumes from before it.
+id: a reader cut off mid-snapshot resumes from before it. ``Last-Event-ID`` wins over
+``since``: a page that opened ``?since=N`` reconnects to the same URL with its later id.
+
+Instances appear with the status they are served as (``model.served``), as in Resolve and
+Watch: a SERVING instance whose health check fails is NOT_SERVING here too.
 
 A slow reader costs bounded memory (its subscription keeps the latest change per instance)
 and never holds up anyone else; one that takes no bytes for ``WRITE_TIMEOUT`` is dropped.
@@ -29,10 +33,10 @@ from discovery.http.api import MAX_REVISION, only
 from discovery.http.auth import RequestContext
 from discovery.http.errors import from_error
 from discovery.http.sources import Sources
-from discovery.model import validate_service
+from discovery.model import served, validate_service
 from discovery.view import SNAPSHOT_CHUNK, Changes, Snapshot, updates
 from discovery_pb.v1 import lookup_pb2 as pb
-from discovery_pb.v1.types_pb2 import Change
+from discovery_pb.v1.types_pb2 import Change, CheckResult
 
 WRITE_TIMEOUT = 30.0
 MAX_KEEPALIVE = 2.0  # the dashboard refreshes region freshness on every event
@@ -80,8 +84,6 @@ class Events:
             s.guard.require_read(caller, grants, "Events", service)
             if self.closing or s.view.closing:
                 raise ShuttingDown("the server is shutting down; reconnect to another server with Last-Event-ID")
-            if since > s.view.revision:  # before the slots: a failed wait must not hold one
-                await s.view.wait_for(since, s.lookup.max_wait)
             if len(self._open) >= self._max:
                 raise ResourceExhausted(
                     "http_max_streams",
@@ -101,37 +103,50 @@ class Events:
                 "X-Content-Type-Options": "nosniff",
             }
         )
+        # Counted from here, a wait for a future revision included: a waiting request holds a
+        # connection as a stream does, so it takes a stream's place under both limits.
         self._open.add(task)
         self._rechecks[task] = lambda: s.guard.still_allowed(caller, "Events", service)
         try:
             with slot:
+                if since > s.view.revision:
+                    try:
+                        await s.view.wait_for(since, s.lookup.max_wait)
+                    except DiscoveryError as exc:
+                        return from_error(exc)
                 await response.prepare(request)
                 await self._write(response, f"retry: {RETRY_MS}\n\n")
-                idle = min(s.config.watch_keepalive_seconds, MAX_KEEPALIVE)
-                feed = updates(s.view, service, since=since, idle=idle, chunk=SNAPSHOT_CHUNK)
-                async with contextlib.aclosing(feed):
-                    async for batch in feed:
-                        if isinstance(batch, Snapshot):
-                            last = len(batch.chunks) - 1
-                            for i, chunk in enumerate(batch.chunks):
-                                message = pb.WatchResponse(
-                                    kind=pb.WatchResponse.SNAPSHOT,
-                                    revision=batch.revision,
-                                    instances=chunk,
-                                    stale=batch.stale,
-                                    more=i < last,
-                                )
-                                await self._send(response, "snapshot", message, with_id=i == last)
-                        elif batch.closing or self.closing:
-                            break
-                        else:
-                            await self._send_changes(response, batch)
+                await self._follow(response, service, since)
         except (ConnectionError, TimeoutError):
             pass  # the reader left or stalled; it resumes with its last id
         finally:
             self._open.discard(task)
             self._rechecks.pop(task, None)
         return response
+
+    async def _follow(self, response: web.StreamResponse, service: str, since: int) -> None:
+        idle = min(self._s.config.watch_keepalive_seconds, MAX_KEEPALIVE)
+        feed = updates(self._s.view, service, since=since, idle=idle, chunk=SNAPSHOT_CHUNK)
+        async with contextlib.aclosing(feed):
+            async for batch in feed:
+                if isinstance(batch, Snapshot):
+                    last = len(batch.chunks) - 1
+                    for i, chunk in enumerate(batch.chunks):
+                        message = pb.WatchResponse(
+                            kind=pb.WatchResponse.SNAPSHOT,
+                            revision=batch.revision,
+                            instances=chunk,
+                            stale=batch.stale,
+                            more=i < last,
+                        )
+                        for instance in message.instances:  # copies: the view's stay as stored
+                            if instance.check_result.state == CheckResult.CRITICAL:
+                                served(instance)
+                        await self._send(response, "snapshot", message, with_id=i == last)
+                elif batch.closing or self.closing:
+                    break
+                else:
+                    await self._send_changes(response, batch)
 
     async def _send(
         self, response: web.StreamResponse, event: str, message: pb.WatchResponse, *, with_id: bool = True
@@ -162,7 +177,7 @@ class Events:
             if text is None:
                 if len(cache) >= _ENCODED_CHANGES:
                     cache.clear()
-                text = cache[key] = json.dumps(change_dict(change), separators=(",", ":"))
+                text = cache[key] = json.dumps(change_dict(_as_served(change)), separators=(",", ":"))
             parts.append(text)
         return "[" + ",".join(parts) + "]"
 
@@ -176,16 +191,36 @@ class Events:
         self.closing = True
 
 
+def _as_served(change: Change) -> Change:
+    """``change`` with its instance as served (``model.served``); a copy when that differs,
+    so the view's message stays as stored."""
+    if change.instance.check_result.state != CheckResult.CRITICAL:
+        return change
+    copy = Change()
+    copy.CopyFrom(change)
+    served(copy.instance)
+    return copy
+
+
 def _since(request: web.Request) -> int:
-    """``?since=N`` or the ``Last-Event-ID`` header (an EventSource reconnecting); 0: snapshot."""
-    for name, raw in (("since", request.query.get("since")), ("Last-Event-ID", request.headers.get("Last-Event-ID"))):
-        if raw is None or raw == "":
-            continue
-        try:
-            value = int(raw, 10)
-        except ValueError:
-            raise InvalidArgument(name, f"{raw[:40]!r} is not a revision (a whole number)") from None
-        if not 0 <= value <= MAX_REVISION:
-            raise InvalidArgument(name, "must be a revision >= 0")
-        return value
-    return 0
+    """The ``Last-Event-ID`` header (an EventSource reconnecting: its position), else
+    ``?since=N`` (where the page or script started); 0: a snapshot first. Both are checked."""
+    found = [
+        _revision(name, raw)
+        for name, raw in (
+            ("Last-Event-ID", request.headers.get("Last-Event-ID")),
+            ("since", request.query.get("since")),
+        )
+        if raw
+    ]
+    return found[0] if found else 0
+
+
+def _revision(name: str, raw: str) -> int:
+    try:
+        value = int(raw, 10)
+    except ValueError:
+        raise InvalidArgument(name, f"{raw[:40]!r} is not a revision (a whole number)") from None
+    if not 0 <= value <= MAX_REVISION:
+        raise InvalidArgument(name, "must be a revision >= 0")
+    return value

@@ -4,20 +4,26 @@ Playwright's Python API; Playwright's own browser download is never used), again
 
 It lists the three regions and a registered service; a click shows the service's instances
 (record text shown, never run); a registration appears without a reload; a region whose
-server and etcd are SIGSTOPped turns stale, and recovers by itself. Screenshots of each state
-go to tests/artifacts/dashboard/ (git-ignored)."""
+server and etcd are SIGSTOPped turns stale, and recovers by itself (the page refreshes on the
+stream's keepalives and does not poll while the stream is live). The stream opens at the
+revision the page already has (``?since=``), a link that is not a valid name shows a notice,
+and an identity that may not follow every service is told so and gets a page that refreshes
+itself. Screenshots of each state go to tests/artifacts/dashboard/ (git-ignored)."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import grpc.aio
 import pytest
 
-from discovery.devtools.cluster import ADMIN_P12, ADMIN_P12_PASSWORD, DevCluster
+from discovery.devtools.cluster import ADMIN_P12, ADMIN_P12_PASSWORD, POLICY_FILE, DevCluster, admin_pkcs12
+from discovery.security.certs import CertificateAuthority
 from discovery_pb.v1 import registry_pb2, registry_pb2_grpc, types_pb2
 
 pytestmark = pytest.mark.slow
@@ -107,6 +113,8 @@ async def test_dashboard_regions_services_live_updates_and_a_paused_region(clust
                 ],
             )
             page = await context.new_page()
+            requested: list[str] = []
+            page.on("request", lambda r: requested.append(r.url))
             dialogs: list[str] = []
             page.on("dialog", lambda d: dialogs.append(d.message))
             errors: list[str] = []
@@ -131,6 +139,18 @@ async def test_dashboard_regions_services_live_updates_and_a_paused_region(clust
             await expect(page.locator('#services [data-service="billing"]')).to_be_visible(timeout=WAIT_MS)
             await expect(web_row.locator("td").nth(1)).to_have_text("3", timeout=WAIT_MS)
             await page.screenshot(path=ARTIFACTS / "1-overview.png", full_page=True)
+            # The stream starts at the revision of the listing the page fetched, not with a
+            # snapshot of everything again.
+            streams = [u for u in requested if urlsplit(u).path == "/v1/events"]
+            assert streams, requested
+            since = parse_qs(urlsplit(streams[0]).query).get("since", [""])[0]
+            assert since.isdigit() and int(since) > 0, streams[0]
+            # While the stream is live the page refreshes on its events, not on a timer as well:
+            # over 6 s, about one listing per keepalive (2 s apart): 3, where a timer as well makes 6.
+            before = sum(urlsplit(u).path == "/v1/services" for u in requested)
+            await asyncio.sleep(6)  # a window to count requests in, not a synchronisation
+            listings = sum(urlsplit(u).path == "/v1/services" for u in requested) - before
+            assert 1 <= listings <= 4, listings
 
             # The filter box.
             await page.fill("#filter", "bill")
@@ -173,13 +193,67 @@ async def test_dashboard_regions_services_live_updates_and_a_paused_region(clust
             await expect(ap_south).to_contain_text("connected")
             await page.screenshot(path=ARTIFACTS / "6-region-recovered.png", full_page=True)
 
+            # A link whose fragment is not valid percent-encoding: a notice, the list, no error.
+            await page.evaluate("location.hash = '#/services/%E0%A4%A'")
+            await expect(page.locator("#notices")).to_contain_text("names no service", timeout=WAIT_MS)
+            await expect(page.locator("#list-view")).to_be_visible()
+            assert errors == [], errors
+            await page.screenshot(path=ARTIFACTS / "7-bad-link.png", full_page=True)
+            await page.evaluate("location.hash = '#/'")
+            await expect(page.locator("#notices")).to_be_hidden()
+
             # Phone width: the same page, laid out for it.
             await page.set_viewport_size({"width": 390, "height": 844})
-            await page.screenshot(path=ARTIFACTS / "7-phone.png", full_page=True)
+            await page.screenshot(path=ARTIFACTS / "8-phone.png", full_page=True)
             await web_row.click()
             await expect(rows).to_have_count(4, timeout=WAIT_MS)
-            await page.screenshot(path=ARTIFACTS / "8-phone-service.png", full_page=True)
+            await page.screenshot(path=ARTIFACTS / "9-phone-service.png", full_page=True)
             assert dialogs == [], "record text ran as markup"
             assert errors == [], errors
+
+            await _viewer_without_live_updates(cluster, browser, origin)
         finally:
             await browser.close()
+
+
+async def _viewer_without_live_updates(cluster: DevCluster, browser: Any, origin: str) -> None:
+    """An identity that may read ``web`` alone: the event stream of every service answers it
+    403, and the page says so and refreshes itself instead."""
+    from playwright.async_api import expect
+
+    assert cluster.tls is not None and cluster.state_dir is not None
+    viewer = f"spiffe://{cluster.tls.trust_domain}/team/viewer"
+    policy = cluster.state_dir / POLICY_FILE
+    policy.write_text(policy.read_text() + f'\n[[grant]]\nidentity = "{viewer}"\nread = ["web"]\n')
+    ca = CertificateAuthority.load(cluster.tls.dir)
+    issued = ca.issue(spiffe_id=viewer)
+    p12 = cluster.state_dir / "viewer.p12"
+    p12.write_bytes(admin_pkcs12(issued.cert, issued.key, ca.pem, b"viewer"))
+    context = await browser.new_context(
+        viewport={"width": 1280, "height": 860},
+        ignore_https_errors=True,
+        client_certificates=[{"origin": origin, "pfxPath": str(p12), "passphrase": "viewer"}],
+    )
+    try:
+        deadline = time.monotonic() + 30  # the servers reload the policy every few seconds
+        while (await context.request.get(f"{origin}/v1/services/web")).status != 200:
+            assert time.monotonic() < deadline, "the viewer's grant never took effect"
+            await asyncio.sleep(0.5)
+        page = await context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        await page.goto(f"{origin}/ui/")
+        await expect(page.locator("#live")).to_have_text("polling", timeout=WAIT_MS)
+        note = page.locator("#notices")
+        await expect(note).to_contain_text("Live updates are off", timeout=WAIT_MS)
+        await expect(note).to_contain_text("refreshes itself every 2 s")
+        web_row = page.locator('#services [data-service="web"]')
+        await expect(web_row).to_be_visible(timeout=WAIT_MS)
+        assert await page.locator('#services [data-service="billing"]').count() == 0  # not readable
+        count = int(await web_row.locator("td").nth(1).inner_text())
+        await _register(cluster, "us-east", "web", "web-3", "10.0.0.3:8080")
+        await expect(web_row.locator("td").nth(1)).to_have_text(str(count + 1), timeout=WAIT_MS)
+        await page.screenshot(path=ARTIFACTS / "10-viewer-polling.png", full_page=True)
+        assert errors == [], errors
+    finally:
+        await context.close()

@@ -17,8 +17,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from discovery.answers import resolve_dict, status_dict, watch_dict
 from discovery.devtools.etcd import EtcdProcess
 from discovery_pb.v1 import admin_pb2, lookup_pb2
-from discovery_pb.v1.types_pb2 import DRAINING, SERVING
-from tests.support.helpers import eventually, register, resolve
+from discovery_pb.v1.types_pb2 import DRAINING, NOT_SERVING, SERVING, CheckResult
+from tests.support.backends import TcpBackend
+from tests.support.health import DETECT, HEALTH, check, endpoints, until_state
+from tests.support.health import register as register_checked
+from tests.support.helpers import ALL_STATUSES, eventually, register, resolve
 from tests.support.http import EventStream, base, get_json
 from tests.support.regions import Regions
 from tests.support.servers import Servers
@@ -220,6 +223,62 @@ async def test_events_resume_from_last_event_id_without_a_gap(
     by_query = await _open_events(session, f"{url}&since={missed[0]}")
     assert [c["instance_id"] for c in await by_query.changes_until(3)] == ["w3", "w4", "w5"]
     by_query.response.close()
+    # A page opened with ?since= reconnects to the same URL with its later Last-Event-ID:
+    # the id wins, so nothing it already has comes again.
+    both = await _open_events(session, f"{url}&since={last_id}", **{"Last-Event-ID": str(missed[2])})
+    assert [c["instance_id"] for c in await both.changes_until(1)] == ["w5"]
+    both.response.close()
+
+
+async def test_events_show_instances_as_served_like_resolve(
+    servers: Servers, etcd: EtcdProcess, connect: Any, session: aiohttp.ClientSession
+) -> None:
+    server = await servers.start(etcd, **HTTP, **HEALTH)
+    stubs = connect(server)
+    backend = await TcpBackend().start()
+    try:
+        await register_checked(stubs, backend.address, "db-1", check())
+        await eventually(lambda: _check_state(stubs, "db-1", CheckResult.PASSING), timeout=10)
+        url = f"{base(server)}/v1/events?service=db"
+        stream = await _open_events(session, url)
+        snapshot = await stream.next()
+        assert [(i["instance_id"], i["status"]) for i in snapshot.data["instances"]] == [("db-1", "SERVING")]
+
+        await backend.stop()  # the check fails: Resolve serves db-1 as NOT_SERVING ...
+        await until_state(stubs, "db-1", NOT_SERVING, timeout=DETECT * 4)
+        resolved = (await endpoints(stubs, statuses=ALL_STATUSES))["db-1"]
+        assert resolved.check_result.state == CheckResult.CRITICAL
+
+        async def critical_change() -> dict[str, Any]:
+            while True:  # ... and so does the stream, on the change the verdict wrote
+                event = await stream.next()
+                for change in event.data.get("changes", []):
+                    if change.get("instance", {}).get("check", {}).get("state") == "critical":
+                        return dict(change["instance"])
+
+        async with asyncio.timeout(10):
+            changed = await critical_change()
+        assert changed["status"] == "NOT_SERVING"
+        stream.response.close()
+        # A fresh snapshot (a new reader) shows the same, as Watch does.
+        again = await _open_events(session, url)
+        snapshot = await again.next()
+        shown = {i["instance_id"]: i for i in snapshot.data["instances"]}
+        assert shown["db-1"]["status"] == "NOT_SERVING" and shown["db-1"]["check"]["state"] == "critical"
+        again.response.close()
+        # Field for field what Watch sends over gRPC.
+        call = stubs.lookup.Watch(lookup_pb2.WatchRequest(service="db"), timeout=10)
+        async for message in call:
+            assert watch_dict(message)["instances"] == snapshot.data["instances"]
+            break
+        call.cancel()
+    finally:
+        await backend.stop()
+
+
+async def _check_state(stubs: Any, instance_id: str, state: int) -> bool:
+    found = (await endpoints(stubs, statuses=ALL_STATUSES)).get(instance_id)
+    return found is not None and found.check_result.state == state
 
 
 async def test_events_older_than_the_history_get_a_snapshot_first(

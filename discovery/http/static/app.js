@@ -3,9 +3,14 @@
 "use strict";
 
 const STATUSES = ["serving", "draining", "not_serving"];
-const POLL_MS = 2000;
+const POLL_MS = 2000; // without a live stream: how often the page refreshes itself
+const STALL_MS = 5000; // a live stream sends at least a keepalive every 2 s; silent longer: poll
+const RETRY_MS = 5000; // a stream the server refused for now (429, 503): try again after this
 const MAX_CHANGES = 100;
-const state = { listing: null, status: null, statusDenied: false, service: null, filter: "", changes: [] };
+const state = {
+  listing: null, status: null, statusDenied: false, service: null, filter: "", changes: [],
+  lastId: "", // the revision the page is up to: the stream's last id, else the listing's
+};
 
 function $(id) { return document.getElementById(id); }
 
@@ -42,6 +47,15 @@ async function getJson(path) {
 async function loadListing() {
   const answer = await getJson("/v1/services");
   if (answer.ok) state.listing = answer.body;
+}
+
+// Messages above the page (a link that names no service, live updates off), one per topic.
+const notices = {};
+function notice(topic, text) {
+  if (text) notices[topic] = text; else delete notices[topic];
+  const box = $("notices");
+  box.replaceChildren(...Object.values(notices).map((t) => el("p", { class: "notice", text: t })));
+  box.classList.toggle("hidden", Object.keys(notices).length === 0);
 }
 
 async function loadStatus() {
@@ -227,7 +241,18 @@ function renderChanges() {
 
 function route() {
   const match = location.hash.match(/^#\/services\/(.+)$/);
-  state.service = match ? decodeURIComponent(match[1]) : null;
+  let name = null;
+  if (match) {
+    try {
+      name = decodeURIComponent(match[1]);
+      notice("link", "");
+    } catch (e) { // a hand-edited or cut link: say so, show the list
+      notice("link", "This link names no service (" + match[1].slice(0, 80) + " is not valid percent-encoding); showing all services.");
+    }
+  } else {
+    notice("link", "");
+  }
+  state.service = name;
   $("list-view").classList.toggle("hidden", !!state.service);
   $("service-view").classList.toggle("hidden", !state.service);
   if (state.service) {
@@ -237,17 +262,56 @@ function route() {
   }
 }
 
-function connect() {
+// The stream starts where the page's first answers left off (?since= the listing's revision):
+// without it the server would send every instance again as a snapshot. A reconnecting
+// EventSource sends Last-Event-ID, which the server prefers to since.
+let source = null;
+let lastEventAt = 0;
+
+function setLive(text, on, title) {
   const live = $("live");
-  const source = new EventSource("/v1/events");
-  source.onopen = () => { live.textContent = "live"; live.className = "live on"; };
-  source.onerror = () => { live.textContent = "reconnecting"; live.className = "live off"; };
-  source.addEventListener("snapshot", refreshSoon);
-  source.addEventListener("keepalive", refreshSoon);
-  source.addEventListener("changes", (event) => {
-    const data = JSON.parse(event.data);
+  live.textContent = text;
+  live.className = "live " + (on ? "on" : "off");
+  live.title = title || "the event stream from this server";
+}
+
+function eventsUrl() {
+  const since = state.lastId || (state.listing ? String(state.listing.revision) : "");
+  return "/v1/events" + (since ? "?since=" + encodeURIComponent(since) : "");
+}
+
+function streaming() {
+  return source !== null && source.readyState === EventSource.OPEN && Date.now() - lastEventAt < STALL_MS;
+}
+
+function connect() {
+  if (source) source.close();
+  const url = eventsUrl();
+  const mine = source = new EventSource(url);
+  const seen = (event) => {
+    lastEventAt = Date.now();
+    if (event.lastEventId) state.lastId = event.lastEventId;
+  };
+  mine.onopen = () => {
+    lastEventAt = Date.now();
+    setLive("live", true);
+    notice("stream", "");
+  };
+  mine.onerror = () => {
+    if (mine !== source) return;
+    if (mine.readyState === EventSource.CLOSED) refused(url); // an answer other than a stream: no retry by itself
+    else setLive("reconnecting", false);
+  };
+  // Every event refreshes the page: the keepalives (every 2 s at most) keep the region map's
+  // freshness current while nothing changes.
+  mine.addEventListener("snapshot", (event) => { seen(event); refreshSoon(); });
+  mine.addEventListener("keepalive", (event) => { seen(event); refreshSoon(); });
+  mine.addEventListener("changes", (event) => {
+    seen(event);
+    let data;
+    try { data = JSON.parse(event.data); } catch (e) { return; }
     const time = new Date().toLocaleTimeString([], { hour12: false });
-    for (const c of data.changes) {
+    for (const c of data.changes || []) {
       state.changes.unshift({
         time, kind: c.kind, service: c.service, instance_id: c.instance_id, region: c.region, revision: c.revision,
         status: c.instance ? c.instance.status : "",
@@ -259,11 +323,44 @@ function connect() {
   });
 }
 
+// The server answered the stream with an error: ask again to read which, then either stop
+// (401/403 are final: the page keeps refreshing itself instead) or try again later.
+async function refused(url) {
+  source.close();
+  source = null;
+  let status = 0;
+  let body = {};
+  const abort = new AbortController();
+  try {
+    const response = await fetch(url, { headers: { Accept: "application/json" }, cache: "no-store", signal: abort.signal });
+    status = response.status;
+    if (!response.ok) body = await response.json().catch(() => ({}));
+  } catch (e) {
+    status = 0;
+  } finally {
+    abort.abort();
+  }
+  if (status === 401 || status === 403) {
+    setLive("polling", false, "live updates are off: " + (body.message || "not allowed"));
+    notice("stream", "Live updates are off: this identity may not follow the changes of every service" +
+      (body.message ? " (" + body.message + ")" : "") + ". The page refreshes itself every " + POLL_MS / 1000 +
+      " s instead; a grant to read \"*\" turns live updates on.");
+    return;
+  }
+  if (status === 400) state.lastId = ""; // a position the server will not take: start afresh
+  setLive("reconnecting", false, status ? "the server answered " + status + "; trying again" : "the server is unreachable");
+  setTimeout(connect, RETRY_MS);
+}
+
+// Without a live stream (refused, reconnecting or silent), the page refreshes on a timer.
+function tick() {
+  if (!streaming()) refresh();
+}
+
 window.addEventListener("hashchange", route);
 document.addEventListener("DOMContentLoaded", () => {
   $("filter").addEventListener("input", (e) => { state.filter = e.target.value; renderServices(); });
   route();
-  refresh();
-  connect();
-  setInterval(refresh, POLL_MS);
+  refresh().finally(connect);
+  setInterval(tick, POLL_MS);
 });
