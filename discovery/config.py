@@ -64,7 +64,7 @@ class ServerConfig:
     dns_listen: str = ""
     dns_domain: str = "discovery."  # names are <service>.service.<dns_domain>
     dns_ttl_seconds: int = 5  # on every record, and for negative caching (the SOA minimum)
-    dns_rate_limit: float = 1000.0  # UDP responses per second per source address (0: no limit)
+    dns_rate_limit: float = 1000.0  # responses/s per source network (/24, /56), UDP and TCP each (0: no limit)
     # HTTP (docs/http.md): the JSON API, events, /metrics and the dashboard; off unless set.
     http_listen: str = ""  # HOST:PORT; HTTPS with client certificates unless insecure
     metrics_listen: str = ""  # optional plaintext HOST:PORT for /metrics, /healthz and /readyz alone

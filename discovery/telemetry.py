@@ -179,7 +179,7 @@ class Instruments:
         counter("discovery.dns.truncated", "answers sent with TC set (too large for UDP)", "truncated")
         counter("discovery.dns.formerr", "queries answered FORMERR (malformed)", "formerr")
         counter("discovery.dns.dropped", "packets dropped unanswered (not a query, or failed)", "dropped")
-        counter("discovery.dns.rate_limited", "UDP queries over their source's response rate", "limited")
+        counter("discovery.dns.rate_limited", "queries over their network's or the global rate (UDP, TCP)", "limited")
         counter("discovery.dns.reused", "answers served from the rendered-answer cache", "cached")
         counter("discovery.dns.tcp_refused", "TCP connections refused over the connection bound", "tcp_refused")
 

@@ -66,7 +66,7 @@ config file (TOML, top level or a [server] table; only region is required):
   dns_listen = "127.0.0.1:8600"  # DNS, UDP and TCP (docs/dns.md); off if unset
   dns_domain = "discovery."     # names are SERVICE.service.discovery.
   dns_ttl_seconds = 5           # TTL of every answer, and of NXDOMAIN/NODATA
-  dns_rate_limit = 1000         # UDP responses/s per source address (0: off)
+  dns_rate_limit = 1000         # responses/s per /24 or /56 (0: off)
 
 Certificates, the CA bundle and the policy are read again when they change
 (checked every reload_poll_seconds, 5 by default) and on SIGHUP, which also
@@ -198,7 +198,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "--dns-rate-limit",
         type=float,
         metavar="N",
-        help="UDP responses per second per source address (default 1000; 0: no limit)",
+        help="responses per second per source /24 or /56 network (default 1000; 0: no limit)",
     )
     p.set_defaults(func=serve, event_loop_of=_event_loop_of)
 
