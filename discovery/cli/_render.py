@@ -38,20 +38,25 @@ def region_line(r: RegionState) -> str:
     return f"{r.region}: {r.endpoints} endpoints ({where}, {freshness})"
 
 
-ORIGIN_HEADER = ["ORIGIN", "STATE", "LEADER", "SOURCE", "CHECKPOINT", "LAG", "LAST CONTACT", "REPLICAS"]
+# Two tables, so that each fits 80 columns: how each origin is doing, then who pulls it from where
+# (two addresses alone take 44 columns).
+ORIGIN_HEADER = ["ORIGIN", "STATE", "CHECKPOINT", "LAG", "CONTACT", "REPLICAS"]
+ORIGIN_PATH_HEADER = ["ORIGIN", "LEADER (PULLS IT)", "SOURCE (PULLED FROM)"]
 
 
 def origin_row(o: OriginStatus) -> list[str]:
     return [
         o.origin,
         "connected" if o.connected else "DISCONNECTED",
-        o.leader or "-",
-        o.source or "-",
         str(o.checkpoint_revision),
-        f"{o.lag_revisions} rev / {o.lag_seconds:.1f}s",
+        f"{o.lag_revisions} rev/{o.lag_seconds:.1f}s",
         f"{o.last_contact_seconds:.1f}s ago" if o.last_contact_seconds or o.connected else "never",
         str(o.replicas),
     ]
+
+
+def origin_path_row(o: OriginStatus) -> list[str]:
+    return [o.origin, o.leader or "-", o.source or "-"]
 
 
 def instance_row(inst: Instance, stale: bool = False) -> list[str]:
@@ -90,11 +95,13 @@ def watch_lines(msg: WatchResponse) -> list[str]:
 __all__ = [
     "INSTANCE_HEADER",
     "ORIGIN_HEADER",
+    "ORIGIN_PATH_HEADER",
     "change_dict",
     "endpoint_dict",
     "instance_dict",
     "instance_row",
     "origin_dict",
+    "origin_path_row",
     "origin_row",
     "region_dict",
     "region_line",

@@ -7,7 +7,8 @@ import textwrap
 
 from discovery.answers import status_dict
 from discovery.cli._common import OK, add_client_flags, add_verb, client, print_json, print_table
-from discovery.cli._render import ORIGIN_HEADER, checks_line, origin_row
+from discovery.cli._render import ORIGIN_HEADER, ORIGIN_PATH_HEADER, checks_line, origin_path_row, origin_row
+from discovery_pb.v1.admin_pb2 import StatusResponse
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,6 +29,11 @@ async def status(args: argparse.Namespace) -> int:
     if args.json:
         print_json(status_dict(resp))
         return OK
+    print_status(resp)
+    return OK
+
+
+def print_status(resp: StatusResponse) -> None:
     print(f"region     {resp.region}")
     print(f"revision   {resp.revision}{'  (stale)' if resp.stale else ''}")
     print(f"instances  {resp.instance_count} in {resp.service_count} services")
@@ -39,7 +45,8 @@ async def status(args: argparse.Namespace) -> int:
     if resp.origins:
         print()
         print_table(ORIGIN_HEADER, [origin_row(o) for o in resp.origins])
+        print()
+        print_table(ORIGIN_PATH_HEADER, [origin_path_row(o) for o in resp.origins])
         for o in resp.origins:
             if o.warning:
                 print(textwrap.fill(f"warning: {o.origin}: {o.warning}", width=80, subsequent_indent="  "))
-    return OK
