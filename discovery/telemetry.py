@@ -188,6 +188,19 @@ class Instruments:
 
         self.meter.create_observable_counter("discovery.dns.answers", [answers], description="DNS answers, by rcode")
 
+    def observe_http(self, refused: Callable[[], Mapping[str, int]]) -> None:
+        """Connections the HTTP listeners answered 503 over their connection cap, by listener
+        (``refused()``: {"http_listen": n, "metrics_listen": m}; docs/http.md)."""
+
+        def observe(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+            return [metrics.Observation(n, {"listener": name}) for name, n in refused().items()]
+
+        self.meter.create_observable_counter(
+            "discovery.http.connections_refused",
+            [observe],
+            description="HTTP connections answered 503 over the listener's connection cap",
+        )
+
     def observe_certificates(self, expiry: Callable[[], float | None], reload_failures: Callable[[], int]) -> None:
         """The serving certificate's remaining validity (``expiry()``: seconds, None without
         TLS) and how many new certificate files were refused, so alerts need no log scraping."""

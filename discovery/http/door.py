@@ -47,6 +47,8 @@ class HttpDoor:
         self.metrics = metrics
         self.events = Events(sources, sources.config.http_max_streams)
         self._runners: list[web.AppRunner] = []
+        self._refused: dict[str, int] = {}  # by listener setting, kept after a stop for the counter
+        self._sites: list[CappedSite] = []
         self._https: HttpsContext | None = None
         self._reload: asyncio.Task[None] | None = None
         self.port = 0  # http_listen's, once started
@@ -97,8 +99,16 @@ class HttpDoor:
             await site.start()
         except OSError as exc:
             raise InvalidArgument(field, f"cannot listen on {address} ({exc.strerror or exc}): is it in use?") from None
+        self._sites.append(site)
         log.info("HTTP%s on %s:%d (at most %d connections)", "S" if ssl_context else "", host, site.port, cap)
         return site.port
+
+    def refused(self) -> dict[str, int]:
+        """Connections answered 503 over each listener's cap, by its setting
+        (``http_listen``, ``metrics_listen``): what /metrics counts."""
+        for site in self._sites:
+            self._refused[site.field] = site.refused
+        return dict(self._refused)
 
     def drain(self) -> None:
         """Shutdown, step 1: /readyz turns 503 and no new event stream opens."""
@@ -112,6 +122,8 @@ class HttpDoor:
             self._reload = None
         while self._runners:
             await self._runners.pop().cleanup()
+        self.refused()
+        self._sites.clear()
 
 
 class CappedSite(web.BaseSite):
@@ -144,6 +156,10 @@ class CappedSite(web.BaseSite):
     @property
     def port(self) -> int:
         return self._bound
+
+    @property
+    def field(self) -> str:
+        return self._field
 
     async def start(self) -> None:
         await super().start()

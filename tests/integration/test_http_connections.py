@@ -121,6 +121,19 @@ async def test_each_listener_holds_a_bounded_number_of_connections(
         finally:
             for conn in held:
                 conn.close()
+    # Each refusal counted for /metrics, by listener (the 503 above, and any of admitted()'s
+    # tries that came before the freed place was).
+    refused = server.http.refused()
+    assert refused.keys() == {"metrics_listen", "http_listen"} and min(refused.values()) >= 1, refused
+    conn = await Raw.open(server.http.metrics_port)
+    try:
+        status, _, body = await conn.get("/metrics")
+    finally:
+        conn.close()
+    assert status == 200
+    for listener, n in refused.items():
+        line = f'discovery_http_connections_refused_total{{listener="{listener}"}} {float(n)}'
+        assert line in body.decode().splitlines(), line
 
 
 async def test_the_https_listener_answers_over_its_cap_after_the_handshake(
