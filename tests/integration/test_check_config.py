@@ -158,6 +158,27 @@ def test_serve_stops_with_the_same_words(secure: dict[str, Any], tmp_path: Path)
     assert checked[2].strip() == served.stderr.strip().splitlines()[-1].strip()
 
 
+@pytest.mark.parametrize("name", ["etcd_ca", "etcd_cert"])
+def test_serve_names_a_bad_etcd_tls_file_as_check_config_does(
+    secure: dict[str, Any], tmp_path: Path, name: str
+) -> None:
+    """Not an internal error from inside the etcd client: the setting, and exit 2."""
+    (tmp_path / "junk.pem").write_text("not a certificate\n")
+    settings = {**secure, name: str(tmp_path / "junk.pem")}
+    checked = check(tmp_path, settings)
+    served = subprocess.run(
+        [*CLI, "serve", "--config", str(tmp_path / "server.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked[0] == served.returncode == 2, served.stderr
+    last = served.stderr.strip().splitlines()[-1].strip()
+    assert last == checked[2].strip() and last.startswith(f"discovery serve: error: {name}: "), last
+    assert "internal error" not in served.stderr
+
+
 # --- every config file shipped ------------------------------------------------------------
 
 _FIELDS = {f for f in ServerConfig.__dataclass_fields__}
