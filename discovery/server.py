@@ -285,7 +285,7 @@ class Server:
         if self.metrics_export is not None:
             self.http = HttpDoor(self._http_sources(), self.metrics_export)
             await self.http.start()
-            self.instruments.observe_http(self.http.refused)
+            self.instruments.observe_http(self.http.refused, self.http.slow)
         for name in ("", *SERVICE_NAMES):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._start_replicators()

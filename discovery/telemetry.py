@@ -188,18 +188,19 @@ class Instruments:
 
         self.meter.create_observable_counter("discovery.dns.answers", [answers], description="DNS answers, by rcode")
 
-    def observe_http(self, refused: Callable[[], Mapping[str, int]]) -> None:
-        """Connections the HTTP listeners answered 503 over their connection cap, by listener
-        (``refused()``: {"http_listen": n, "metrics_listen": m}; docs/http.md)."""
+    def observe_http(self, refused: Callable[[], Mapping[str, int]], slow: Callable[[], Mapping[str, int]]) -> None:
+        """Connections the HTTP listeners answered 503 over their connection cap, and those
+        closed for a request's headers arriving too slowly, by listener (each callable:
+        {"http_listen": n, "metrics_listen": m}; docs/http.md)."""
 
-        def observe(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
-            return [metrics.Observation(n, {"listener": name}) for name, n in refused().items()]
+        def counter(name: str, description: str, counts: Callable[[], Mapping[str, int]]) -> None:
+            def observe(_: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+                return [metrics.Observation(n, {"listener": listener}) for listener, n in counts().items()]
 
-        self.meter.create_observable_counter(
-            "discovery.http.connections_refused",
-            [observe],
-            description="HTTP connections answered 503 over the listener's connection cap",
-        )
+            self.meter.create_observable_counter(name, [observe], description=description)
+
+        counter("discovery.http.connections_refused", "connections answered 503 over the listener's cap", refused)
+        counter("discovery.http.slow_headers", "connections closed: a request's headers came too slowly", slow)
 
     def observe_certificates(self, expiry: Callable[[], float | None], reload_failures: Callable[[], int]) -> None:
         """The serving certificate's remaining validity (``expiry()``: seconds, None without

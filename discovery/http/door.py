@@ -11,7 +11,10 @@ Connections are bounded on both listeners: an idle keep-alive connection is clos
 ``KEEPALIVE_SECONDS`` (aiohttp's default is an hour, so idle clients would pile up), and a
 listener holding its cap of connections answers a new one 503 and closes it
 (``MetricsListener``: ``METRICS_MAX_CONNECTIONS``; the main one: ``http_max_streams`` plus
-``MAX_CONNECTIONS`` for everything that is not a stream).
+``MAX_CONNECTIONS`` for everything that is not a stream). A request's headers must be complete
+within ``HEADERS_SECONDS`` of its first byte, or the connection is closed: aiohttp has no such
+deadline, and without one a client sending a header a minute (slowloris) would hold its
+connections, and with enough of them the listener's cap, for ever.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ KEEPALIVE_SECONDS = 15.0  # an idle keep-alive connection is closed after this
 MAX_CONNECTIONS = 1024  # on http_listen, beyond http_max_streams (each stream holds one)
 METRICS_MAX_CONNECTIONS = 64  # on metrics_listen: a few scrapers and probes
 HANDSHAKE_SECONDS = 10.0  # a TLS handshake not done by then is dropped (asyncio's default: 60)
+HEADERS_SECONDS = 10.0  # a request's headers not complete this long after its first byte: closed
 BACKLOG = 512
 
 
@@ -48,6 +52,7 @@ class HttpDoor:
         self.events = Events(sources, sources.config.http_max_streams)
         self._runners: list[web.AppRunner] = []
         self._refused: dict[str, int] = {}  # by listener setting, kept after a stop for the counter
+        self._slow: dict[str, int] = {}
         self._sites: list[CappedSite] = []
         self._https: HttpsContext | None = None
         self._reload: asyncio.Task[None] | None = None
@@ -110,6 +115,12 @@ class HttpDoor:
             self._refused[site.field] = site.refused
         return dict(self._refused)
 
+    def slow(self) -> dict[str, int]:
+        """Connections closed because a request's headers took over ``HEADERS_SECONDS``."""
+        for site in self._sites:
+            self._slow[site.field] = site.slow
+        return dict(self._slow)
+
     def drain(self) -> None:
         """Shutdown, step 1: /readyz turns 503 and no new event stream opens."""
         self.events.close()
@@ -123,6 +134,7 @@ class HttpDoor:
         while self._runners:
             await self._runners.pop().cleanup()
         self.refused()
+        self.slow()
         self._sites.clear()
 
 
@@ -132,7 +144,7 @@ class CappedSite(web.BaseSite):
     answer each, not a connection each. Counted once a connection is made (after its TLS
     handshake, which ``HANDSHAKE_SECONDS`` bounds), from aiohttp's own list of connections."""
 
-    __slots__ = ("_bound", "_cap", "_field", "_host", "_port", "refused")
+    __slots__ = ("_bound", "_cap", "_field", "_host", "_port", "refused", "slow")
 
     def __init__(
         self,
@@ -148,6 +160,7 @@ class CappedSite(web.BaseSite):
         self._host, self._port, self._cap, self._field = host, port, cap, field
         self._bound = port
         self.refused = 0
+        self.slow = 0  # connections closed for headers slower than HEADERS_SECONDS
 
     @property
     def name(self) -> str:
@@ -205,12 +218,14 @@ class _Capped(asyncio.Protocol):
     is made, a 503 and a close. It decides in ``connection_made`` (synchronously, against a
     count that includes every connection made before), then passes everything through."""
 
-    __slots__ = ("_handler", "_server", "_site", "_transport")
+    __slots__ = ("_deadline", "_handler", "_server", "_site", "_tail", "_transport")
 
     def __init__(self, server: web.Server, site: CappedSite) -> None:
         self._server, self._site = server, site
         self._handler: asyncio.Protocol | None = None
         self._transport: asyncio.BaseTransport | None = None
+        self._deadline: asyncio.TimerHandle | None = None  # set while a request's headers arrive
+        self._tail = b""  # the last bytes seen, for a header end split across reads
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._site.full(self._server):
@@ -223,12 +238,35 @@ class _Capped(asyncio.Protocol):
             asyncio.get_running_loop().call_later(1.0, transport.close)
             return
         self._handler = self._server()
+        self._transport = transport
         self._handler.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
         if self._handler is not None:
+            self._headers_deadline(data)
             self._handler.data_received(data)
         elif self._transport is not None:
+            self._transport.close()
+
+    def _headers_deadline(self, data: bytes) -> None:
+        """Start the clock at a request's first byte, stop it at the blank line that ends its
+        headers (the API takes no request bodies: bytes after it start the next request)."""
+        seen = self._tail + data
+        end = seen.rfind(b"\r\n\r\n")
+        if end >= 0:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+            seen = seen[end + 4 :]
+        if seen and self._deadline is None:
+            self._deadline = asyncio.get_running_loop().call_later(HEADERS_SECONDS, self._too_slow)
+        self._tail = seen[-3:]
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._transport is not None:
+            log.debug("HTTP: a request's headers took over %.0f s: connection closed", HEADERS_SECONDS)
+            self._site.slow += 1
             self._transport.close()
 
     def eof_received(self) -> bool | None:
@@ -237,6 +275,9 @@ class _Capped(asyncio.Protocol):
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         if self._handler is not None:
             self._handler.connection_lost(exc)
 

@@ -45,6 +45,9 @@ class Raw:
 
     async def get(self, path: str) -> tuple[int, dict[str, str], bytes]:
         self.writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        return await self.response()
+
+    async def response(self) -> tuple[int, dict[str, str], bytes]:
         async with asyncio.timeout(5):
             await self.writer.drain()
             head = await self.reader.readuntil(b"\r\n\r\n")
@@ -185,3 +188,47 @@ async def test_an_event_stream_waiting_for_a_future_revision_counts_against_the_
         waiting.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await waiting
+
+
+async def test_headers_that_come_too_slowly_close_the_connection(
+    servers: Servers, etcd: EtcdProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that sends a header now and then (slowloris) does not hold a connection: its
+    request's headers must be complete within HEADERS_SECONDS of their first byte."""
+    assert door.HEADERS_SECONDS <= 30
+    monkeypatch.setattr(door, "HEADERS_SECONDS", 0.5)  # the same wiring, a shorter wait
+    server = await servers.start(etcd, **HTTP)
+    assert server.http is not None
+    for port in (server.http.port, server.http.metrics_port):
+        # A request whose headers come in pieces, well within the deadline, is answered...
+        conn = await Raw.open(port)
+        try:
+            for piece in (b"GET /healthz HTTP/1.1\r\n", b"Host: 127.0.0.1\r", b"\n\r", b"\n"):
+                conn.writer.write(piece)
+                await conn.writer.drain()
+                await asyncio.sleep(0.05)  # apart, so they arrive as separate reads
+            assert (await conn.response())[0] == 200
+            assert (await conn.get("/healthz"))[0] == 200  # and the next request on it too
+        finally:
+            conn.close()
+        # ... and a drip is closed, long before a well-behaved header would have finished.
+        drip = await Raw.open(port)
+        try:
+            drip.writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+
+            async def trickle(drip: Raw = drip) -> None:
+                for i in range(50):
+                    drip.writer.write(f"X-Slow-{i}: 1\r\n".encode())
+                    await drip.writer.drain()
+                    await asyncio.sleep(0.1)  # the attack's own pace, not synchronisation
+
+            trickling = asyncio.create_task(trickle())
+            try:
+                assert await drip.closed_by_server(within=4), port
+            finally:
+                trickling.cancel()
+                with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+                    await trickling
+        finally:
+            drip.close()
+    assert server.http.slow() == {"http_listen": 1, "metrics_listen": 1}
