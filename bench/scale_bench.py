@@ -88,6 +88,7 @@ from etcd3aio._protobuf import (
 )
 from etcd3aio.kv import KVService
 
+from discovery.devtools.benchmain import print_figures
 from discovery.devtools.etcd import EtcdProcess
 from discovery.devtools.process import ServerProcess, free_port
 from discovery.keys import KeySchema
@@ -1403,21 +1404,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        out = run(args)
-    except KeyboardInterrupt:
-        log("interrupted; every process started was stopped")
-        return 130
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    return 0
+    return print_figures(lambda: run(args), args.output)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -57,6 +56,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from discovery.devtools.benchmain import print_figures
 from discovery.devtools.etcd import EtcdProcess
 from discovery.devtools.process import ServerProcess, free_port
 from discovery.security.certs import CertificateAuthority, server_id
@@ -531,21 +531,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_sigterm)  # cleanup runs on SIGTERM as on Ctrl-C
-    try:
-        out = run(args)
-    except KeyboardInterrupt:
-        log("interrupted; every process started was stopped")
-        return 130
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
-    return 0
+    return print_figures(lambda: run(args), args.output)
 
 
 if __name__ == "__main__":
