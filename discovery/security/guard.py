@@ -161,6 +161,14 @@ class Guard:
             self._deny(caller, method, error, service=service or "")
         return error
 
+    def may_read_now(self, caller: Caller, service: str) -> bool:
+        """Whether ``caller`` may read ``service`` under the policy in force now (not the one
+        its stream opened under), for streams that ask per resource (ADS)."""
+        if not self.secure:
+            return True
+        grants = self.policy.grants_for(caller.identity)
+        return grants is not None and grants.may_read(service)
+
     def may_read(self, grants: Grants, service: str) -> bool:
         return grants.may_read(service)
 

@@ -16,11 +16,13 @@ from discovery.api.errors import abort
 from discovery.api.streams import OpenStreams
 from discovery.errors import DiscoveryError
 from discovery.security.guard import Guard
+from discovery.security.identity import Caller
 from discovery.xds.hub import XdsHub
 from discovery.xds.stream import StreamState
 
 log = logging.getLogger(__name__)
 
+METHOD = "StreamAggregatedResources"
 SERVICE_NAME = ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name
 _SHUTTING_DOWN = "the discovery server is shutting down; reconnect to another server"
 
@@ -40,12 +42,13 @@ class AdsServicer:
     ) -> None:
         guard = self._guard
         try:
-            caller, grants = guard.caller(context, "StreamAggregatedResources")
-            slot = guard.open_stream(caller, grants, "StreamAggregatedResources")
+            caller, grants = guard.caller(context, METHOD)
+            slot = guard.open_stream(caller, grants, METHOD)
         except DiscoveryError as exc:
             await abort(context, exc)
         task = self.streams.add(context)
-        state = StreamState(self.hub, context.peer() or "", may_read=grants.may_read)
+        state = StreamState(self.hub, context.peer() or "", may_read=lambda name: guard.may_read_now(caller, name))
+        self.streams.guard(task, lambda: _recheck(guard, caller, state))
         reader = asyncio.create_task(self._read(requests, state), name=f"xds-reader-{state.id}")
         try:
             if self.streams.closing:
@@ -74,6 +77,18 @@ class AdsServicer:
                 state.handle(request)
         finally:
             state.wake.set()
+
+
+def _recheck(guard: Guard, caller: Caller, state: StreamState) -> DiscoveryError | None:
+    """After a policy reload: the identity must still be known, and may still read every
+    resource this stream has delivered to it (a name it could never read was answered with a
+    resource error, not data, and does not end the stream)."""
+    error = guard.still_allowed(caller, METHOD, None)
+    for name in sorted(state.held()):
+        if error is not None:
+            break
+        error = guard.still_allowed(caller, METHOD, name)
+    return error
 
 
 def add_to_server(servicer: AdsServicer, server: grpc.aio.Server) -> None:

@@ -234,6 +234,16 @@ class StreamState:
         encoded: bytes = header.SerializeToString()
         return encoded + b"".join(r.field for r in chosen.values() if r is not None)
 
+    def held(self) -> set[str]:
+        """The names this stream has sent resources for (not resource errors) and still
+        subscribes to: what the client holds, and what a policy reload must still allow."""
+        return {
+            name
+            for state in self.types.values()
+            for name, (_, resource, _) in state.sent.items()
+            if resource is not None and name in state.names
+        }
+
     def close(self) -> None:
         self.hub.unwatch(self, self._watched)
         self._watched = set()

@@ -127,6 +127,12 @@ class AdsClient:
                 async with asyncio.timeout(remaining):
                     await self._progress.wait()
 
+    async def ended(self, timeout: float = 15.0) -> grpc.StatusCode:
+        """Wait (at most ``timeout``) for the server to end the stream; its status code."""
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(self._task)
+        return self.error.code() if self.error is not None else grpc.StatusCode.OK
+
     async def close(self) -> None:
         self.call.cancel()
         self._outgoing.put_nowait(None)
