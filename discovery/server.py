@@ -219,7 +219,9 @@ class Server:
             # Grants are checked when a stream opens; a reload that revokes one (or denies an
             # identity) ends the streams that relied on it, instead of letting them run on.
             ended = sum(
-                api.streams.revoke() for api in (self._lookup, self._registry_api, self._ads) if api is not None
+                api.streams.revoke()
+                for api in (self._lookup, self._registry_api, self._replication, self._ads)
+                if api is not None
             )
             if self.http is not None:
                 ended += self.http.events.revoke()

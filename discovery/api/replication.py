@@ -69,6 +69,7 @@ class ReplicationServicer(_Base):
             if self.streams.ended(task):
                 return
             await abort(context, exc)
+        self.streams.guard(task, lambda: self._guard.still_replicating(caller, "Replication.Stream", request.requester))
         self._guard.event("stream_start", caller, "Replication.Stream", requester=request.requester)
         try:
             async for message in self._follow(view, region, since, context, task):

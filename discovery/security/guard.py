@@ -161,6 +161,23 @@ class Guard:
             self._deny(caller, method, error, service=service or "")
         return error
 
+    def still_replicating(self, caller: Caller, method: str, requester: str) -> DiscoveryError | None:
+        """``still_allowed`` for a replication feed: the identity must still be known and
+        still pass ``require_replicate`` as region ``requester`` (the error the feed's open
+        would get now, audited)."""
+        if not self.secure:
+            return None
+        error = self.still_allowed(caller, method, None)
+        if error is not None:
+            return error
+        grants = self.policy.grants_for(caller.identity)
+        assert grants is not None  # still_allowed found it
+        try:
+            self.require_replicate(caller, grants, method, requester)
+        except DiscoveryError as exc:
+            return exc
+        return None
+
     def may_read_now(self, caller: Caller, service: str) -> bool:
         """Whether ``caller`` may read ``service`` under the policy in force now (not the one
         its stream opened under), for streams that ask per resource (ADS)."""

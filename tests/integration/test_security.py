@@ -342,6 +342,70 @@ async def test_replication_needs_a_server_identity_of_the_region_it_claims(secur
     call.cancel()
 
 
+async def test_a_policy_reload_ends_the_replication_feeds_it_no_longer_allows(secure, as_identity, pki) -> None:
+    """A feed's identity is checked when it opens; a reload that takes away a peer region's
+    replicate grant ends its feed with PERMISSION_DENIED, one that denies the peer ends it with
+    UNAUTHENTICATED (what a new open would get), both audited. Other feeds go on."""
+    eu, ap = server_id(TRUST_DOMAIN, "eu-west"), server_id(TRUST_DOMAIN, "ap-south")
+
+    def peers(eu_replicates: str) -> str:
+        return f"""
+            [[grant]]
+            identity = "{ADMIN}"
+            admin = true
+            register = ["*"]
+            read = ["*"]
+
+            [[grant]]
+            identity = "{eu}"
+            replicate = {eu_replicates}
+            read = ["*"]
+
+            [[grant]]
+            identity = "{ap}"
+            replicate = true
+            read = ["*"]
+            """
+
+    path = pki.policy(peers("true"), name="peers.toml")
+    server = await secure(policy_file=str(path))
+    admin = as_identity(server, ADMIN)
+    feeds = {}
+    for region, identity in (("eu-west", eu), ("ap-south", ap)):
+        stub = replication_pb2_grpc.ReplicationStub(as_identity(server, identity).channel)
+        feeds[region] = stub.Stream(replication_pb2.StreamRequest(origin="us-east", requester=region))
+        first = await asyncio.wait_for(feeds[region].read(), CALL_TIMEOUT)
+        assert first.kind in (replication_pb2.StreamResponse.SNAPSHOT, replication_pb2.StreamResponse.CHANGES)
+
+    # eu-west's servers stay known (they may still read) but may no longer replicate.
+    pki.policy(peers("false"), name="peers.toml")
+    server.reload()
+    assert await _status_of(feeds["eu-west"]) == grpc.StatusCode.PERMISSION_DENIED
+    await admin.registry.Register(instance("db", "10.0.0.9:5432"), timeout=CALL_TIMEOUT)
+    assert await _changes_reach(feeds["ap-south"], "db")
+
+    # Deny ap-south: its feed ends as well.
+    path.write_text(f'deny = ["{ap}"]\n' + path.read_text())
+    server.reload()
+    assert await _status_of(feeds["ap-south"]) == grpc.StatusCode.UNAUTHENTICATED
+
+    denied = [line for line in audit_lines(Path(server.config.audit_log)) if line["event"] == "denied"]
+    assert [(d["identity"], d["method"], d["code"]) for d in denied] == [
+        (eu, "Replication.Stream", "PERMISSION_DENIED"),
+        (ap, "Replication.Stream", "UNAUTHENTICATED"),
+    ]
+
+
+async def _changes_reach(feed: object, service: str) -> bool:
+    """Whether ``feed`` carries a change of ``service`` (skipping heartbeats) within 15 s."""
+    async with asyncio.timeout(15):
+        while True:
+            message = await feed.read()  # type: ignore[attr-defined]
+            assert message is not grpc.aio.EOF
+            if any(change.service == service for change in message.changes):
+                return True
+
+
 # --- limits ------------------------------------------------------------------------------------
 
 
