@@ -1,5 +1,7 @@
 """Streams a servicer has open, so shutdown can end them at once instead of at the end of
-the grace period (Watch and Heartbeat streams otherwise last as long as their clients)."""
+the grace period (Watch and Heartbeat streams otherwise last as long as their clients), and a
+policy reload can end those it no longer allows (each stream's re-check: Watch, Heartbeat, ADS,
+replication feeds; docs/security.md)."""
 
 from __future__ import annotations
 
