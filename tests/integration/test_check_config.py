@@ -37,6 +37,17 @@ def check(tmp_path: Path, settings: dict[str, Any], *flags: str) -> tuple[int, s
     return done.returncode, done.stdout, done.stderr
 
 
+def serve(tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    """``serve`` itself on the config ``check`` wrote, for what stops it before it listens."""
+    return subprocess.run(
+        [*CLI, "serve", "--config", str(tmp_path / "server.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -147,13 +158,7 @@ def test_serve_stops_with_the_same_words(secure: dict[str, Any], tmp_path: Path)
     settings = {**secure, "tls_cert": "/nonexistent/server.pem", "etcd": ["127.0.0.1:1"], "etcd_ca": ""}
     settings = {k: v for k, v in settings.items() if k not in ("etcd_cert", "etcd_key", "etcd_server_name")}
     checked = check(tmp_path, settings)
-    served = subprocess.run(
-        [*CLI, "serve", "--config", str(tmp_path / "server.toml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    served = serve(tmp_path)
     assert checked[0] == served.returncode == 2
     assert checked[2].strip() == served.stderr.strip().splitlines()[-1].strip()
 
@@ -166,13 +171,7 @@ def test_serve_names_a_bad_etcd_tls_file_as_check_config_does(
     (tmp_path / "junk.pem").write_text("not a certificate\n")
     settings = {**secure, name: str(tmp_path / "junk.pem")}
     checked = check(tmp_path, settings)
-    served = subprocess.run(
-        [*CLI, "serve", "--config", str(tmp_path / "server.toml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    served = serve(tmp_path)
     assert checked[0] == served.returncode == 2, served.stderr
     last = served.stderr.strip().splitlines()[-1].strip()
     assert last == checked[2].strip() and last.startswith(f"discovery serve: error: {name}: "), last

@@ -22,17 +22,13 @@ from discovery.server import Server
 from discovery_pb.v1 import registry_pb2, types_pb2
 from tests.support.helpers import eventually
 from tests.support.http import TIMEOUT, base, get_json
-from tests.support.secure import ADMIN, TRUST_DOMAIN, Pki, svc
+from tests.support.secure import ADMIN, ADMIN_GRANT, TRUST_DOMAIN, Pki, svc
 from tests.support.servers import Servers, Stubs
 
 pytestmark = pytest.mark.slow
 READER = f"spiffe://{TRUST_DOMAIN}/team/reader"
 POLICY = f"""
-[[grant]]
-identity = "{ADMIN}"
-admin = true
-register = ["*"]
-read = ["*"]
+{ADMIN_GRANT}
 
 [[grant]]
 identity = "{READER}"

@@ -20,7 +20,7 @@ from discovery.security.certs import CertificateAuthority, server_id
 from discovery.server import Server
 from discovery_pb.v1 import admin_pb2, lookup_pb2, registry_pb2, replication_pb2, replication_pb2_grpc, types_pb2
 from tests.support.helpers import CALL_TIMEOUT, eventually
-from tests.support.secure import ADMIN, TRUST_DOMAIN, Pki, svc
+from tests.support.secure import ADMIN, ADMIN_GRANT, TRUST_DOMAIN, Pki, svc
 from tests.support.servers import Servers, Stubs
 
 
@@ -350,11 +350,7 @@ async def test_a_policy_reload_ends_the_replication_feeds_it_no_longer_allows(se
 
     def peers(eu_replicates: str) -> str:
         return f"""
-            [[grant]]
-            identity = "{ADMIN}"
-            admin = true
-            register = ["*"]
-            read = ["*"]
+            {ADMIN_GRANT}
 
             [[grant]]
             identity = "{eu}"

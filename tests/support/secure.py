@@ -18,13 +18,16 @@ ADMIN = f"spiffe://{TRUST_DOMAIN}/admin"
 
 # Who may do what in most security tests: an admin, services that own their own name, and the
 # servers of every region. Limits are generous unless a test writes its own policy.
-DEFAULT_POLICY = f"""
+# The admin's grant, which most test policies start with.
+ADMIN_GRANT = f"""
 [[grant]]
 identity = "{ADMIN}"
 admin = true
 register = ["*"]
 read = ["*"]
+"""
 
+DEFAULT_POLICY = f"""{ADMIN_GRANT}
 [[grant]]
 identity = "spiffe://{TRUST_DOMAIN}/svc/*"
 register = ["{{name}}", "{{name}}.*"]

@@ -14,7 +14,7 @@ from discovery.cli.xds import channel_creds
 from discovery.xds import ENDPOINTS, bootstrap
 from discovery_client import TlsConfig
 from tests.support.helpers import register
-from tests.support.secure import ADMIN, Pki, svc
+from tests.support.secure import ADMIN, ADMIN_GRANT, Pki, svc
 from tests.support.servers import Stubs
 from tests.xds.ads_client import AdsClient
 
@@ -51,11 +51,7 @@ async def test_a_stock_client_resolves_over_mtls_and_not_without(etcd, servers, 
 async def test_a_stock_client_cannot_resolve_what_it_may_not_read(etcd, servers, pki, backends, stock_clients) -> None:
     policy = pki.policy(
         f"""
-        [[grant]]
-        identity = "{ADMIN}"
-        admin = true
-        register = ["*"]
-        read = ["*"]
+        {ADMIN_GRANT}
 
         [[grant]]
         identity = "{svc("web")}"
@@ -85,11 +81,7 @@ async def test_a_policy_reload_ends_the_ads_streams_it_no_longer_allows(etcd, se
     def narrow(web_reads: str, deny: str = "") -> str:
         return f"""
             {deny}
-            [[grant]]
-            identity = "{ADMIN}"
-            admin = true
-            register = ["*"]
-            read = ["*"]
+            {ADMIN_GRANT}
 
             [[grant]]
             identity = "{svc("web")}"
