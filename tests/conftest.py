@@ -8,6 +8,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import grpc
 import grpc.aio
 import pytest
@@ -23,6 +24,13 @@ from tests.support.servers import Servers, Stubs
 os.environ["DISCOVERY_INSECURE"] = "1"
 
 _prefixes = itertools.count()
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """An HTTP client session for tests of the HTTP door."""
+    async with aiohttp.ClientSession() as s:
+        yield s
 
 
 def _require_etcd() -> None:

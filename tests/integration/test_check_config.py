@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from discovery.cli.serve import SERVE_EXAMPLES
 from discovery.config import ServerConfig, load
 from discovery.devtools.etcd import EtcdServerTls
 from discovery.security.policy import Policy
+from tests.support.helpers import serve_help_config
 from tests.support.secure import Pki
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,24 +27,18 @@ CLI = [sys.executable, "-m", "discovery"]
 def check(tmp_path: Path, settings: dict[str, Any], *flags: str) -> tuple[int, str, str]:
     config = tmp_path / "server.toml"
     config.write_text("[server]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in settings.items()))
-    done = subprocess.run(
-        [*CLI, "serve", "--config", str(config), "--check-config", *flags],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_serve(config, "--check-config", *flags)
     return done.returncode, done.stdout, done.stderr
 
 
 def serve(tmp_path: Path) -> subprocess.CompletedProcess[str]:
     """``serve`` itself on the config ``check`` wrote, for what stops it before it listens."""
+    return run_serve(tmp_path / "server.toml")
+
+
+def run_serve(config: Path, *flags: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CLI, "serve", "--config", str(tmp_path / "server.toml")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+        [*CLI, "serve", "--config", str(config), *flags], capture_output=True, text=True, timeout=60, check=False
     )
 
 
@@ -194,15 +188,8 @@ def _is_server_config(path: Path) -> bool:
 
 
 def _help_example(tmp_path: Path) -> Path:
-    lines = SERVE_EXAMPLES.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("config file")) + 1
-    block = []
-    for line in lines[start:]:
-        if not line.strip():
-            break
-        block.append(line)
     path = tmp_path / "help-example.toml"
-    path.write_text("\n".join(block))
+    path.write_text(serve_help_config())
     return path
 
 
@@ -240,13 +227,7 @@ def test_every_shipped_config_passes(name: str, pki: Pki, tmp_path: Path) -> Non
         flags += [f"--{key.replace('_', '-').replace('policy-file', 'policy')}", str(replacement)]
     if "region" not in values:
         flags += ["--region", "us-east"]
-    done = subprocess.run(
-        [*CLI, "serve", "--config", str(path), "--check-config", *flags],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_serve(path, "--check-config", *flags)
     assert done.returncode == 0, done.stderr
 
 

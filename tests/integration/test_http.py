@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -22,18 +21,11 @@ from tests.support.backends import TcpBackend
 from tests.support.health import DETECT, HEALTH, check, endpoints, until_state
 from tests.support.health import register as register_checked
 from tests.support.helpers import ALL_STATUSES, eventually, register, resolve
-from tests.support.http import EventStream, base, get_json
+from tests.support.http import HTTP, EventStream, base, get_json
 from tests.support.regions import Regions
 from tests.support.servers import Servers
 
 pytestmark = pytest.mark.slow
-HTTP = {"http_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def _three(regions: Regions, region_etcds: dict[str, EtcdProcess], **overrides: Any) -> Regions:

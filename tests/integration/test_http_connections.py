@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +17,11 @@ import pytest
 from discovery.devtools.etcd import EtcdProcess
 from discovery.http import door
 from tests.support.helpers import eventually, register
-from tests.support.http import base, get_json
+from tests.support.http import HTTP, base, get_json
 from tests.support.secure import ADMIN, Pki
 from tests.support.servers import Servers
 
 pytestmark = pytest.mark.slow
-HTTP = {"http_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 class Raw:

@@ -523,19 +523,28 @@ async def test_a_record_without_owner_may_be_taken_by_a_grantee(secure, as_ident
     assert error.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-async def test_a_record_the_view_has_not_seen_yet_is_still_protected(secure, as_identity, pki) -> None:
-    policy = pki.policy(
+def _b_may_register_a(pki: Pki) -> Path:
+    """The default policy, and b may register service a (over records it owns)."""
+    return pki.policy(
         pki.policy().read_text() + f'\n[[grant]]\nidentity = "{svc("b")}"\nregister = ["a"]\n', name="race.toml"
     )
-    server = await secure(policy_file=str(policy))
+
+
+async def _put_as_a(server: Server, instance_id: str) -> None:
+    """An instance of a, owned by a, written straight to etcd (the view may not have it yet)."""
+    record = types_pb2.Instance(
+        service="a", instance_id=instance_id, region="us-east", address="10.0.0.1:80", weight=100, owner=svc("a")
+    )
+    await server.store.put(server.keys.instance("us-east", "a", instance_id), record.SerializeToString())
+
+
+async def test_a_record_the_view_has_not_seen_yet_is_still_protected(secure, as_identity, pki) -> None:
+    server = await secure(policy_file=str(_b_may_register_a(pki)))
     b = as_identity(server, svc("b"))
     for i in range(20):
         # Written straight to etcd as a's, and b registers the same instance at once: whether
         # or not the view has caught up, b may not replace it.
-        record = types_pb2.Instance(
-            service="a", instance_id=f"i{i}", region="us-east", address="10.0.0.1:80", weight=100, owner=svc("a")
-        )
-        await server.store.put(server.keys.instance("us-east", "a", f"i{i}"), record.SerializeToString())
+        await _put_as_a(server, f"i{i}")
         error = await rpc_error(b.registry.Register(instance("a", "10.6.6.6:80", f"i{i}"), timeout=CALL_TIMEOUT))
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED, i
 
@@ -544,16 +553,10 @@ async def test_a_batch_does_not_replace_a_record_the_view_has_not_seen_yet(secur
     """RegisterBatch writes only over the records it authorized, as Register does: a record of
     another identity written a moment ago (not yet in the view) is not replaced, and nothing
     of the chunk is written; once only b's own records are in the way, the batch goes through."""
-    policy = pki.policy(
-        pki.policy().read_text() + f'\n[[grant]]\nidentity = "{svc("b")}"\nregister = ["a"]\n', name="race.toml"
-    )
-    server = await secure(policy_file=str(policy))
+    server = await secure(policy_file=str(_b_may_register_a(pki)))
     b = as_identity(server, svc("b"))
     for i in range(10):
-        record = types_pb2.Instance(
-            service="a", instance_id=f"i{i}", region="us-east", address="10.0.0.1:80", weight=100, owner=svc("a")
-        )
-        await server.store.put(server.keys.instance("us-east", "a", f"i{i}"), record.SerializeToString())
+        await _put_as_a(server, f"i{i}")
         batch = registry_pb2.RegisterBatchRequest(
             instances=[
                 types_pb2.Instance(service="a", instance_id=f"mine-{i}", address="10.0.0.2:80"),

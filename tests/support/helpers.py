@@ -176,3 +176,17 @@ def watch(lookup: Any, service: str = "", since_revision: int = 0, timeout: floa
     """Open a Watch (bounded by ``timeout``) and read it in the background."""
     request = lookup_pb2.WatchRequest(service=service, since_revision=since_revision)
     return Watcher(lookup.Watch(request, timeout=timeout))
+
+
+def serve_help_config() -> str:
+    """The config file ``discovery serve --help`` shows (the block after "config file")."""
+    from discovery.cli.serve import SERVE_EXAMPLES  # the CLI only where a test asks for it
+
+    lines = SERVE_EXAMPLES.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("config file")) + 1
+    block = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        block.append(line)
+    return "\n".join(block)

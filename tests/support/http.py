@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 
 TIMEOUT = aiohttp.ClientTimeout(total=10.0)
+HTTP = {"http_listen": "127.0.0.1:0", "metrics_listen": "127.0.0.1:0"}  # both listeners, any port
 
 
 def base(server: Any) -> str:

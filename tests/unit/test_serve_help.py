@@ -9,19 +9,12 @@ import tomllib
 import pytest
 
 from discovery.cli.main import build_parser
-from discovery.cli.serve import SERVE_EXAMPLES
 from discovery.config import _build
+from tests.support.helpers import serve_help_config
 
 
 def test_the_config_file_in_serve_help_is_valid() -> None:
-    lines = SERVE_EXAMPLES.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("config file")) + 1
-    block = []
-    for line in lines[start:]:
-        if not line.strip():
-            break
-        block.append(line)
-    values = tomllib.loads("\n".join(block))
+    values = tomllib.loads(serve_help_config())
     assert len(values) > 20
     values["peers"] = tuple(values["peers"])
     values["etcd"] = tuple(values["etcd"])
