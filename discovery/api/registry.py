@@ -124,15 +124,25 @@ class RegistryServicer(_Base):
                 return await self._registry.register(record, session=session, expect_mod_revision=expected)
             except Conflict as exc:
                 current = exc.current
-                found = Instance.FromString(current.value) if isinstance(current, KeyValue) else None
-                if found is not None:
-                    self._require_owner(caller, grants, "Register", found, "replace")
-                keep_result(record, found)
-                self._guard.check_quota(caller, grants, "Register", record.service, 0 if found is not None else 1)
-                expected = current.mod_revision if isinstance(current, KeyValue) else 0
+                expected = self._reauthorize(
+                    caller, grants, "Register", record, current if isinstance(current, KeyValue) else None
+                )
         raise StoreUnavailable(
             f"instance {record.instance_id!r} of {record.service!r} kept changing while being registered: retry"
         )
+
+    def _reauthorize(
+        self, caller: Caller, grants: Grants, method: str, record: Instance, current: KeyValue | None
+    ) -> int:
+        """A record written meanwhile (through another server) is authorized again, as if it
+        had been there at first: its owner, the checker's verdict it carries, and the quota
+        when the instance is now a new one. Raises to refuse; returns the revision to expect."""
+        found = Instance.FromString(current.value) if current is not None else None
+        if found is not None:
+            self._require_owner(caller, grants, method, found, "replace")
+        keep_result(record, found)
+        self._guard.check_quota(caller, grants, method, record.service, 0 if found is not None else 1)
+        return current.mod_revision if current is not None else 0
 
     async def Heartbeat(
         self, request_iterator: AsyncIterator[pb.HeartbeatRequest], context: grpc.aio.ServicerContext
@@ -316,11 +326,7 @@ class RegistryServicer(_Base):
             guard.before_write()
 
             def recheck(record: Instance, current: KeyValue | None) -> None:
-                """A record written meanwhile (through another server) is authorized again."""
-                found = Instance.FromString(current.value) if current is not None else None
-                if found is not None:
-                    self._require_owner(caller, grants, "RegisterBatch", found, "replace")
-                keep_result(record, found)  # the verdict on what is there now, or none
+                self._reauthorize(caller, grants, "RegisterBatch", record, current)
 
             with self._admission.write("RegisterBatch"):
                 # As Register: an admin (every caller of an insecure server) writes unconditionally.

@@ -614,6 +614,37 @@ async def test_a_chunk_written_meanwhile_is_authorized_again_before_it_is_replac
     assert seen == ["", "me"] and [d.revision for d in done] == [revision, revision]
 
 
+async def test_a_batch_record_gone_meanwhile_counts_against_the_quota_again(secure, as_identity, pki) -> None:
+    """Authorized as a re-registration (no quota), a record deleted before the write becomes a
+    new instance: the re-check counts it, as Register's does, instead of letting it past."""
+    from discovery.errors import ResourceExhausted
+    from discovery.security.identity import Caller
+
+    policy = pki.policy(pki.policy().read_text() + "\n[limits]\ninstances_per_service = 1\n", name="quota.toml")
+    server = await secure(policy_file=str(policy))
+    web = as_identity(server, svc("web"))
+    first = await web.registry.Register(instance("web", "10.0.0.1:80", "w1"), timeout=CALL_TIMEOUT)
+    await server.view.wait_for(first.revision, CALL_TIMEOUT)
+    key = server.keys.instance("us-east", "web", "w1")
+    before = await server.store.get(key)
+    assert before is not None
+    # The batch was authorized over w1 (a re-registration); w1 goes, and w2 took web's one place.
+    await server.store.delete(key)
+    second = await web.registry.Register(instance("web", "10.0.0.2:80", "w2"), timeout=CALL_TIMEOUT)
+    await server.view.wait_for(second.revision, CALL_TIMEOUT)
+    caller = Caller(identity=svc("web"), serial="", peer="test")
+    grants = server.guard.policy.grants_for(caller.identity)
+    api = server._registry_api
+
+    def recheck(record: types_pb2.Instance, current: object) -> None:
+        api._reauthorize(caller, grants, "RegisterBatch", record, current)  # type: ignore[arg-type]
+
+    record = types_pb2.Instance(service="web", instance_id="w1", region="us-east", address="10.0.0.1:80")
+    with pytest.raises(ResourceExhausted):
+        await server.registry.register_batch([record], expected=[before.mod_revision], recheck=recheck)
+    assert await server.store.get(key) is None
+
+
 def server_key(server: Server, service: str, instance_id: str):  # type: ignore[no-untyped-def]
     from discovery.keys import InstanceKey
 
