@@ -23,7 +23,7 @@ from discovery.security.policy import Policy, PolicyError
 from discovery.security.tls import MaterialError, TlsFiles, load_material
 from discovery.store import EtcdTls, check_tls
 
-__all__ = ["check", "check_etcd_tls", "render"]
+__all__ = ["check", "render"]
 
 
 def check(config: ServerConfig) -> list[str]:
@@ -45,25 +45,9 @@ def check(config: ServerConfig) -> list[str]:
             raise InvalidArgument("policy_file", str(exc)) from None
         done.append(f"policy: {config.policy_file}")
     if config.etcd_tls:
-        user = check_etcd_tls(config)
+        user = check_tls(EtcdTls(config.etcd_ca, config.etcd_cert, config.etcd_key, config.etcd_server_name))
         done.append(f"etcd TLS: {config.etcd_ca}" + (f", etcd user {user!r}" if user else ", no client certificate"))
     return done
-
-
-def check_etcd_tls(config: ServerConfig) -> str:
-    """etcd's client TLS files readable and well formed; the etcd user their certificate names
-    ("" without one). ``serve`` calls it before it starts too, so a bad file is named as the
-    setting it came from, not an internal error from deep in the etcd client."""
-    tls = EtcdTls(config.etcd_ca, config.etcd_cert, config.etcd_key, config.etcd_server_name)
-    try:
-        return check_tls(tls)
-    except OSError as exc:
-        keys = ("etcd_ca", "etcd_cert", "etcd_key")
-        key = next((k for k in keys if getattr(config, k) == exc.filename), "etcd_ca")
-        raise InvalidArgument(key, f"cannot read {exc.filename}: {exc.strerror}") from None
-    except ValueError as exc:
-        key = "etcd_ca" if str(exc).startswith(config.etcd_ca) else "etcd_cert"
-        raise InvalidArgument(key, str(exc)) from None
 
 
 def _check_audit_log(config: ServerConfig) -> str:

@@ -51,6 +51,7 @@ from discovery.errors import (
     Compacted,
     Conflict,
     Fenced,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -122,30 +123,38 @@ class _Material:
     expires: datetime.datetime | None
 
 
+def _read(path: str | Path, setting: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidArgument(setting, f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _read_material(tls: EtcdTls) -> _Material:
-    """Read and check the files: ValueError or OSError (naming the file) when they cannot work,
-    so a half-written rotation is never put to use."""
-    ca = Path(tls.ca).read_bytes()
+    """Read and check the files: InvalidArgument naming the setting and the file when they
+    cannot work, so a server does not start on them and a half-written rotation is never put
+    to use."""
+    ca = _read(tls.ca, "etcd_ca")
     try:
         x509.load_pem_x509_certificates(ca)
     except ValueError:
-        raise ValueError(f"{tls.ca}: not a PEM certificate bundle") from None
+        raise InvalidArgument("etcd_ca", f"{tls.ca}: not a PEM certificate bundle") from None
     if not tls.cert:
         return _Material(ca, None, None, "", None)
-    cert, key = Path(tls.cert).read_bytes(), Path(tls.key).read_bytes()
+    cert, key = _read(tls.cert, "etcd_cert"), _read(tls.key, "etcd_key")
     try:
         leaf = x509.load_pem_x509_certificates(cert)[0]
     except ValueError:
-        raise ValueError(f"{tls.cert}: not a PEM certificate") from None
+        raise InvalidArgument("etcd_cert", f"{tls.cert}: not a PEM certificate") from None
     try:
         private = serialization.load_pem_private_key(key, password=None)
     except (ValueError, TypeError):
-        raise ValueError(f"{tls.key}: not an unencrypted PEM private key") from None
+        raise InvalidArgument("etcd_key", f"{tls.key}: not an unencrypted PEM private key") from None
     spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     if private.public_key().public_bytes(*spki) != leaf.public_key().public_bytes(*spki):
-        raise ValueError(f"{tls.key} is not the key of {tls.cert}")
+        raise InvalidArgument("etcd_cert", f"{tls.key} is not the key of {tls.cert}")
     if leaf.not_valid_after_utc <= datetime.datetime.now(datetime.UTC):
-        raise ValueError(f"{tls.cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+        raise InvalidArgument("etcd_cert", f"{tls.cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
     names = leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     identity = str(names[0].value) if names else ""
     return _Material(ca, cert, key, identity, leaf.not_valid_after_utc)
@@ -153,8 +162,8 @@ def _read_material(tls: EtcdTls) -> _Material:
 
 def check_tls(tls: EtcdTls) -> str:
     """Read and check the files as ``Store`` will at connect (``discovery serve
-    --check-config``): the etcd user the certificate names (its CN), "" without one. OSError or
-    ValueError naming the file when they cannot work."""
+    --check-config``): the etcd user the certificate names (its CN), "" without one.
+    InvalidArgument naming the setting and the file when they cannot work."""
     return _read_material(tls).identity
 
 
@@ -328,8 +337,8 @@ class Store:
         )
 
     async def __aenter__(self) -> Store:
-        """Connect. Over TLS, unreadable or mismatched files raise ValueError or OSError here
-        (naming the file): a server must not start on them."""
+        """Connect. Over TLS, unreadable or mismatched files raise InvalidArgument here (naming
+        the setting and the file): a server must not start on them."""
         material = await asyncio.to_thread(_read_material, self._tls) if self._tls is not None else None
         self._material = material
         try:
@@ -505,7 +514,7 @@ class Store:
         async with self._reloading:
             try:
                 material = await asyncio.to_thread(_read_material, self._tls)
-            except (OSError, ValueError) as exc:
+            except InvalidArgument as exc:
                 if str(exc) != self._reload_error:  # once per reason, not at every poll
                     log.error("etcd TLS: keeping the current client certificate: %s", exc)
                 self._reload_error = str(exc)

@@ -242,8 +242,6 @@ async def serve(args: argparse.Namespace) -> int:
     if args.check_config:
         sys.stdout.write(config_check.render(config, config_check.check(config)))
         return OK
-    if config.etcd_tls:
-        config_check.check_etcd_tls(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
