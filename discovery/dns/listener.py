@@ -11,7 +11,7 @@ UDP answers are at most 512 bytes for a query without EDNS, else the largest ste
 answer is sent truncated (TC set) so the client asks again over TCP. Responses are never
 padded, and advertise our buffer size. UDP responses pass a rate limit per network and a
 global one (``ratelimit``); TCP queries pass a separate one. TCP takes at most
-``max_connections`` at once and ``max_per_source`` from one address, each closed after
+``max_connections`` at once and ``max_per_source`` from one address (IPv6: one /56), each closed after
 ``idle_seconds`` without a query.
 """
 
@@ -32,7 +32,7 @@ import dns.message
 import dns.opcode
 import dns.rcode
 from discovery.dns.answers import MAX_UDP_PAYLOAD, Answers, make_response
-from discovery.dns.ratelimit import ResponseRateLimit, Verdict
+from discovery.dns.ratelimit import ResponseRateLimit, Verdict, network
 from discovery.model import split_address
 
 log = logging.getLogger(__name__)
@@ -242,41 +242,25 @@ class DnsListener:
     def _formerr(self, data: bytes) -> bytes:
         """FORMERR from the header alone: the id, and the opcode, nothing else echoed."""
         self.counters.formerr += 1
-        (qid, flags) = struct.unpack_from("!HH", data, 0)
-        return struct.pack("!HHHHHH", qid, _QR | (flags & _OPCODE) | dns.rcode.FORMERR, 0, 0, 0, 0)
+        return _bare(data, 0, dns.rcode.FORMERR)
 
     def slip(self, data: bytes) -> bytes | None:
         """A rate-limited query's empty truncated response: its header and question, no
         records, EDNS (if the query had it) with our buffer size and never padded, so never
-        larger than the query."""
-        try:
-            query = dns.message.from_wire(data)
-            if len(query.question) != 1 or query.flags & dns.flags.QR:
-                return None
-            response = make_response(query)
-            response.flags |= dns.flags.TC
-            wire = response.to_wire()
-        except Exception:
+        larger than the query. Built from the bytes, not parsed: a flood is what it answers."""
+        _, question_end = _cache_key(data, udp=True)
+        if not question_end or data[2] & (_QR >> 8):
             return None
-        return wire if len(wire) <= len(data) else None
+        edns = data[10:12] == b"\x00\x01" and data[question_end : question_end + 3] == b"\x00" + _OPT_TYPE
+        return _bare(data, question_end, dns.rcode.NOERROR, truncated=True, edns=edns)
 
     def refuse(self, data: bytes) -> bytes | None:
         """A TCP query over its network's rate: REFUSED, from its header and question alone
         (no parsing); None (close) for what is not a query."""
         if len(data) < HEADER or data[2] & (_QR >> 8):
             return None
-        (qid, flags) = struct.unpack_from("!HH", data, 0)
         _, question_end = _cache_key(data, udp=False)
-        header = struct.pack(
-            "!HHHHHH",
-            qid,
-            _QR | (flags & (_OPCODE | 0x0100)) | dns.rcode.REFUSED,
-            1 if question_end else 0,
-            0,
-            0,
-            0,
-        )
-        return header + data[HEADER:question_end] if question_end else header
+        return _bare(data, question_end, dns.rcode.REFUSED)
 
     # --- TCP ----------------------------------------------------------------------------------
 
@@ -284,7 +268,10 @@ class DnsListener:
         task = asyncio.current_task()
         assert task is not None
         peer = writer.get_extra_info("peername")
-        source = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        # An IPv4 client has one address; an IPv6 one a whole prefix to pick from, so its
+        # connections count by network there, or the per-source cap would bind nobody.
+        source = network(address) if ":" in address else address
         held = self._per_source.get(source, 0)
         if len(self._connections) >= self.max_connections or held >= self.max_per_source:
             # Refused at once, before reading anything: the peer sees the connection close.
@@ -301,7 +288,7 @@ class DnsListener:
                     head = await reader.readexactly(2)
                     (length,) = struct.unpack("!H", head)
                     data = await reader.readexactly(length)
-                if self.tcp_limit.check(source) is Verdict.ANSWER:
+                if self.tcp_limit.check(address) is Verdict.ANSWER:
                     wire = self.respond(data, udp=False)
                 else:
                     self.counters.limited += 1
@@ -364,6 +351,22 @@ class _Udp(asyncio.DatagramProtocol):
 
 def _cost(key: bytes, entry: _Cached) -> int:
     return len(key) + len(entry.wire) + len(entry.service) + _ENTRY_OVERHEAD
+
+
+# OPT record of a bare response: root name, type 41, our buffer size, no extended rcode,
+# version 0, no flags, no options (RFC 6891).
+_OUR_OPT = b"\x00" + _OPT_TYPE + struct.pack("!HBBHH", MAX_UDP_PAYLOAD, 0, 0, 0, 0)
+
+
+def _bare(data: bytes, question_end: int, rcode: int, *, truncated: bool = False, edns: bool = False) -> bytes:
+    """A response of the query's id, opcode and RD, ``rcode``, and its question as sent (when
+    ``question_end`` says where it ends; else none), with an OPT of our buffer size when
+    ``edns``: no records, nothing parsed, nothing else echoed."""
+    (qid, flags) = struct.unpack_from("!HH", data, 0)
+    flags = _QR | (flags & (_OPCODE | 0x0100)) | rcode | (_TC if truncated else 0)
+    question = 1 if question_end else 0
+    header = struct.pack("!HHHHHH", qid, flags, question, 0, 0, 1 if edns else 0)
+    return header + (data[HEADER:question_end] if question_end else b"") + (_OUR_OPT if edns else b"")
 
 
 def _cache_key(data: bytes, udp: bool) -> tuple[bytes | None, int]:

@@ -18,7 +18,7 @@ someone out of TCP.
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -36,19 +36,22 @@ class Verdict(Enum):
 
 
 def network(source: str) -> str:
-    """The key ``source`` is counted under: its /24 (IPv4) or /56 (IPv6), as text."""
+    """The key ``source`` is counted under: its /24 (IPv4, as "a.b.c.") or /56 (IPv6, as the
+    prefix's bytes in hex). Per packet, so string and byte work only: no ipaddress objects."""
     host = source.partition("%")[0]  # an IPv6 zone (fe80::1%eth0) is no part of the address
     if "." in host and ":" not in host:
         head, dot, _ = host.rpartition(".")
         return head + dot if dot else host
     try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
+        packed = socket.inet_pton(socket.AF_INET6, host)
+    except (OSError, ValueError):
         return host  # not an address (a Unix socket's name): counted as itself
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return network(str(address.ipv4_mapped))
-    prefix = IPV4_PREFIX if address.version == 4 else IPV6_PREFIX
-    return str(ipaddress.ip_network((address, prefix), strict=False))
+    if packed[:12] == _V4_MAPPED:
+        return network(socket.inet_ntop(socket.AF_INET, packed[12:]))
+    return f"{packed[: IPV6_PREFIX // 8].hex()}/{IPV6_PREFIX}"
+
+
+_V4_MAPPED = b"\x00" * 10 + b"\xff\xff"
 
 
 class ResponseRateLimit:
