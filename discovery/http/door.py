@@ -30,6 +30,7 @@ from aiohttp import web
 from discovery.errors import InvalidArgument
 from discovery.http.app import build_app, build_metrics_app
 from discovery.http.auth import HttpsContext
+from discovery.http.errors import error_body
 from discovery.http.events import Events
 from discovery.http.metrics import PrometheusExport
 from discovery.http.sources import Sources
@@ -41,6 +42,7 @@ KEEPALIVE_SECONDS = 15.0  # an idle keep-alive connection is closed after this
 MAX_CONNECTIONS = 1024  # on http_listen, beyond http_max_streams (each stream holds one)
 METRICS_MAX_CONNECTIONS = 64  # on metrics_listen: a few scrapers and probes
 HANDSHAKE_SECONDS = 10.0  # a TLS handshake not done by then is dropped (asyncio's default: 60)
+REFUSING = 64  # refused connections held for their 503 at once; more are dropped unanswered
 HEADERS_SECONDS = 10.0  # a request's headers not complete this long after its first byte: closed
 BACKLOG = 512
 
@@ -142,9 +144,10 @@ class CappedSite(web.BaseSite):
     """A TCP listener like aiohttp's ``TCPSite`` that holds at most ``cap`` connections: one
     more is answered 503 (``Retry-After``) and closed, so a flood of clients costs a short
     answer each, not a connection each. Counted once a connection is made (after its TLS
-    handshake, which ``HANDSHAKE_SECONDS`` bounds), from aiohttp's own list of connections."""
+    handshake, which ``HANDSHAKE_SECONDS`` bounds). Refused connections waiting for their
+    close are bounded too (``REFUSING``): past that, a new one is dropped without an answer."""
 
-    __slots__ = ("_bound", "_cap", "_field", "_host", "_port", "refused", "slow")
+    __slots__ = ("_answer", "_bound", "_cap", "_field", "_host", "_port", "open", "refused", "refusing", "slow")
 
     def __init__(
         self,
@@ -160,6 +163,9 @@ class CappedSite(web.BaseSite):
         self._host, self._port, self._cap, self._field = host, port, cap, field
         self._bound = port
         self.refused = 0
+        self.open = 0  # connections admitted and not yet lost
+        self.refusing = 0  # refused connections answered and not yet closed
+        self._answer = _busy_answer(cap)
         self.slow = 0  # connections closed for headers slower than HEADERS_SECONDS
 
     @property
@@ -193,24 +199,29 @@ class CappedSite(web.BaseSite):
         if self._server.sockets:
             self._bound = int(self._server.sockets[0].getsockname()[1])
 
-    def full(self, server: web.Server) -> bool:
-        return len(server.connections) >= self._cap
+    def full(self) -> bool:
+        return self.open >= self._cap
 
     def busy_answer(self) -> bytes:
-        body = json.dumps(
-            {
-                "error": "resource_exhausted",
-                "message": f"this listener has {self._cap} connections open, its limit: "
-                "retry later or use another server",
-                "limit": f"{self._field} connections",
-            },
-            separators=(",", ":"),
-        ).encode()
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
-            f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
-        )
-        return head.encode() + body
+        return self._answer
+
+
+def _busy_answer(cap: int) -> bytes:
+    """The 503 a listener over its cap writes, whole, in the shape of every HTTP error."""
+    body = json.dumps(
+        error_body(
+            "resource_exhausted",
+            f"this listener has {cap} connections open, its limit: retry later or use another server",
+            limit="connections",
+            retry_after_seconds=1,
+        ),
+        separators=(",", ":"),
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+        f"Connection: close\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 class _Capped(asyncio.Protocol):
@@ -228,15 +239,21 @@ class _Capped(asyncio.Protocol):
         self._tail = b""  # the last bytes seen, for a header end split across reads
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._site.full(self._server):
-            self._site.refused += 1
-            self._transport = transport
+        site = self._site
+        if site.full():
+            site.refused += 1
             assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(self._site.busy_answer())
+            if site.refusing >= REFUSING:
+                transport.abort()  # a flood: no answer, no file descriptor held for a second
+                return
+            site.refusing += 1
+            self._transport = transport
+            transport.write(site.busy_answer())
             # Closed once the request has arrived (a close with it unread would reset the
             # connection before the client reads the answer), or after a second without one.
             asyncio.get_running_loop().call_later(1.0, transport.close)
             return
+        site.open += 1
         self._handler = self._server()
         self._transport = transport
         self._handler.connection_made(transport)
@@ -279,7 +296,11 @@ class _Capped(asyncio.Protocol):
             self._deadline.cancel()
             self._deadline = None
         if self._handler is not None:
+            self._site.open -= 1
             self._handler.connection_lost(exc)
+        elif self._transport is not None:
+            self._site.refusing -= 1
+            self._transport = None
 
     def pause_writing(self) -> None:
         if self._handler is not None:

@@ -43,11 +43,18 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     )
 
 
-def error_response(status: int, code: str, message: str, *, parameter: str = "", **extra: Any) -> web.Response:
+def error_body(code: str, message: str, *, parameter: str = "", **extra: Any) -> dict[str, Any]:
+    """Every HTTP error's JSON: ``{"error", "message"}``, the parameter named, and extras
+    (``limit``, ``retry_after_seconds``)."""
     body: dict[str, Any] = {"error": code, "message": message}
     if parameter:
         body["parameter"] = parameter
     body.update(extra)
+    return body
+
+
+def error_response(status: int, code: str, message: str, *, parameter: str = "", **extra: Any) -> web.Response:
+    body = error_body(code, message, parameter=parameter, **extra)
     headers = {}
     if "retry_after_seconds" in extra:
         headers["Retry-After"] = str(max(1, round(extra["retry_after_seconds"])))

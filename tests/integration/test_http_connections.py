@@ -224,3 +224,29 @@ async def test_headers_that_come_too_slowly_close_the_connection(
         finally:
             drip.close()
     assert server.http.slow() == {"http_listen": 1, "metrics_listen": 1}
+
+
+async def test_refusals_waiting_for_their_close_are_bounded(
+    servers: Servers, etcd: EtcdProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past REFUSING refused connections still open, a new one is dropped without its 503:
+    a flood over the cap does not hold a file descriptor per connection for a second."""
+    monkeypatch.setattr(door, "METRICS_MAX_CONNECTIONS", 1)
+    monkeypatch.setattr(door, "REFUSING", 1)
+    server = await servers.start(etcd, **HTTP)
+    assert server.http is not None
+    port = server.http.metrics_port
+    held = await Raw.open(port)
+    answered = await Raw.open(port)  # refused with its 503, closed a second later
+    dropped = await Raw.open(port)  # refused while the first refusal is pending: no answer
+    try:
+        assert (await held.get("/healthz"))[0] == 200
+        async with asyncio.timeout(5):
+            head = await answered.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), head
+        with contextlib.suppress(ConnectionError):
+            assert await dropped.closed_by_server(within=5)  # EOF or a reset, never a 503
+    finally:
+        for conn in (held, answered, dropped):
+            conn.close()
+    assert server.http.refused()["metrics_listen"] == 2
