@@ -192,7 +192,7 @@ class LookupServicer(_Base):
             async with contextlib.aclosing(batches):
                 async for batch in batches:
                     if isinstance(batch, Snapshot):
-                        for message in _snapshot(batch):
+                        for message in snapshot_messages(batch):
                             yield message
                     elif batch.closing:
                         break
@@ -288,7 +288,8 @@ def _passthrough(data: bytes) -> bytes:
     return data
 
 
-def _snapshot(batch: Snapshot) -> list[pb.WatchResponse]:
+def snapshot_messages(batch: Snapshot) -> list[pb.WatchResponse]:
+    """A snapshot as Watch sends it (and /v1/events): its chunks, instances as served."""
     last = len(batch.chunks) - 1
     messages = [
         pb.WatchResponse(

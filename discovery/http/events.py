@@ -28,6 +28,7 @@ from typing import Any
 from aiohttp import web
 
 from discovery.answers import change_dict, watch_dict
+from discovery.api.lookup import snapshot_messages
 from discovery.errors import DiscoveryError, InvalidArgument, ResourceExhausted, ShuttingDown
 from discovery.http.api import MAX_REVISION, only
 from discovery.http.auth import RequestContext
@@ -130,19 +131,9 @@ class Events:
         async with contextlib.aclosing(feed):
             async for batch in feed:
                 if isinstance(batch, Snapshot):
-                    last = len(batch.chunks) - 1
-                    for i, chunk in enumerate(batch.chunks):
-                        message = pb.WatchResponse(
-                            kind=pb.WatchResponse.SNAPSHOT,
-                            revision=batch.revision,
-                            instances=chunk,
-                            stale=batch.stale,
-                            more=i < last,
-                        )
-                        for instance in message.instances:  # copies: the view's stay as stored
-                            if instance.check_result.state == CheckResult.CRITICAL:
-                                served(instance)
-                        await self._send(response, "snapshot", message, with_id=i == last)
+                    messages = snapshot_messages(batch)
+                    for i, message in enumerate(messages):
+                        await self._send(response, "snapshot", message, with_id=i == len(messages) - 1)
                 elif batch.closing or self.closing:
                     break
                 else:
