@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from discovery.errors import StoreUnavailable
 from discovery.model import split_address
@@ -46,6 +48,8 @@ class Endpoint:
 class Resolved:
     addresses: tuple[str, ...]  # "IP:PORT" / "[IPv6]:PORT", sorted, each once
     failures: tuple[str, ...]  # "NAME:PORT (reason)" of the names that did not resolve
+    # Each endpoint's addresses (a name that failed this time: those it had, if any).
+    by_endpoint: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 def parse(endpoints: Sequence[str], field: str = "etcd") -> tuple[Endpoint, ...]:
@@ -57,10 +61,34 @@ def parse(endpoints: Sequence[str], field: str = "etcd") -> tuple[Endpoint, ...]
     return tuple(parsed)
 
 
+# Lookups under way, per event loop and name (a loop's futures are no use on another loop).
+_inflight: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Future[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 async def system_lookup(name: str) -> Sequence[str]:
-    """Every address the system resolver (getaddrinfo: /etc/hosts, then DNS) gives ``name``;
-    asyncio runs it in a thread, so a slow DNS server never blocks the event loop."""
-    infos = await asyncio.get_running_loop().getaddrinfo(name, None, type=socket.SOCK_STREAM)
+    """Every address the system resolver (getaddrinfo: /etc/hosts, then DNS) gives ``name``,
+    of the families this host has an address of (AI_ADDRCONFIG: no IPv6 answers to dial on an
+    IPv4-only host). asyncio runs it in a thread, so a slow DNS server never blocks the event
+    loop; a timeout cannot stop that thread, so while one lookup of a name is still running, a
+    new ask joins it rather than taking another thread (a hung resolver would fill the pool)."""
+    loop = asyncio.get_running_loop()
+    running = _inflight.setdefault(loop, {})
+    pending = running.get(name)
+    if pending is None:
+        pending = asyncio.ensure_future(
+            loop.getaddrinfo(name, None, type=socket.SOCK_STREAM, flags=socket.AI_ADDRCONFIG)
+        )
+        running[name] = pending
+
+        def finished(done: asyncio.Future[Any]) -> None:
+            running.pop(name, None)
+            if not done.cancelled():
+                done.exception()  # retrieved here: every asker may have timed out by now
+
+        pending.add_done_callback(finished)
+    infos = await asyncio.shield(pending)
     return [str(info[4][0]) for info in infos]
 
 
@@ -68,13 +96,21 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def resolve(endpoints: Sequence[Endpoint], lookup: Lookup = system_lookup, timeout: float = 5.0) -> Resolved:
+async def resolve(
+    endpoints: Sequence[Endpoint],
+    lookup: Lookup = system_lookup,
+    timeout: float = 5.0,
+    keep: Mapping[str, tuple[str, ...]] | None = None,
+) -> Resolved:
     """The addresses of every endpoint (names resolved, together, each within ``timeout``).
-    StoreUnavailable naming the names when no endpoint gives an address."""
+    A name that does not resolve this time keeps the addresses ``keep`` has for it (a
+    Kubernetes member's name is gone from DNS while its pod restarts: one failed answer must
+    not take its address out of the channel and move every call). StoreUnavailable naming the
+    names when no endpoint gives an address."""
 
-    async def one(endpoint: Endpoint) -> list[str] | str:
+    async def one(endpoint: Endpoint) -> tuple[str, ...] | str:
         if endpoint.literal:
-            return [_address(endpoint.host, endpoint.port)]
+            return (_address(endpoint.host, endpoint.port),)
         try:
             async with asyncio.timeout(timeout):
                 found = await lookup(endpoint.host)
@@ -84,10 +120,16 @@ async def resolve(endpoints: Sequence[Endpoint], lookup: Lookup = system_lookup,
             return f"{endpoint.text} ({exc.strerror or exc})"
         # A scoped IPv6 address (fe80::1%eth0) cannot go into a gRPC target: left out.
         usable = [a for a in found if "%" not in a]
-        return [_address(a, endpoint.port) for a in usable] or f"{endpoint.text} (no usable address)"
+        return tuple(_address(a, endpoint.port) for a in usable) or f"{endpoint.text} (no usable address)"
 
     answers = await asyncio.gather(*(one(e) for e in endpoints))
-    addresses = sorted({a for answer in answers if isinstance(answer, list) for a in answer})
+    kept = keep or {}
+    by_endpoint = {
+        e.text: answer if isinstance(answer, tuple) else kept[e.text]
+        for e, answer in zip(endpoints, answers, strict=True)
+        if isinstance(answer, tuple) or e.text in kept
+    }
+    addresses = sorted({a for found in by_endpoint.values() for a in found})
     failures = tuple(answer for answer in answers if isinstance(answer, str))
     if not addresses:
         raise StoreUnavailable(
@@ -95,7 +137,7 @@ async def resolve(endpoints: Sequence[Endpoint], lookup: Lookup = system_lookup,
             if len(failures) == 1
             else f"no etcd endpoint resolves: {', '.join(failures)}; check the names (and the resolver) in `etcd`"
         )
-    return Resolved(tuple(addresses), failures)
+    return Resolved(tuple(addresses), failures, by_endpoint)
 
 
 def target(addresses: Sequence[str]) -> str:

@@ -21,7 +21,7 @@ import contextlib
 import datetime
 import logging
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -286,6 +286,7 @@ class Store:
         self._lookup = lookup
         self._resolve_every = resolve_every
         self.addresses: tuple[str, ...] = ()  # what the current client dials
+        self._by_endpoint: Mapping[str, tuple[str, ...]] = {}  # each endpoint's last good addresses
         self._unresolved = ""  # why no endpoint resolves, while none does
         self._resolve_now = asyncio.Event()  # a failure: the addresses may have moved
         self._resolver: asyncio.Task[None] | None = None
@@ -342,7 +343,8 @@ class Store:
         material = await asyncio.to_thread(_read_material, self._tls) if self._tls is not None else None
         self._material = material
         try:
-            self.addresses = (await etcd_endpoints.resolve(self._parsed, self._lookup)).addresses
+            resolved = await etcd_endpoints.resolve(self._parsed, self._lookup)
+            self.addresses, self._by_endpoint = resolved.addresses, resolved.by_endpoint
         except StoreUnavailable as exc:
             # Not fatal here: etcd may come up (and its names appear in DNS) after us. Every
             # operation fails with this until a name resolves; the caller decides how long to wait.
@@ -401,39 +403,47 @@ class Store:
     async def _follow_names(self) -> None:
         """Resolve the names again every ``resolve_every`` and soon after a failure (a
         member rescheduled elsewhere answers under its name at a new address); a new answer
-        moves every operation and the watch to a channel over the new addresses."""
+        moves every operation and the watch to a channel over the new addresses. At most one
+        resolution a second (failures come in bursts); a surprise is logged, never the end of it."""
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(_RESOLVE_MIN if self._client is None else self._resolve_every):
                     await self._resolve_now.wait()
             self._resolve_now.clear()
             try:
-                resolved = await etcd_endpoints.resolve(self._parsed, self._lookup)
-            except StoreUnavailable as exc:
-                if self._client is None:
-                    self._unresolved = str(exc)
-                elif str(exc) != self._unresolved:  # the addresses we have may still work: kept
-                    log.warning("%s; still dialling %s", exc, ", ".join(self.addresses))
-                    self._unresolved = str(exc)
-                await asyncio.sleep(_RESOLVE_MIN)  # failures come in bursts: one resolution per burst
-                continue
-            if resolved.failures and resolved.addresses != self.addresses:
-                log.warning("etcd: left out, as they do not resolve: %s", ", ".join(resolved.failures))
-            self._unresolved = ""
-            if resolved.addresses != self.addresses:
-                async with self._reloading:
-                    log.info(
-                        "etcd: %s now resolve to %s (were %s): moving to them",
-                        ",".join(self.endpoints),
-                        ", ".join(resolved.addresses),
-                        ", ".join(self.addresses) or "none",
-                    )
-                    self.addresses = resolved.addresses
-                    old = self._client
-                    self._client = self._connect(old.material if old is not None else self._material)
-                if old is not None:
-                    self._retire(old)
-            await asyncio.sleep(_RESOLVE_MIN)  # failures come in bursts: one resolution per burst
+                await self._resolve_again()
+            except Exception:
+                log.exception("etcd: resolving %s failed; trying again", ",".join(self.endpoints))
+            await asyncio.sleep(_RESOLVE_MIN)
+
+    async def _resolve_again(self) -> None:
+        try:
+            resolved = await etcd_endpoints.resolve(self._parsed, self._lookup, keep=self._by_endpoint)
+        except StoreUnavailable as exc:
+            if self._client is None:
+                self._unresolved = str(exc)
+            elif str(exc) != self._unresolved:  # the addresses we have may still work: kept
+                log.warning("%s; still dialling %s", exc, ", ".join(self.addresses))
+                self._unresolved = str(exc)
+            return
+        if resolved.failures and resolved.addresses != self.addresses:
+            log.warning("etcd: do not resolve now (their last addresses kept): %s", ", ".join(resolved.failures))
+        self._unresolved = ""
+        self._by_endpoint = resolved.by_endpoint
+        if resolved.addresses == self.addresses:
+            return
+        async with self._reloading:
+            log.info(
+                "etcd: %s now resolve to %s (were %s): moving to them",
+                ",".join(self.endpoints),
+                ", ".join(resolved.addresses),
+                ", ".join(self.addresses) or "none",
+            )
+            self.addresses = resolved.addresses
+            old = self._client
+            self._client = self._connect(old.material if old is not None else self._material)
+        if old is not None:
+            self._retire(old)
 
     def _failed(self) -> None:
         """An operation failed: the names may resolve elsewhere by now."""

@@ -92,3 +92,44 @@ async def test_a_resolver_that_hangs_is_given_up_on() -> None:
     endpoints = etcd_endpoints.parse(["slow.test:2379"])
     with pytest.raises(StoreUnavailable, match=r"slow\.test:2379 \(no answer from the resolver within 0.1s\)"):
         await etcd_endpoints.resolve(endpoints, hang, timeout=0.1)
+
+
+def test_a_name_that_fails_keeps_its_last_addresses() -> None:
+    """A member's name gone from DNS a moment (its pod restarting) does not take its address
+    out of the channel; a name that never resolved has nothing to keep."""
+    endpoints = etcd_endpoints.parse(["etcd-0.svc:2379", "etcd-1.svc:2379", "etcd-2.svc:2379"])
+    table = {"etcd-0.svc": ["10.0.0.1"], "etcd-1.svc": ["10.0.0.2"], "etcd-2.svc": ["10.0.0.3"]}
+    first = asyncio.run(etcd_endpoints.resolve(endpoints, _table(table)))
+    assert first.addresses == ("10.0.0.1:2379", "10.0.0.2:2379", "10.0.0.3:2379") and not first.failures
+    del table["etcd-1.svc"]
+    again = asyncio.run(etcd_endpoints.resolve(endpoints, _table(table), keep=first.by_endpoint))
+    assert again.addresses == first.addresses and again.failures and "etcd-1.svc:2379" in again.failures[0]
+    fresh = asyncio.run(etcd_endpoints.resolve(endpoints, _table(table)))
+    assert fresh.addresses == ("10.0.0.1:2379", "10.0.0.3:2379")  # nothing kept without a past
+
+
+def test_a_hung_resolver_gets_one_lookup_per_name_not_one_per_try(monkeypatch: pytest.MonkeyPatch) -> None:
+    """getaddrinfo runs in a thread a timeout cannot stop: asks while one is running join it."""
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        calls: list[str] = []
+        release = asyncio.Event()
+
+        async def getaddrinfo(host: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+            calls.append(host)
+            await release.wait()  # a resolver that does not answer
+            return [(0, 0, 0, "", ("10.0.0.9", 0))]
+
+        monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+        endpoints = etcd_endpoints.parse(["etcd.svc:2379"])
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable, match="no answer from the resolver"):
+                await etcd_endpoints.resolve(endpoints, timeout=0.05)
+        assert calls == ["etcd.svc"]  # one lookup in flight, however often it is asked
+        release.set()
+        async with asyncio.timeout(5):
+            resolved = await etcd_endpoints.resolve(endpoints, timeout=1)
+        assert resolved.addresses == ("10.0.0.9:2379",) and calls == ["etcd.svc"]
+
+    asyncio.run(scenario())
